@@ -1,0 +1,5 @@
+"""`python -m fedtune` is the `fedtune` command."""
+
+from fedtune.cli.main import main
+
+main()

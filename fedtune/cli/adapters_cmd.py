@@ -1,0 +1,94 @@
+"""`fedtune adapters`: list, pull and verify published adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+
+from fedtune.adapters import verify_adapter_dir
+from fedtune.cli.admin_client import AdminClient
+from fedtune.cli.options import AdminToken, Coordinator, Format, FormatOpt, StateDir
+from fedtune.errors import InvalidInput, from_rpc_error
+from fedtune.protos import fedtune_pb2 as pb
+
+app = typer.Typer(help="Published adapters: list, pull, verify.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_adapters(
+    job: Annotated[str | None, typer.Option("--job", help="Only this job's adapters.")] = None,
+    coordinator: Coordinator = None,
+    state_dir: StateDir = None,
+    admin_token: AdminToken = None,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """Every published adapter with its round, contributors and eval loss."""
+    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    reply = client.call("ListAdapters", pb.ListAdaptersRequest(job_id=job or ""))
+    rows = []
+    for a in reply.adapters:  # type: ignore[attr-defined]
+        manifest = json.loads(a.manifest_json)
+        rows.append({"job": a.job_id, "round": a.round, "path": a.path, "contributors": manifest.get("contributors"),
+                     "metrics": manifest.get("metrics", {}), "base_model": manifest.get("base_model")})
+    if fmt == Format.json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        loss = r["metrics"].get("eval_loss")
+        loss_s = f"eval_loss {loss:.4f}" if isinstance(loss, float) else "no eval"
+        typer.echo(f"{r['job']}  round {r['round']:>3}  {r['contributors']} contributors  {loss_s}  {r['path']}")
+
+
+@app.command("pull")
+def pull(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the adapter into.")],
+    rnd: Annotated[int, typer.Option("--round", min=0, help="Round to pull (default: the latest).")] = 0,
+    coordinator: Coordinator = None,
+    state_dir: StateDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Download a published adapter, verify its files, and write it to OUT."""
+    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hashes: dict[str, hashlib._Hash] = {}
+    got_round = 0
+    try:
+        for msg in client.stream("PullAdapter", pb.PullAdapterRequest(job_id=job, round=rnd)):  # type: ignore[attr-defined]
+            name = os.path.basename(msg.path)
+            if name != msg.path or name.startswith("."):
+                raise InvalidInput(f"coordinator sent a file with an unsafe name {msg.path!r}")
+            with (tmp / name).open("ab") as f:
+                f.write(msg.chunk.data)
+            hashes.setdefault(name, hashlib.sha256()).update(msg.chunk.data)
+            got_round = msg.round
+    except grpc.RpcError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise from_rpc_error(e) from e
+    try:
+        verify_adapter_dir(tmp)
+    except InvalidInput:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    typer.echo(f"pulled {job} round {got_round} into {out}", err=True)
+    typer.echo(str(out))
+
+
+@app.command("verify")
+def verify(adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory.")]) -> None:
+    """Check every file of an adapter directory against the hashes in its fedtune.json."""
+    manifest = verify_adapter_dir(adapter_dir)
+    typer.echo(f"ok: {adapter_dir} (job {manifest.get('job')}, round {manifest.get('round')}, "
+               f"{len(manifest['files'])} files)")

@@ -1,0 +1,69 @@
+"""How CLI commands reach a coordinator's admin API: address and admin token resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import grpc
+
+from fedtune.client.channel import open_channel
+from fedtune.errors import AuthError, from_rpc_error
+from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+
+ADMIN_KEY = "x-fedtune-admin"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def resolve_address(coordinator: str | None, state_dir: Path | None) -> str:
+    """--coordinator, else the address a local coordinator wrote in its state dir, else the default."""
+    if coordinator:
+        return coordinator
+    if state_dir is not None and (state_dir / "coordinator.json").exists():
+        return json.loads((state_dir / "coordinator.json").read_text())["address"]
+    return DEFAULT_ADDRESS
+
+
+def resolve_admin_token(admin_token: str | None, state_dir: Path | None) -> str:
+    """--admin-token / FEDTUNE_ADMIN_TOKEN, else the token file in the coordinator's state dir."""
+    if admin_token:
+        return admin_token
+    if state_dir is not None:
+        path = state_dir / "admin.token"
+        if path.exists():
+            return path.read_text().strip()
+        raise AuthError(f"no admin token in {state_dir}: has a coordinator been started there?")
+    raise AuthError("admin token needed: pass --state-dir of the coordinator, --admin-token, "
+                    "or set FEDTUNE_ADMIN_TOKEN")
+
+
+class AdminClient:
+    """A stub plus metadata; each call maps gRPC errors to domain errors."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.address = address
+        self.channel = open_channel(address)
+        self.stub = pb_grpc.AdminServiceStub(self.channel)
+        self.metadata = [(ADMIN_KEY, token)]
+
+    @classmethod
+    def from_options(cls, coordinator: str | None, state_dir: Path | None, admin_token: str | None) -> AdminClient:
+        """Builds a client from the common CLI options and environment."""
+        state_dir = state_dir or (Path(os.environ["FEDTUNE_STATE_DIR"]) if os.environ.get("FEDTUNE_STATE_DIR") else None)
+        return cls(resolve_address(coordinator, state_dir), resolve_admin_token(admin_token, state_dir))
+
+    def call(self, method: str, request: object, timeout: float = 120.0) -> object:
+        """Calls a unary admin method by name."""
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def stream(self, method: str, request: object, timeout: float = 600.0) -> object:
+        """Calls a streaming admin method by name; iterate the result inside ``guard``."""
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self.channel.close()

@@ -1,0 +1,38 @@
+"""`fedtune client`: the data owner's agent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Run a client agent on private data.", no_args_is_help=True)
+
+
+@app.command("run")
+def run(
+    coordinator: Annotated[str, typer.Option("--coordinator", "-c", envvar="FEDTUNE_COORDINATOR",
+                                             help="HOST:PORT of the coordinator.")],
+    data: Annotated[Path, typer.Option("--data", help="Private JSONL: {prompt, response} or {text} per line.")],
+    token: Annotated[str | None, typer.Option("--token", envvar="FEDTUNE_TOKEN",
+                                              help="Enrollment token (not needed once joined).")] = None,
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Identity, cache and models.")] = Path(
+        "~/.fedtune/client"),
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    name: Annotated[str | None, typer.Option("--name", help="Name shown to the operator.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """Join the job of TOKEN and train on DATA every round until the job ends.
+
+    The data is validated in full before joining and never leaves this process.
+    """
+    from fedtune.client.agent import ClientAgent
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter("--device must be auto, cpu or cuda")
+    agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), device=device, name=name,
+                        progress=progress)
+    stats = agent.run()
+    typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "
+               f"{stats.bytes_down} bytes down", err=True)

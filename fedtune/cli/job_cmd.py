@@ -1,0 +1,111 @@
+"""`fedtune job`: write, create, list, inspect and cancel jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedtune.cli.admin_client import AdminClient
+from fedtune.cli.options import AdminToken, Coordinator, Format, FormatOpt, StateDir
+from fedtune.errors import InvalidInput
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.report import HEADER, round_row, status_dict
+from fedtune.spec import example_spec, parse_spec, spec_to_yaml
+
+app = typer.Typer(help="Create and follow tuning jobs.", no_args_is_help=True)
+
+
+@app.command("init")
+def init(base: Annotated[str, typer.Option("--base", help="Base model: preset, local dir or hub id.")] = "tiny-llama") -> None:
+    """Print a commented example job spec to stdout."""
+    typer.echo(example_spec(base), nl=False)
+
+
+@app.command("create")
+def create(
+    spec_file: Annotated[Path, typer.Argument(help="Job spec YAML.")],
+    coordinator: Coordinator = None,
+    state_dir: StateDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Validate SPEC and create the job; prints the job id alone."""
+    if not spec_file.is_file():
+        raise InvalidInput(f"job spec {spec_file} does not exist")
+    # Validate here first (the coordinator validates again): errors reach the user without a round trip,
+    # and relative paths are made absolute against the spec's directory.
+    spec = parse_spec(spec_file.read_text(), base_dir=spec_file.resolve().parent)
+    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    status = client.call("CreateJob", pb.CreateJobRequest(spec_yaml=spec_to_yaml(spec)))
+    typer.echo(status.job_id)  # type: ignore[attr-defined]
+
+
+def _print_status(status: pb.JobStatus) -> None:
+    typer.echo(f"job {status.job_id} ({status.name}): {status.state}, round {status.current_round}/{status.rounds}")
+    typer.echo(f"base model: {status.base_model}")
+    if status.message:
+        typer.echo(f"message: {status.message}")
+    live = sum(c.connected for c in status.clients)
+    typer.echo(f"clients: {len(status.clients)} enrolled, {live} connected")
+    base = json.loads(status.base_metrics_json or "{}")
+    if "eval_loss" in base:
+        typer.echo(f"base eval loss: {base['eval_loss']:.4f}")
+    if status.history:
+        typer.echo(HEADER)
+        for r in status.history:
+            metrics = json.loads(r.metrics_json or "{}")
+            if r.state != "published":
+                metrics = {"contributors": r.contributors, "cohort": r.cohort, "bytes_down": r.bytes_down}
+                typer.echo(round_row(r.round, metrics) + f"  ({r.state})")
+            else:
+                typer.echo(round_row(r.round, metrics))
+
+
+@app.command("status")
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    coordinator: Coordinator = None,
+    state_dir: StateDir = None,
+    admin_token: AdminToken = None,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """State, current round, clients and metrics of a job."""
+    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    st = client.call("GetJob", pb.GetJobRequest(job_id=job_id))
+    if fmt == Format.json:
+        typer.echo(json.dumps(status_dict(st), indent=2))
+    else:
+        _print_status(st)  # type: ignore[arg-type]
+
+
+@app.command("list")
+def list_jobs(
+    coordinator: Coordinator = None,
+    state_dir: StateDir = None,
+    admin_token: AdminToken = None,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """All jobs of a coordinator."""
+    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    reply = client.call("ListJobs", pb.ListJobsRequest())
+    jobs = reply.jobs  # type: ignore[attr-defined]
+    if fmt == Format.json:
+        typer.echo(json.dumps([status_dict(j) for j in jobs], indent=2))
+        return
+    for j in jobs:
+        typer.echo(f"{j.job_id}  {j.state:<9}  round {j.current_round}/{j.rounds}  {j.name}")
+
+
+@app.command("cancel")
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    coordinator: Coordinator = None,
+    state_dir: StateDir = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Cancel a job (its published adapters stay)."""
+    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    st = client.call("CancelJob", pb.GetJobRequest(job_id=job_id))
+    typer.echo(f"{st.job_id} {st.state}")  # type: ignore[attr-defined]

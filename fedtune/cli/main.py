@@ -1,0 +1,101 @@
+"""The `fedtune` command: one Typer app, one module per command group.
+
+Errors a user can cause end as one line on stderr and a stable exit code (fedtune.errors.ExitCode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedtune import __version__
+from fedtune.cli import adapters_cmd, client_cmd, coordinator_cmd, job_cmd, token_cmd
+from fedtune.errors import ExitCode, FedtuneError
+
+app = typer.Typer(
+    help="fedtune: federated and offsite tuning of LLMs with PEFT adapters.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(coordinator_cmd.app, name="coordinator")
+app.add_typer(job_cmd.app, name="job")
+app.add_typer(token_cmd.app, name="token")
+app.add_typer(client_cmd.app, name="client")
+app.add_typer(adapters_cmd.app, name="adapters")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fedtune: federated and offsite tuning of LLMs with PEFT adapters."""
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", help="Keep state, logs and adapters here.")] = None,
+    clients: Annotated[int, typer.Option("--clients", min=1, max=32, help="Client agents to start.")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Rounds to run.")] = 3,
+) -> None:
+    """The whole system on this machine: a coordinator and client processes on loopback, tiny model."""
+    from fedtune.demo import run_demo
+
+    run_demo(out, clients, rounds)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("FEDTUNE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# Typer >= 0.22 vendors click; older ones raise click's own exceptions. Both have show()/exit_code.
+try:
+    import click as _click
+
+    _USAGE_ERRORS: tuple[type[Exception], ...] = (_click.ClickException,)
+    _ABORTS: tuple[type[BaseException], ...] = (_click.exceptions.Abort,)
+except ImportError:  # pragma: no cover - click is not installed with a vendoring typer
+    _USAGE_ERRORS, _ABORTS = (), ()
+_USAGE_ERRORS += tuple(c for c in (getattr(typer, "TyperException", None),) if c is not None)
+_ABORTS += (typer.Abort, KeyboardInterrupt)
+
+
+def _sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    _setup_logging()
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except FedtuneError as e:
+        print(f"fedtune: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except _ABORTS:
+        print("fedtune: interrupted", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
+    except _USAGE_ERRORS as e:
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(e.exit_code)  # type: ignore[attr-defined]
+    sys.exit(rv if isinstance(rv, int) else ExitCode.OK)

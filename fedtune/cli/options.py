@@ -1,0 +1,34 @@
+"""Options shared by the CLI's command groups."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Coordinator = Annotated[
+    str | None,
+    typer.Option("--coordinator", "-c", envvar="FEDTUNE_COORDINATOR",
+                 help="HOST:PORT of the coordinator (default: the one in --state-dir, else 127.0.0.1:50051)."),
+]
+StateDir = Annotated[
+    Path | None,
+    typer.Option("--state-dir", envvar="FEDTUNE_STATE_DIR",
+                 help="The coordinator's state dir, to read its address and admin token."),
+]
+AdminToken = Annotated[
+    str | None,
+    typer.Option("--admin-token", envvar="FEDTUNE_ADMIN_TOKEN", help="The coordinator's admin token."),
+]
+
+
+class Format(str, Enum):
+    """Output formats."""
+
+    text = "text"
+    json = "json"
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", help="text for people, json for scripts.")]

@@ -1,0 +1,224 @@
+"""The client agent: join, then poll, fetch, train, and upload, round after round.
+
+Private data is read and tokenized inside this process and never sent anywhere: the only things
+that leave are the join request, heartbeats, download requests and adapter updates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, IO
+
+import grpc
+
+from fedtune import __version__
+from fedtune.client.channel import is_transient, open_channel
+from fedtune.client.transfer import BlobCache, materialize, upload
+from fedtune.compression.codecs import get_codec
+from fedtune.data import Example, load_jsonl, tokenize
+from fedtune.errors import AuthError, FedtuneError, InvalidInput, StateConflict, from_rpc_error
+from fedtune.models import load_causal_lm, load_tokenizer, pick_device
+from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, load_adapter_state, tensors_to_bytes
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+from fedtune.training import train_adapter
+
+log = logging.getLogger(__name__)
+
+SESSION_KEY = "x-fedtune-session"
+MAX_BACKOFF_SECONDS = 30.0
+RPC_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class AgentStats:
+    """What the agent did, for its exit summary and tests."""
+
+    rounds: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+@dataclass
+class _Loaded:
+    base_hash: str
+    model: Any
+    tokenized: list[dict[str, list[int]]]
+    pad_id: int
+    max_seq_len: int
+
+
+class ClientAgent:
+    """One data owner's agent for one job."""
+
+    def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path,
+                 device: str = "auto", name: str | None = None, progress: bool = True) -> None:
+        self.address = coordinator
+        self.token = token
+        self.data_path = data
+        self.state_dir = state_dir
+        self.device = pick_device(device)
+        self.name = name or socket.gethostname()
+        self.progress = progress
+        self.stats = AgentStats()
+        self.cache = BlobCache(state_dir / "cache")
+        self._loaded: _Loaded | None = None
+        self._examples: list[Example] = []
+        self._lock: IO[str] | None = None
+        self._finished_tasks: set[str] = set()
+
+    # ------------------------------------------------------------------ identity
+    def _lock_state_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self.state_dir / "agent.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StateConflict(f"client state dir {self.state_dir} is in use by another agent") from None
+        self._lock = handle
+
+    def _identity(self, stub: pb_grpc.ClientServiceStub) -> dict[str, str]:
+        path = self.state_dir / "identity.json"
+        if path.exists():
+            ident = json.loads(path.read_text())
+            if ident.get("coordinator") == self.address:
+                return ident
+        if not self.token:
+            raise AuthError("no enrollment token: pass --token (this state dir has no identity for "
+                            f"{self.address})")
+        reply = self._call(lambda: stub.Join(pb.JoinRequest(
+            token=self.token, client_name=self.name, agent_version=__version__, device=self.device.type,
+        ), timeout=RPC_TIMEOUT_SECONDS))
+        ident = {"coordinator": self.address, "client_id": reply.client_id, "session": reply.session,
+                 "job_id": reply.job_id}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ident))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        log.info("joined job %s as %s", reply.job_id, reply.client_id)
+        return ident
+
+    # ------------------------------------------------------------------ the loop
+    def _call(self, fn: Any) -> Any:
+        """Runs an RPC, retrying with backoff while the coordinator is unreachable."""
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                if not is_transient(e):
+                    raise from_rpc_error(e) from e
+                log.warning("coordinator %s unreachable (%s); retrying in %.1fs", self.address,
+                            e.code().name, delay)
+                time.sleep(delay * (0.8 + 0.4 * random.random()))
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+    def run(self) -> AgentStats:
+        """Runs until the job ends. Raises FedtuneError for what the user must fix."""
+        # Validate the whole private data file before anything touches the network.
+        self._examples = load_jsonl(self.data_path)
+        self._lock_state_dir()
+        channel = open_channel(self.address)
+        try:
+            stub = pb_grpc.ClientServiceStub(channel)
+            ident = self._identity(stub)
+            metadata = [(SESSION_KEY, ident["session"])]
+            client_id = ident["client_id"]
+            while True:
+                reply = self._call(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=client_id),
+                                                          metadata=metadata, timeout=RPC_TIMEOUT_SECONDS))
+                if reply.action == pb.HeartbeatReply.STOP:
+                    log.info("coordinator says stop: %s", reply.message)
+                    return self.stats
+                if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
+                    self._run_task(stub, metadata, client_id, reply.task)
+                    continue
+                time.sleep(max(0.2, min(reply.retry_after_seconds or 1.0, 10.0)))
+        finally:
+            channel.close()
+            if self._lock is not None:
+                self._lock.close()
+
+    # ------------------------------------------------------------------ one task
+    def _fetch(self, stub: pb_grpc.ClientServiceStub, metadata: list[tuple[str, str]], ref: pb.FileRef) -> Path:
+        path, got = self._call(lambda: self.cache.fetch(stub, metadata, ref.sha256, ref.size, ref.path,
+                                                        progress=self.progress))
+        self.stats.bytes_down += got
+        return path
+
+    def _load(self, stub: pb_grpc.ClientServiceStub, metadata: list[tuple[str, str]], task: pb.Task) -> _Loaded:
+        training = json.loads(task.training_json)
+        if self._loaded is not None and self._loaded.base_hash == task.base_model_hash:
+            return self._loaded
+        for ref in task.base_files:
+            self._fetch(stub, metadata, ref)
+        model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files],
+                                self.state_dir / "models" / task.base_model_hash[:16])
+        tokenizer = load_tokenizer(model_dir)
+        base = load_causal_lm(model_dir, self.device)
+        peft_cfg = json.loads(task.peft_config_json)
+        model = build_peft_model(base, r=peft_cfg["r"], alpha=peft_cfg["alpha"], dropout=peft_cfg["dropout"],
+                                 target_modules=peft_cfg["target_modules"])
+        tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
+        if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
+            raise InvalidInput(f"{self.data_path}: no example has response tokens within max_seq_len "
+                               f"{training['max_seq_len']}")
+        self._loaded = _Loaded(task.base_model_hash, model, tokenized, tokenizer.pad_token_id,
+                               int(training["max_seq_len"]))
+        return self._loaded
+
+    def _run_task(self, stub: pb_grpc.ClientServiceStub, metadata: list[tuple[str, str]], client_id: str,
+                  task: pb.Task) -> None:
+        if task.deadline_unix and time.time() > task.deadline_unix:
+            log.warning("round %d: task %s is past its deadline; skipped", task.round, task.task_id)
+            self._finished_tasks.add(task.task_id)
+            return
+        log.info("round %d: task %s", task.round, task.task_id)
+        loaded = self._load(stub, metadata, task)
+        global_path = self._fetch(stub, metadata, task.global_adapter)
+        global_state = bytes_to_tensors(global_path.read_bytes())
+        load_adapter_state(loaded.model, global_state)
+        training = json.loads(task.training_json)
+        result = train_adapter(
+            loaded.model, loaded.tokenized, pad_id=loaded.pad_id, lr=float(training["lr"]),
+            batch_size=int(training["batch_size"]), steps=training.get("steps"), epochs=training.get("epochs"),
+            seed=int(training.get("seed", 0)) + task.round, device=self.device, progress=self.progress,
+            desc=f"round {task.round}",
+        )
+        trained = adapter_state(loaded.model)
+        codec = get_codec(training.get("codec", "fp32"))
+        delta = {k: trained[k] - global_state[k] for k in global_state}
+        payload = tensors_to_bytes(codec.encode(delta), metadata={"codec": codec.name})
+        # Same key for every retry of this task, across restarts too: the coordinator stores it once.
+        update_id = hashlib.sha256(f"{client_id}:{task.task_id}".encode()).hexdigest()[:32]
+        header = pb.UpdateHeader(
+            job_id=task.job_id, round=task.round, task_id=task.task_id, update_id=update_id,
+            num_examples=result.num_examples, total_size=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(), codec=codec.name,
+            metrics={"train_loss": result.mean_loss, "final_loss": result.final_loss,
+                     "train_seconds": result.seconds, "steps": float(result.steps)},
+        )
+        try:
+            reply = self._call(lambda: upload(stub, metadata, header, payload))
+        except FedtuneError as e:
+            self._finished_tasks.add(task.task_id)
+            if isinstance(e, AuthError):
+                raise
+            # The round closed or the update was refused: nothing to retry, wait for the next task.
+            log.warning("round %d: update not accepted: %s", task.round, e)
+            return
+        self._finished_tasks.add(task.task_id)
+        self.stats.bytes_up += len(payload)
+        self.stats.rounds.append(task.round)
+        log.info("round %d: update %s %s (%d bytes, train loss %.4f)", task.round, update_id,
+                 "already stored" if reply.duplicate else "accepted", len(payload), result.mean_loss)
+

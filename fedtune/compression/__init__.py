@@ -1,0 +1,1 @@
+"""Update codecs (and, with offsite tuning, emulator building)."""

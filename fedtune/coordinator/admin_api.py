@@ -1,0 +1,102 @@
+"""AdminService servicer: jobs, tokens and published adapters for operators and consumers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+
+from fedtune.coordinator.rpc_errors import streaming, unary
+from fedtune.coordinator.service import Coordinator
+from fedtune.coordinator.store import CHUNK_SIZE
+from fedtune.errors import InvalidInput
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+
+DEFAULT_TOKEN_TTL = 24 * 3600
+MAX_TOKEN_USES = 100000
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    """The operator API."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.co = coordinator
+
+    def _status(self, job_id: str) -> pb.JobStatus:
+        co = self.co
+        job = co.state.job(job_id)
+        spec = co.spec(job_id)
+        history = []
+        for r in co.state.rounds(job_id):
+            m = r.metrics
+            history.append(pb.RoundSummary(
+                round=r.round, state=r.state, cohort=len(r.cohort),
+                contributors=int(m.get("contributors", len(co.state.updates(job_id, r.round)))),
+                metrics_json=json.dumps(m), bytes_up=int(m.get("bytes_up", 0)),
+                bytes_down=int(m.get("bytes_down", co.state.bytes_down(job_id, r.round))),
+                seconds=float(m.get("seconds", 0.0)),
+            ))
+        clients = [
+            pb.ClientSummary(client_id=c.client_id, name=c.name, connected=co.presence.is_live(c.client_id),
+                             last_seen_unix=co.presence.last_seen(c.client_id) or 0.0)
+            for c in co.state.clients(job_id)
+        ]
+        return pb.JobStatus(
+            job_id=job.job_id, name=job.name, state=job.state, current_round=job.current_round,
+            rounds=spec.rounds, history=history, clients=clients, message=job.message,
+            base_model=job.base_model,
+            base_metrics_json=job.base_eval_json or "{}",
+        )
+
+    @unary
+    def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        job = self.co.create_job(request.spec_yaml)
+        return self._status(job.job_id)
+
+    @unary
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsReply:
+        return pb.ListJobsReply(jobs=[self._status(j.job_id) for j in self.co.state.jobs()])
+
+    @unary
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        return self._status(request.job_id)
+
+    @unary
+    def CancelJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        self.co.cancel_job(request.job_id)
+        return self._status(request.job_id)
+
+    @unary
+    def CreateToken(self, request: pb.CreateTokenRequest, context: grpc.ServicerContext) -> pb.CreateTokenReply:
+        uses = request.uses or 1
+        if uses > MAX_TOKEN_USES:
+            raise InvalidInput(f"--uses {uses} is over the maximum of {MAX_TOKEN_USES}")
+        job = self.co.state.job(request.job_id)
+        if job.state != "running":
+            raise InvalidInput(f"job {job.job_id} is {job.state}: no new clients can join it")
+        token, expires = self.co.state.add_token(request.job_id, uses, request.ttl_seconds or DEFAULT_TOKEN_TTL)
+        return pb.CreateTokenReply(token=token, expires_unix=expires)
+
+    @unary
+    def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersReply:
+        if request.job_id:
+            self.co.state.job(request.job_id)
+        rows = self.co.state.published(request.job_id or None)
+        return pb.ListAdaptersReply(adapters=[
+            pb.AdapterInfo(job_id=j, round=r, path=p, manifest_json=m) for j, r, p, m in rows
+        ])
+
+    @streaming
+    def PullAdapter(self, request: pb.PullAdapterRequest, context: grpc.ServicerContext) -> Iterator[pb.AdapterChunk]:
+        rnd, path, manifest = self.co.adapter_dir(request.job_id, request.round)
+        names = sorted(manifest["files"]) + ["fedtune.json"]
+        for name in names:
+            data = (path / name).read_bytes()
+            sha = manifest["files"].get(name, "")
+            if not data:
+                yield pb.AdapterChunk(path=name, sha256=sha, round=rnd, chunk=pb.Chunk(offset=0, data=b"", total_size=0))
+            for off in range(0, len(data), CHUNK_SIZE):
+                yield pb.AdapterChunk(path=name, sha256=sha, round=rnd,
+                                      chunk=pb.Chunk(offset=off, data=data[off:off + CHUNK_SIZE], total_size=len(data)))

@@ -1,0 +1,91 @@
+"""Authentication interceptor: every method is denied unless listed here with its credential.
+
+Client calls carry a session secret (from Join) in ``x-fedtune-session``; admin calls carry the
+coordinator's admin token in ``x-fedtune-admin``. Join and the standard health service are open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from fedtune.coordinator.state import CoordinatorState
+from fedtune.errors import AuthError
+
+SESSION_KEY = "x-fedtune-session"
+ADMIN_KEY = "x-fedtune-admin"
+
+OPEN = "open"
+CLIENT = "client"
+ADMIN = "admin"
+
+_CLIENT_SVC = "/fedtune.v1.ClientService/"
+_ADMIN_SVC = "/fedtune.v1.AdminService/"
+METHODS: dict[str, str] = {
+    _CLIENT_SVC + "Join": OPEN,
+    _CLIENT_SVC + "Heartbeat": CLIENT,
+    _CLIENT_SVC + "Download": CLIENT,
+    _CLIENT_SVC + "Upload": CLIENT,
+    **{_ADMIN_SVC + m: ADMIN for m in (
+        "CreateJob", "ListJobs", "GetJob", "CancelJob", "CreateToken", "ListAdapters", "PullAdapter")},
+    "/grpc.health.v1.Health/Check": OPEN,
+    "/grpc.health.v1.Health/Watch": OPEN,
+}
+
+
+def metadata_value(metadata: Any, key: str) -> str:
+    """The first value of a metadata key, or ''."""
+    for k, v in metadata or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return ""
+
+
+def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def abort(_request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(code, message)
+
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(abort)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Denies by default; checks the credential each listed method needs."""
+
+    def __init__(self, state: CoordinatorState, admin_token: str) -> None:
+        self.state = state
+        self.admin_token = admin_token
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Passes the call on only when its credential checks out."""
+        kind = METHODS.get(details.method)
+        handler = continuation(details)
+        if kind is None:
+            return _deny(handler, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {details.method}")
+        if kind == ADMIN:
+            given = metadata_value(details.invocation_metadata, ADMIN_KEY)
+            if not given or not hmac.compare_digest(given, self.admin_token):
+                return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
+                             "admin token missing or wrong: pass --state-dir of the coordinator or set FEDTUNE_ADMIN_TOKEN")
+        elif kind == CLIENT:
+            session = metadata_value(details.invocation_metadata, SESSION_KEY)
+            try:
+                if not session:
+                    raise AuthError("no session credential: join with an enrollment token first")
+                self.state.authenticate(session)
+            except AuthError as e:
+                return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, str(e))
+        return handler

@@ -1,0 +1,119 @@
+"""ClientService servicer: thin wrappers that hand each RPC to :class:`Coordinator`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import grpc
+
+from fedtune.coordinator.auth import SESSION_KEY, metadata_value
+from fedtune.coordinator.rpc_errors import streaming, unary
+from fedtune.coordinator.service import Coordinator, IncomingUpdate, TaskInfo
+from fedtune.coordinator.state import Client
+from fedtune.coordinator.store import CHUNK_SIZE
+from fedtune.errors import InvalidInput, LimitExceeded
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+
+# A received chunk may be at most this big (the gRPC message limit is a little above it).
+MAX_CHUNK_BYTES = CHUNK_SIZE
+
+
+def task_message(info: TaskInfo) -> pb.Task:
+    """The wire form of a task."""
+    spec = json.loads(info.job.spec_json)
+    return pb.Task(
+        job_id=info.job.job_id,
+        round=info.round,
+        task_id=info.task_id,
+        base_model_hash=info.job.base_hash,
+        base_files=[pb.FileRef(path=f.path, sha256=f.sha256, size=f.size) for f in info.files],
+        global_adapter=pb.FileRef(path=info.global_adapter.path, sha256=info.global_adapter.sha256,
+                                  size=info.global_adapter.size),
+        peft_config_json=info.job.peft_config_json,
+        training_json=json.dumps({**spec["training"], "codec": spec["codec"]}),
+        deadline_unix=info.deadline,
+        max_update_bytes=info.max_update_bytes,
+    )
+
+
+class ClientServicer(pb_grpc.ClientServiceServicer):
+    """The client-facing API."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.co = coordinator
+
+    def _client(self, context: grpc.ServicerContext) -> Client:
+        return self.co.state.authenticate(metadata_value(context.invocation_metadata(), SESSION_KEY))
+
+    @unary
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        client, session = self.co.join(request.token, request.client_name, request.device)
+        return pb.JoinReply(client_id=client.client_id, session=session, job_id=client.job_id,
+                            heartbeat_seconds=int(self.co.presence.heartbeat_seconds))
+
+    @unary
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        client = self._client(context)
+        decision, info = self.co.heartbeat(client)
+        retry = float(self.co.presence.heartbeat_seconds)
+        if decision.action == "train" and info is not None:
+            return pb.HeartbeatReply(action=pb.HeartbeatReply.TRAIN, task=task_message(info))
+        if decision.action == "stop":
+            return pb.HeartbeatReply(action=pb.HeartbeatReply.STOP, message=decision.message)
+        return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=retry, message=decision.message)
+
+    @streaming
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        client = self._client(context)
+        size = self.co.check_download(client, request.sha256, request.offset)
+        offset = request.offset
+        try:
+            for data in self.co.store.iter_chunks(request.sha256, request.offset):
+                yield pb.Chunk(offset=offset, data=data, total_size=size)
+                offset += len(data)
+        finally:
+            self.co.count_download(client, offset - request.offset)
+
+    @unary
+    def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
+        client = self._client(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidInput("upload stream must start with a header")
+        h = first.header
+        if self.co.check_upload_header(client, h.job_id, h.round, h.task_id, h.update_id, h.total_size):
+            return pb.UploadReply(update_id=h.update_id, duplicate=True, bytes_received=0)
+        buf = bytearray()
+        committed = False
+        for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if kind == "chunk":
+                chunk = msg.chunk
+                if chunk.offset != len(buf):
+                    raise InvalidInput(f"upload chunk at offset {chunk.offset}, expected offset {len(buf)}")
+                if len(chunk.data) > MAX_CHUNK_BYTES:
+                    raise LimitExceeded(f"upload chunk of {len(chunk.data)} bytes is over {MAX_CHUNK_BYTES}")
+                if len(buf) + len(chunk.data) > h.total_size:
+                    raise LimitExceeded(f"upload is longer than its declared {h.total_size} bytes")
+                buf += chunk.data
+            elif kind == "commit":
+                committed = True
+                break
+            else:
+                raise InvalidInput("upload stream has a second header")
+        if not committed:
+            raise InvalidInput(f"upload stream ended before its commit ({len(buf)} of {h.total_size} bytes)")
+        if len(buf) != h.total_size:
+            raise InvalidInput(f"upload ended early: {len(buf)} of {h.total_size} bytes")
+        payload = bytes(buf)
+        if hashlib.sha256(payload).hexdigest() != h.sha256:
+            raise InvalidInput("upload sha256 does not match its payload")
+        fresh = self.co.accept_update(client, IncomingUpdate(
+            job_id=h.job_id, round=h.round, task_id=h.task_id, update_id=h.update_id,
+            num_examples=h.num_examples, metrics=dict(h.metrics), codec=h.codec or "fp32", payload=payload,
+        ))
+        return pb.UploadReply(update_id=h.update_id, duplicate=not fresh, bytes_received=len(payload))
+

@@ -1,0 +1,213 @@
+"""The round engine: one per job, a thread that drives rounds from cohort to publication.
+
+Every transition is a transaction in :class:`CoordinatorState`, and each step can be repeated
+after a crash: an open round keeps collecting, a closing round is aggregated again from its
+durable updates (aggregation is deterministic), and publication replaces a half-written directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.compression.codecs import get_codec
+from fedtune.coordinator.evaluator import Evaluator
+from fedtune.coordinator.presence import Presence
+from fedtune.coordinator.publish import publish_adapter
+from fedtune.coordinator.state import CoordinatorState, Job, Round
+from fedtune.coordinator.store import ArtifactStore
+from fedtune.coordinator.strategies import WeightedDelta, get_strategy
+from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
+from fedtune.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.25
+TERMINAL = ("finished", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a polling client is told: wait, train (with its task id and round) or stop."""
+
+    action: str  # wait, train, stop
+    round: int = 0
+    task_id: str = ""
+    message: str = ""
+
+
+class RoundEngine:
+    """Drives one job's rounds. ``poll`` answers heartbeats; a thread runs ``tick`` in a loop."""
+
+    def __init__(
+        self,
+        job_id: str,
+        state: CoordinatorState,
+        store: ArtifactStore,
+        presence: Presence,
+        evaluator: Evaluator,
+        adapters_root: Path,
+    ) -> None:
+        self.job_id = job_id
+        self.state = state
+        self.store = store
+        self.presence = presence
+        self.evaluator = evaluator
+        self.adapters_root = adapters_root
+        job = state.job(job_id)
+        self.spec = JobSpec.model_validate_json(job.spec_json)
+        self.codec = get_codec(self.spec.codec)
+        self.strategy = get_strategy(self.spec.aggregation.strategy)
+        self._ready_since: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Starts the engine thread."""
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.job_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Asks the thread to stop after its current step and waits for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.tick():
+                    return
+            except Exception as e:  # a bug or a broken base model: the job fails visibly, the service lives
+                log.exception("job %s failed", self.job_id)
+                self.state.set_job_state(self.job_id, "failed", f"{type(e).__name__}: {e}")
+                return
+            self._stop.wait(TICK_SECONDS)
+
+    # ------------------------------------------------------------------ heartbeats
+    def poll(self, client_id: str) -> Decision:
+        """What a client should do now."""
+        job = self.state.job(self.job_id)
+        if job.state in TERMINAL:
+            return Decision("stop", message=f"job {self.job_id} is {job.state}")
+        rnd = self.state.find_round(self.job_id, job.current_round)
+        if rnd is None or rnd.state != "open":
+            return Decision("wait", message="waiting for the next round")
+        if client_id not in rnd.cohort:
+            return Decision("wait", message=f"not in the cohort of round {rnd.round}")
+        if self.state.has_update(self.job_id, rnd.round, client_id):
+            return Decision("wait", message=f"update for round {rnd.round} received")
+        task_id = self.state.task_for(self.job_id, rnd.round, client_id)
+        return Decision("train", round=rnd.round, task_id=task_id or "")
+
+    # ------------------------------------------------------------------ the state machine
+    def tick(self) -> bool:
+        """One step. Returns False once the job is over."""
+        with self._lock:
+            job = self.state.job(self.job_id)
+            if job.state in TERMINAL:
+                return False
+            if job.base_eval_json is None:
+                self.state.set_base_eval(self.job_id, self.evaluator.evaluate(job, None))
+            rnd = self.state.find_round(self.job_id, job.current_round)
+            if rnd is None:
+                self._maybe_open(job)
+            elif rnd.state == "open":
+                self._maybe_close(job, rnd)
+            elif rnd.state == "closing":
+                self._aggregate_and_publish(job, rnd)
+            return True
+
+    def _global_in(self, job: Job) -> str:
+        if job.current_round == 1:
+            return job.initial_adapter
+        prev = self.state.round(self.job_id, job.current_round - 1)
+        assert prev.global_out is not None
+        return prev.global_out
+
+    def _maybe_open(self, job: Job) -> None:
+        live = self.presence.live(self.state.clients(self.job_id))
+        now = time.time()
+        if len(live) < self.spec.min_clients:
+            self._ready_since = None
+            return
+        if self._ready_since is None:
+            self._ready_since = now
+        waited = now - self._ready_since
+        if len(live) < self.spec.clients_per_round and waited < self.spec.cohort_wait_seconds:
+            return
+        cohort = sorted(random.sample(live, min(len(live), self.spec.clients_per_round)))
+        deadline = now + self.spec.round_deadline_seconds
+        self.state.open_round(self.job_id, job.current_round, cohort, self._global_in(job), deadline)
+        self._ready_since = None
+        log.info("job %s round %d opened with %d clients", self.job_id, job.current_round, len(cohort))
+
+    def _maybe_close(self, job: Job, rnd: Round) -> None:
+        done = {u.client_id for u in self.state.updates(self.job_id, rnd.round)}
+        now = time.time()
+        if set(rnd.cohort) <= done or (now >= rnd.deadline and len(done) >= self.spec.min_clients):
+            self.state.set_round_state(self.job_id, rnd.round, "closing")
+            self._aggregate_and_publish(job, self.state.round(self.job_id, rnd.round))
+            return
+        if now >= rnd.deadline:
+            # Too few updates: keep what arrived (it is durable and trained on the same global
+            # adapter), invite every live client not yet asked, and give the round another deadline.
+            live = self.presence.live(self.state.clients(self.job_id))
+            fresh = [c for c in live if c not in rnd.cohort]
+            self.state.extend_round(self.job_id, rnd.round, fresh, now + self.spec.round_deadline_seconds)
+            log.warning(
+                "job %s round %d: %d of %d min updates at the deadline; extended with %d new clients",
+                self.job_id, rnd.round, len(done), self.spec.min_clients, len(fresh),
+            )
+
+    def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
+        updates = self.state.updates(self.job_id, rnd.round)
+        global_in = bytes_to_tensors(self.store.read(rnd.global_in))
+        deltas = [
+            WeightedDelta(self.codec.decode(bytes_to_tensors(self.store.read(u.sha256))), u.num_examples)
+            for u in updates
+        ]
+        avg = self.strategy.aggregate(deltas)
+        new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}
+        global_out = self.store.put_bytes(tensors_to_bytes(new_global))
+        examples = sum(u.num_examples for u in updates)
+        losses = [(u.metrics.get("train_loss"), u.num_examples) for u in updates]
+        metrics: dict[str, float] = {
+            "contributors": float(len(updates)),
+            "cohort": float(len(rnd.cohort)),
+            "examples": float(examples),
+            "bytes_up": float(sum(u.size for u in updates)),
+            "bytes_down": float(self.state.bytes_down(self.job_id, rnd.round)),
+            "seconds": time.time() - rnd.opened,
+        }
+        if all(loss is not None and math.isfinite(loss) for loss, _ in losses):
+            metrics["train_loss"] = sum(float(loss) * n for loss, n in losses) / max(examples, 1)  # type: ignore[arg-type]
+        metrics.update(self.evaluator.evaluate(job, new_global))
+        path, manifest = publish_adapter(
+            self.adapters_root,
+            job_id=self.job_id,
+            job_name=job.name,
+            rnd=rnd.round,
+            state=new_global,
+            peft=self.spec.peft,
+            base_model=job.base_model,
+            base_hash=job.base_hash,
+            metrics=metrics,
+            contributors=len(updates),
+        )
+        last = rnd.round >= self.spec.rounds
+        self.state.close_round(
+            self.job_id, rnd.round, global_out, metrics, str(path), json.dumps(manifest), last=last
+        )
+        log.info("job %s round %d published at %s (%d contributors)", self.job_id, rnd.round, path, len(updates))
+        if last:
+            self.evaluator.release(self.job_id)
+

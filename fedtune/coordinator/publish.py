@@ -1,0 +1,68 @@
+"""Publishing: an aggregated round becomes a directory plain peft loads, plus fedtune.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune import __version__
+from fedtune.models import file_sha256
+from fedtune.peft_io import lora_config, save_adapter_dir
+from fedtune.spec import PeftSpec
+
+MANIFEST = "fedtune.json"
+
+
+def publish_adapter(
+    root: Path,
+    *,
+    job_id: str,
+    job_name: str,
+    rnd: int,
+    state: dict[str, torch.Tensor],
+    peft: PeftSpec,
+    base_model: str,
+    base_hash: str,
+    metrics: dict[str, float],
+    contributors: int,
+) -> tuple[Path, dict[str, Any]]:
+    """Writes ``root/JOB/round-N`` atomically and returns its path and manifest.
+
+    The directory is built under a temporary name and renamed into place, so a crash leaves either
+    the complete adapter or none; publishing the same round again replaces it.
+    """
+    final = root / job_id / f"round-{rnd}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout, target_modules=peft.target_modules)
+    save_adapter_dir(cfg, state, tmp, base_model_name_or_path=base_model)
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest: dict[str, Any] = {
+        "format": "fedtune.adapter/1",
+        "job": job_id,
+        "job_name": job_name,
+        "round": rnd,
+        "base_model": base_model,
+        "base_model_hash": base_hash,
+        "peft": peft.model_dump(mode="json"),
+        "metrics": metrics,
+        "contributors": contributors,
+        "files": files,
+        "created": time.time(),
+        "fedtune_version": __version__,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    for p in tmp.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final, manifest

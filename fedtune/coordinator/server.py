@@ -1,0 +1,143 @@
+"""Starts the coordinator: gRPC server, health service, engines, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedtune.coordinator.admin_api import AdminServicer
+from fedtune.coordinator.auth import AuthInterceptor
+from fedtune.coordinator.client_api import ClientServicer
+from fedtune.coordinator.service import Coordinator
+from fedtune.errors import StateConflict
+from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Chunks are 1 MiB; 4 MiB leaves room for headers and is gRPC's usual default, now set on purpose.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Without this, Linux lets a second server bind the same port and steal half the calls.
+    ("grpc.so_reuseport", 0),
+    # Detect dead peers on long streams (downloads of large bases) within ~40 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+GRACE_SECONDS = 5.0
+ADMIN_TOKEN_FILE = "admin.token"
+ADDRESS_FILE = "coordinator.json"
+
+
+def _lock_state_dir(state_dir: Path) -> IO[str]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = (state_dir / "coordinator.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StateConflict(f"state dir {state_dir} is in use by another running coordinator") from None
+    return handle
+
+
+def admin_token(state_dir: Path) -> str:
+    """The coordinator's admin token, created on first start (file mode 0600)."""
+    path = state_dir / ADMIN_TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    token = "fta_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+@dataclass
+class RunningCoordinator:
+    """A started coordinator: its address and the handles needed to stop it."""
+
+    address: str
+    port: int
+    server: grpc.Server
+    coordinator: Coordinator
+    health: health.HealthServicer
+    lock: IO[str]
+
+    def stop(self, grace: float = GRACE_SECONDS) -> None:
+        """Stops accepting calls, lets running ones finish for ``grace`` seconds, then stops engines."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.coordinator.stop()
+        self.lock.close()
+
+
+def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, workers: int = 32) -> RunningCoordinator:
+    """Starts the service on ``host:port`` (port 0 picks a free one) over ``state_dir``.
+
+    Raises:
+        StateConflict: the state dir is locked or from another version, or the port is taken.
+    """
+    lock = _lock_state_dir(state_dir)
+    try:
+        coordinator = Coordinator(state_dir)
+    except BaseException:
+        lock.close()
+        raise
+    token = admin_token(state_dir)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        interceptors=[AuthInterceptor(coordinator.state, token)],
+        options=SERVER_OPTIONS,
+    )
+    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        coordinator.stop()
+        lock.close()
+        raise StateConflict(f"cannot listen on {host}:{port}: address in use or not available")
+    server.start()
+    coordinator.resume()
+    for name in ("", "fedtune.v1.ClientService", "fedtune.v1.AdminService"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{host}:{bound}"
+    (state_dir / ADDRESS_FILE).write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    log.info("coordinator listening on %s, state in %s", address, state_dir)
+    return RunningCoordinator(address, bound, server, coordinator, health_servicer, lock)
+
+
+def serve_forever(state_dir: Path, host: str, port: int) -> None:
+    """Runs the coordinator until SIGTERM or SIGINT, then stops it with a grace period."""
+    running = start(state_dir, host, port)
+    print(f"fedtune coordinator listening on {running.address} (state dir {state_dir})", flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    running.stop()

@@ -1,0 +1,274 @@
+"""The coordinator's domain layer: jobs, enrollment, tasks and updates over state and store.
+
+The gRPC servicers are thin wrappers over this class; everything here raises domain errors from
+:mod:`fedtune.errors`, which the servicers map to status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedtune.compression.codecs import get_codec
+from fedtune.coordinator.engine import Decision, RoundEngine, TERMINAL
+from fedtune.coordinator.evaluator import Evaluator
+from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
+from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, Update
+from fedtune.coordinator.store import ArtifactStore
+from fedtune.coordinator.validation import validate_update
+from fedtune.data import load_jsonl
+from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
+from fedtune.models import is_preset, load_causal_lm, model_dir_hash, resolve_base
+from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, tensors_to_bytes
+from fedtune.spec import JobSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+# Headroom over the fp32 adapter for safetensors' header and metadata.
+UPDATE_SLACK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Everything a client needs to run one round's task."""
+
+    job: Job
+    round: int
+    task_id: str
+    files: list[FileEntry]
+    global_adapter: FileEntry
+    deadline: float
+    max_update_bytes: int
+
+
+@dataclass(frozen=True)
+class IncomingUpdate:
+    """An upload as received, before validation."""
+
+    job_id: str
+    round: int
+    task_id: str
+    update_id: str
+    num_examples: int
+    metrics: dict[str, float]
+    codec: str
+    payload: bytes
+
+
+class Coordinator:
+    """Owns the state dir: SQLite state, blob store, published adapters and one engine per job."""
+
+    def __init__(self, state_dir: Path, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
+        self.state_dir = state_dir
+        self.state = CoordinatorState(state_dir / "state.db")
+        self.store = ArtifactStore(state_dir / "blobs")
+        self.adapters_root = state_dir / "adapters"
+        self.models_root = state_dir / "models"
+        self.presence = Presence(heartbeat_seconds)
+        self.evaluator = Evaluator(self.base_dir)
+        self.engines: dict[str, RoundEngine] = {}
+        self._schemas: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def resume(self) -> None:
+        """Starts an engine for every job that is still running (after a restart too)."""
+        for job in self.state.jobs():
+            if job.state not in TERMINAL:
+                self._start_engine(job.job_id)
+
+    def _start_engine(self, job_id: str) -> None:
+        engine = RoundEngine(job_id, self.state, self.store, self.presence, self.evaluator, self.adapters_root)
+        self.engines[job_id] = engine
+        engine.start()
+
+    def stop(self) -> None:
+        """Stops every engine and closes the database."""
+        for engine in self.engines.values():
+            engine.stop()
+        self.state.close()
+
+    def base_dir(self, job: Job) -> Path:
+        """Local directory of a job's base model."""
+        return resolve_base(job.base_model, self.models_root)
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, spec_yaml: str) -> Job:
+        """Validates a spec, prepares its base model and initial adapter, and starts the job.
+
+        Nothing is written unless every check passes.
+        """
+        spec = parse_spec(spec_yaml)
+        if spec.eval_data:
+            load_jsonl(Path(spec.eval_data))
+        base_dir = resolve_base(spec.base_model, self.models_root)
+        # What consumers pass to from_pretrained: the directory for presets and local models,
+        # the hub id otherwise.
+        base_model = str(base_dir) if is_preset(spec.base_model) or Path(spec.base_model).is_dir() else spec.base_model
+        model = load_causal_lm(base_dir, torch.device("cpu"))
+        try:
+            peft_model = build_peft_model(
+                model, r=spec.peft.r, alpha=spec.peft.alpha, dropout=spec.peft.dropout,
+                target_modules=spec.peft.target_modules, seed=spec.training.seed,
+            )
+        except ValueError as e:
+            raise InvalidInput(f"job spec: peft.target_modules: {str(e).splitlines()[0]}") from e
+        initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
+        del peft_model, model
+        files = []
+        for p in sorted(base_dir.rglob("*")):
+            rel = p.relative_to(base_dir)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                files.append(FileEntry(str(rel), self.store.put_file(p), p.stat().st_size))
+        job = self.state.add_job(
+            name=spec.name,
+            spec_json=spec.model_dump_json(),
+            base_model=base_model,
+            base_hash=model_dir_hash(base_dir),
+            files=files,
+            initial_adapter=initial,
+            peft_config_json=spec.peft.model_dump_json(),
+        )
+        log.info("job %s created: %s on %s", job.job_id, spec.name, base_model)
+        self._start_engine(job.job_id)
+        return job
+
+    def spec(self, job_id: str) -> JobSpec:
+        """A job's validated spec."""
+        return JobSpec.model_validate_json(self.state.job(job_id).spec_json)
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancels a job; its published adapters stay."""
+        job = self.state.job(job_id)
+        if job.state in TERMINAL:
+            raise PreconditionFailed(f"job {job_id} is already {job.state}")
+        engine = self.engines.get(job_id)
+        if engine is not None:
+            engine.stop()
+        self.state.set_job_state(job_id, "cancelled", "cancelled by the operator")
+        return self.state.job(job_id)
+
+    # ------------------------------------------------------------------ clients
+    def join(self, token: str, name: str, device: str) -> tuple[Client, str]:
+        """Enrolls a client with a token; returns it and its session secret."""
+        if not token:
+            raise InvalidInput("join request has no enrollment token")
+        client, session = self.state.join(token, name or "client", device or "unknown")
+        self.presence.touch(client.client_id)
+        log.info("client %s (%s) joined job %s", client.client_id, client.name, client.job_id)
+        return client, session
+
+    def heartbeat(self, client: Client) -> tuple[Decision, TaskInfo | None]:
+        """Records liveness and tells the client what to do."""
+        self.presence.touch(client.client_id)
+        engine = self.engines.get(client.job_id)
+        if engine is None:
+            job = self.state.job(client.job_id)
+            return Decision("stop", message=f"job {job.job_id} is {job.state}"), None
+        decision = engine.poll(client.client_id)
+        if decision.action != "train":
+            return decision, None
+        job = self.state.job(client.job_id)
+        rnd = self.state.round(job.job_id, decision.round)
+        size = self.store.size(rnd.global_in)
+        adapter = FileEntry("adapter_model.safetensors", rnd.global_in, size)
+        info = TaskInfo(job, rnd.round, decision.task_id, self.state.job_files(job.job_id), adapter,
+                        rnd.deadline, self.max_update_bytes(job))
+        return decision, info
+
+    def max_update_bytes(self, job: Job) -> int:
+        """Largest payload accepted for one update of this job."""
+        return self.store.size(job.initial_adapter) + UPDATE_SLACK_BYTES
+
+    def check_download(self, client: Client, sha256: str, offset: int) -> int:
+        """Authorizes a download and returns the blob's size."""
+        if not self.state.job_may_serve(client.job_id, sha256) or not self.store.has(sha256):
+            raise NotFound(f"no artifact {sha256} for job {client.job_id}")
+        size = self.store.size(sha256)
+        if offset > size:
+            raise InvalidInput(f"download offset {offset} is past the end of artifact {sha256} ({size} bytes)")
+        return size
+
+    def count_download(self, client: Client, nbytes: int) -> None:
+        """Adds served bytes to the client's task in the current round, if any."""
+        job = self.state.job(client.job_id)
+        self.state.add_bytes_down(job.job_id, client.client_id, job.current_round, nbytes)
+
+    def check_upload_header(self, client: Client, job_id: str, rnd: int, task_id: str, update_id: str,
+                            total_size: int) -> bool:
+        """Checks an upload's header before any data is read. Returns True when it is a known
+        update id (a retry), which the caller acknowledges without reading the data."""
+        if not update_id or len(update_id) > 128:
+            raise InvalidInput("update id must be 1 to 128 characters")
+        if job_id != client.job_id:
+            raise PreconditionFailed(f"client {client.client_id} is not enrolled in job {job_id!r}")
+        known = [u for u in self.state.updates(job_id, rnd) if u.update_id == update_id]
+        if known:
+            if known[0].client_id != client.client_id:
+                raise PreconditionFailed(f"update id {update_id} belongs to another client")
+            return True
+        job = self.state.job(job_id)
+        round_row = self.state.find_round(job_id, rnd)
+        if round_row is None or round_row.state != "open" or rnd != job.current_round:
+            raise PreconditionFailed(f"round {rnd} of job {job_id} is not open")
+        if client.client_id not in round_row.cohort:
+            raise PreconditionFailed(f"client {client.client_id} is not in the cohort of round {rnd}")
+        expected_task = self.state.task_for(job_id, rnd, client.client_id)
+        if task_id != expected_task:
+            raise PreconditionFailed(f"task {task_id!r} is not this client's task for round {rnd}")
+        limit = self.max_update_bytes(job)
+        if total_size > limit:
+            raise LimitExceeded(f"update of {total_size} bytes is over the job's limit of {limit} bytes")
+        return False
+
+    def _schema(self, job: Job) -> dict[str, tuple[int, ...]]:
+        if job.job_id not in self._schemas:
+            tensors = bytes_to_tensors(self.store.read(job.initial_adapter))
+            self._schemas[job.job_id] = {k: tuple(v.shape) for k, v in tensors.items()}
+        return self._schemas[job.job_id]
+
+    def accept_update(self, client: Client, inc: IncomingUpdate) -> bool:
+        """Validates, stores durably and records an update. Returns False for a retry of an
+        update already stored (nothing changes)."""
+        job = self.state.job(inc.job_id)
+        spec = self.spec(job.job_id)
+        if inc.codec != spec.codec:
+            raise InvalidInput(f"update codec {inc.codec!r} is not the job's codec {spec.codec!r}")
+        if inc.num_examples <= 0:
+            raise InvalidInput("update must report a positive example count")
+        for key, value in inc.metrics.items():
+            if not isinstance(value, float) or value != value or value in (float("inf"), float("-inf")):
+                raise InvalidInput(f"metric {key!r} is not a finite number")
+        wire = bytes_to_tensors(inc.payload)
+        validate_update(wire, self._schema(job), get_codec(spec.codec), spec.aggregation.max_update_norm)
+        sha = self.store.put_bytes(inc.payload)
+        fresh = self.state.add_update(Update(
+            update_id=inc.update_id, job_id=inc.job_id, round=inc.round, client_id=client.client_id,
+            task_id=inc.task_id, sha256=sha, size=len(inc.payload), num_examples=inc.num_examples,
+            metrics=dict(inc.metrics), codec=inc.codec, received=time.time(),
+        ))
+        if fresh:
+            log.info("job %s round %d: update %s from %s accepted (%d bytes, %d examples)",
+                     inc.job_id, inc.round, inc.update_id, client.client_id, len(inc.payload), inc.num_examples)
+        return fresh
+
+    # ------------------------------------------------------------------ adapters
+    def adapter_dir(self, job_id: str, rnd: int) -> tuple[int, Path, dict]:
+        """(round, path, manifest) of a published adapter; ``rnd`` 0 means the latest."""
+        self.state.job(job_id)
+        published = self.state.published(job_id)
+        if not published:
+            raise NotFound(f"job {job_id} has no published adapter yet")
+        if rnd == 0:
+            row = published[-1]
+        else:
+            rows = [p for p in published if p[1] == rnd]
+            if not rows:
+                raise NotFound(f"job {job_id} has no published adapter for round {rnd}")
+            row = rows[0]
+        return row[1], Path(row[2]), json.loads(row[3])
+

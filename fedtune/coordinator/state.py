@@ -1,0 +1,479 @@
+"""Durable coordinator state in SQLite (WAL, synchronous=FULL).
+
+Every mutation is one transaction; a row written here is on disk when the call returns, which is
+what lets the servicer acknowledge an update only after it is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune import STATE_FORMAT, __version__
+from fedtune.errors import AuthError, NotFound, PreconditionFailed, StateConflict
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+  job_id TEXT PRIMARY KEY, name TEXT NOT NULL, spec_json TEXT NOT NULL, state TEXT NOT NULL,
+  current_round INTEGER NOT NULL, base_model TEXT NOT NULL, base_hash TEXT NOT NULL,
+  initial_adapter TEXT NOT NULL, peft_config_json TEXT NOT NULL, base_eval_json TEXT,
+  message TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_files (
+  job_id TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+  PRIMARY KEY (job_id, path));
+CREATE TABLE IF NOT EXISTS tokens (
+  token_hash TEXT PRIMARY KEY, job_id TEXT NOT NULL, uses_left INTEGER NOT NULL,
+  expires REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+  client_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, name TEXT NOT NULL, session_hash TEXT NOT NULL,
+  device TEXT NOT NULL, joined REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL,
+  deadline REAL NOT NULL, cohort_json TEXT NOT NULL, global_in TEXT NOT NULL, global_out TEXT,
+  metrics_json TEXT, closed REAL, PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS tasks (
+  task_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
+  bytes_down INTEGER NOT NULL DEFAULT 0, UNIQUE (job_id, round, client_id));
+CREATE TABLE IF NOT EXISTS updates (
+  update_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
+  task_id TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL, num_examples INTEGER NOT NULL,
+  metrics_json TEXT NOT NULL, codec TEXT NOT NULL, received REAL NOT NULL,
+  UNIQUE (job_id, round, client_id));
+CREATE TABLE IF NOT EXISTS published (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, path TEXT NOT NULL, manifest_json TEXT NOT NULL,
+  PRIMARY KEY (job_id, round));
+"""
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as stored."""
+
+    job_id: str
+    name: str
+    spec_json: str
+    state: str
+    current_round: int
+    base_model: str
+    base_hash: str
+    initial_adapter: str
+    peft_config_json: str
+    base_eval_json: str | None
+    message: str
+    created: float
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of a job."""
+
+    job_id: str
+    round: int
+    state: str  # open, closing, published
+    opened: float
+    deadline: float
+    cohort: tuple[str, ...]
+    global_in: str
+    global_out: str | None
+    metrics: dict[str, float]
+    closed: float | None
+
+
+@dataclass(frozen=True)
+class Update:
+    """An accepted, durable client update."""
+
+    update_id: str
+    job_id: str
+    round: int
+    client_id: str
+    task_id: str
+    sha256: str
+    size: int
+    num_examples: int
+    metrics: dict[str, float]
+    codec: str
+    received: float
+
+
+@dataclass(frozen=True)
+class Client:
+    """An enrolled client agent."""
+
+    client_id: str
+    job_id: str
+    name: str
+    device: str
+    joined: float
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a job's base model directory."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class CoordinatorState:
+    """The coordinator's SQLite database. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives power loss, which the update ack relies on.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        with self._tx() as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "meta" in tables:
+                row = db.execute("SELECT value FROM meta WHERE key='state_format'").fetchone()
+                found = int(row[0]) if row else None
+                if found != STATE_FORMAT:
+                    writer = db.execute("SELECT value FROM meta WHERE key='written_by'").fetchone()
+                    raise StateConflict(
+                        f"state dir was written by fedtune {writer[0] if writer else '?'} (state format "
+                        f"{found}); this is fedtune {__version__} (state format {STATE_FORMAT}): "
+                        "use a fresh --state-dir or the matching fedtune version"
+                    )
+            elif tables:
+                raise StateConflict("state dir holds a database that is not a fedtune coordinator's")
+        # executescript commits implicitly, so it runs outside the transaction helper.
+        with self._lock:
+            self._db.executescript(SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('state_format', ?), ('written_by', ?), ('coordinator_id', ?)",
+                (str(STATE_FORMAT), __version__, uuid.uuid4().hex),
+            )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Closes the database."""
+        with self._lock:
+            self._db.close()
+
+    # ---------------------------------------------------------------- jobs
+    def add_job(
+        self,
+        *,
+        name: str,
+        spec_json: str,
+        base_model: str,
+        base_hash: str,
+        files: list[FileEntry],
+        initial_adapter: str,
+        peft_config_json: str,
+    ) -> Job:
+        """Creates a job in state ``running`` at round 1."""
+        job_id = "job-" + secrets.token_hex(4)
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, name, spec_json, "running", 1, base_model, base_hash, initial_adapter,
+                 peft_config_json, None, "", now),
+            )
+            db.executemany(
+                "INSERT INTO job_files VALUES (?,?,?,?)",
+                [(job_id, f.path, f.sha256, f.size) for f in files],
+            )
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        """A job by id."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return Job(**dict(row))
+
+    def jobs(self) -> list[Job]:
+        """All jobs, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        return [Job(**dict(r)) for r in rows]
+
+    def job_files(self, job_id: str) -> list[FileEntry]:
+        """The base model files a job's clients download."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, sha256, size FROM job_files WHERE job_id=? ORDER BY path", (job_id,)
+            ).fetchall()
+        return [FileEntry(**dict(r)) for r in rows]
+
+    def set_job_state(self, job_id: str, state: str, message: str = "") -> None:
+        """Moves a job to a new state (running, finished, failed, cancelled)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state=?, message=? WHERE job_id=?", (state, message, job_id))
+
+    def set_base_eval(self, job_id: str, metrics: dict[str, float]) -> None:
+        """Records the base model's eval metrics (the zero-shot reference)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET base_eval_json=? WHERE job_id=?", (json.dumps(metrics), job_id))
+
+    def job_may_serve(self, job_id: str, sha256: str) -> bool:
+        """Whether a blob belongs to a job (a base file or one of its adapters)."""
+        with self._lock:
+            db = self._db
+            if db.execute("SELECT 1 FROM job_files WHERE job_id=? AND sha256=?", (job_id, sha256)).fetchone():
+                return True
+            if db.execute("SELECT 1 FROM jobs WHERE job_id=? AND initial_adapter=?", (job_id, sha256)).fetchone():
+                return True
+            return db.execute(
+                "SELECT 1 FROM rounds WHERE job_id=? AND global_out=?", (job_id, sha256)
+            ).fetchone() is not None
+
+    # ---------------------------------------------------------------- tokens and clients
+    def add_token(self, job_id: str, uses: int, ttl_seconds: float) -> tuple[str, float]:
+        """Creates an enrollment token; only its hash is stored. Returns (token, expiry)."""
+        self.job(job_id)
+        token = "ftk_" + secrets.token_urlsafe(24)
+        expires = time.time() + ttl_seconds
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens VALUES (?,?,?,?,0,?)",
+                (_hash_secret(token), job_id, uses, expires, time.time()),
+            )
+        return token, expires
+
+    def join(self, token: str, name: str, device: str) -> tuple[Client, str]:
+        """Spends one use of a token and enrolls a client. Returns (client, session secret)."""
+        session = "fts_" + secrets.token_urlsafe(32)
+        client_id = "client-" + secrets.token_hex(4)
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM tokens WHERE token_hash=?", (_hash_secret(token),)).fetchone()
+            if row is None:
+                raise AuthError("enrollment token is not valid")
+            if row["revoked"]:
+                raise AuthError("enrollment token was revoked")
+            if row["expires"] < now:
+                raise AuthError("enrollment token has expired")
+            if row["uses_left"] <= 0:
+                raise AuthError("enrollment token has no uses left")
+            job = db.execute("SELECT state FROM jobs WHERE job_id=?", (row["job_id"],)).fetchone()
+            if job is None or job["state"] != "running":
+                raise PreconditionFailed(f"job {row['job_id']} is not running")
+            db.execute("UPDATE tokens SET uses_left=uses_left-1 WHERE token_hash=?", (row["token_hash"],))
+            db.execute(
+                "INSERT INTO clients VALUES (?,?,?,?,?,?)",
+                (client_id, row["job_id"], name[:128], _hash_secret(session), device[:32], now),
+            )
+        return Client(client_id, row["job_id"], name[:128], device[:32], now), session
+
+    def authenticate(self, session: str) -> Client:
+        """The client a session secret belongs to."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT client_id, job_id, name, device, joined FROM clients WHERE session_hash=?",
+                (_hash_secret(session),),
+            ).fetchone()
+        if row is None:
+            raise AuthError("unknown session: join again with an enrollment token")
+        return Client(**dict(row))
+
+    def clients(self, job_id: str) -> list[Client]:
+        """Clients enrolled in a job."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client_id, job_id, name, device, joined FROM clients WHERE job_id=? ORDER BY joined",
+                (job_id,),
+            ).fetchall()
+        return [Client(**dict(r)) for r in rows]
+
+    # ---------------------------------------------------------------- rounds and tasks
+    @staticmethod
+    def _round(row: sqlite3.Row) -> Round:
+        d = dict(row)
+        return Round(
+            job_id=d["job_id"], round=d["round"], state=d["state"], opened=d["opened"],
+            deadline=d["deadline"], cohort=tuple(json.loads(d["cohort_json"])),
+            global_in=d["global_in"], global_out=d["global_out"],
+            metrics=json.loads(d["metrics_json"] or "{}"), closed=d["closed"],
+        )
+
+    def open_round(self, job_id: str, rnd: int, cohort: list[str], global_in: str, deadline: float) -> Round:
+        """Opens round ``rnd`` with a cohort; each member gets a task."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (job_id, rnd, "open", time.time(), deadline, json.dumps(cohort), global_in, None, None, None),
+            )
+            db.executemany(
+                "INSERT INTO tasks (task_id, job_id, round, client_id) VALUES (?,?,?,?)",
+                [("task-" + secrets.token_hex(6), job_id, rnd, c) for c in cohort],
+            )
+        return self.round(job_id, rnd)
+
+    def extend_round(self, job_id: str, rnd: int, add: list[str], deadline: float) -> Round:
+        """Adds cohort members to an open round and moves its deadline."""
+        with self._tx() as db:
+            row = db.execute("SELECT cohort_json FROM rounds WHERE job_id=? AND round=?", (job_id, rnd)).fetchone()
+            cohort = json.loads(row["cohort_json"]) + add
+            db.execute(
+                "UPDATE rounds SET cohort_json=?, deadline=? WHERE job_id=? AND round=?",
+                (json.dumps(cohort), deadline, job_id, rnd),
+            )
+            db.executemany(
+                "INSERT INTO tasks (task_id, job_id, round, client_id) VALUES (?,?,?,?)",
+                [("task-" + secrets.token_hex(6), job_id, rnd, c) for c in add],
+            )
+        return self.round(job_id, rnd)
+
+    def set_round_state(self, job_id: str, rnd: int, new: str) -> None:
+        """Moves a round on (open -> closing); a closing round accepts no more updates."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET state=? WHERE job_id=? AND round=?", (new, job_id, rnd))
+
+    def round(self, job_id: str, rnd: int) -> Round:
+        """One round."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rounds WHERE job_id=? AND round=?", (job_id, rnd)).fetchone()
+        if row is None:
+            raise NotFound(f"job {job_id} has no round {rnd}")
+        return self._round(row)
+
+    def find_round(self, job_id: str, rnd: int) -> Round | None:
+        """One round, or None when it was never opened."""
+        try:
+            return self.round(job_id, rnd)
+        except NotFound:
+            return None
+
+    def rounds(self, job_id: str) -> list[Round]:
+        """All rounds of a job, in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM rounds WHERE job_id=? ORDER BY round", (job_id,)).fetchall()
+        return [self._round(r) for r in rows]
+
+    def task_for(self, job_id: str, rnd: int, client_id: str) -> str | None:
+        """The task id of a cohort member, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT task_id FROM tasks WHERE job_id=? AND round=? AND client_id=?", (job_id, rnd, client_id)
+            ).fetchone()
+        return row[0] if row else None
+
+    def task(self, task_id: str) -> tuple[str, int, str] | None:
+        """(job_id, round, client_id) of a task."""
+        with self._lock:
+            row = self._db.execute("SELECT job_id, round, client_id FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def add_bytes_down(self, job_id: str, client_id: str, rnd: int, n: int) -> None:
+        """Counts bytes served to a client for a round (for the per-round report)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET bytes_down=bytes_down+? WHERE job_id=? AND round=? AND client_id=?",
+                (n, job_id, rnd, client_id),
+            )
+
+    def bytes_down(self, job_id: str, rnd: int) -> int:
+        """Bytes served to a round's cohort."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(bytes_down),0) FROM tasks WHERE job_id=? AND round=?", (job_id, rnd)
+            ).fetchone()
+        return int(row[0])
+
+    # ---------------------------------------------------------------- updates
+    def add_update(self, u: Update) -> bool:
+        """Stores an accepted update. Returns False (and changes nothing) for a known update id.
+
+        Raises:
+            PreconditionFailed: the round is no longer open or the client already submitted.
+        """
+        with self._tx() as db:
+            prior = db.execute("SELECT job_id, round, client_id FROM updates WHERE update_id=?", (u.update_id,)).fetchone()
+            if prior is not None:
+                if tuple(prior) != (u.job_id, u.round, u.client_id):
+                    raise PreconditionFailed(f"update id {u.update_id} was already used for another update")
+                return False
+            rnd = db.execute("SELECT state FROM rounds WHERE job_id=? AND round=?", (u.job_id, u.round)).fetchone()
+            if rnd is None or rnd["state"] != "open":
+                raise PreconditionFailed(f"round {u.round} of job {u.job_id} is not open")
+            if db.execute(
+                "SELECT 1 FROM updates WHERE job_id=? AND round=? AND client_id=?", (u.job_id, u.round, u.client_id)
+            ).fetchone():
+                raise PreconditionFailed(f"client {u.client_id} already submitted an update for round {u.round}")
+            db.execute(
+                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (u.update_id, u.job_id, u.round, u.client_id, u.task_id, u.sha256, u.size, u.num_examples,
+                 json.dumps(u.metrics), u.codec, u.received),
+            )
+        return True
+
+    def updates(self, job_id: str, rnd: int) -> list[Update]:
+        """Accepted updates of a round, in arrival order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM updates WHERE job_id=? AND round=? ORDER BY received, update_id", (job_id, rnd)
+            ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["metrics"] = json.loads(d.pop("metrics_json"))
+            out.append(Update(**d))
+        return out
+
+    def has_update(self, job_id: str, rnd: int, client_id: str) -> bool:
+        """Whether a client already submitted for a round."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM updates WHERE job_id=? AND round=? AND client_id=?", (job_id, rnd, client_id)
+            ).fetchone() is not None
+
+    # ---------------------------------------------------------------- closing rounds
+    def close_round(self, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
+                    path: str, manifest_json: str, last: bool) -> None:
+        """Publishes a round in one transaction: the new global, its metrics, the published
+        adapter and the job's next round (or its end) all land together or not at all."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET state='published', global_out=?, metrics_json=?, closed=? WHERE job_id=? AND round=?",
+                (global_out, json.dumps(metrics), time.time(), job_id, rnd),
+            )
+            db.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (job_id, rnd, path, manifest_json))
+            if last:
+                db.execute("UPDATE jobs SET state='finished', current_round=? WHERE job_id=?", (rnd, job_id))
+            else:
+                db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
+
+    def published(self, job_id: str | None = None) -> list[tuple[str, int, str, str]]:
+        """(job_id, round, path, manifest_json) of published adapters."""
+        with self._lock:
+            if job_id:
+                rows = self._db.execute("SELECT * FROM published WHERE job_id=? ORDER BY round", (job_id,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM published ORDER BY job_id, round").fetchall()
+        return [tuple(r) for r in rows]  # type: ignore[misc]

@@ -1,0 +1,94 @@
+"""Content-addressed blob store: every artifact and update is a file named by its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedtune.errors import NotFound
+
+CHUNK_SIZE = 1 << 20  # 1 MiB: the unit of every tensor stream on the wire
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactStore:
+    """Immutable blobs under ``root/ab/abcdef...``, written atomically and fsynced.
+
+    A blob is durable when ``put_*`` returns: it is written to a temp file, fsynced, renamed into
+    place and its directory fsynced, so a crash leaves either the whole blob or nothing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        """Where the blob with this digest lives (whether or not it exists)."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise NotFound(f"no artifact {sha256!r}: not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        """Whether the blob is stored."""
+        try:
+            return self.path(sha256).is_file()
+        except NotFound:
+            return False
+
+    def size(self, sha256: str) -> int:
+        """Size in bytes of a stored blob."""
+        p = self.path(sha256)
+        if not p.is_file():
+            raise NotFound(f"no artifact {sha256}")
+        return p.stat().st_size
+
+    def put_bytes(self, data: bytes) -> str:
+        """Stores bytes and returns their sha256."""
+        digest = hashlib.sha256(data).hexdigest()
+        if self.has(digest):
+            return digest
+        target = self.path(digest)
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return digest
+
+    def put_file(self, source: Path) -> str:
+        """Stores a copy of a file and returns its sha256."""
+        return self.put_bytes(source.read_bytes())
+
+    def read(self, sha256: str) -> bytes:
+        """Whole blob as bytes."""
+        p = self.path(sha256)
+        if not p.is_file():
+            raise NotFound(f"no artifact {sha256}")
+        return p.read_bytes()
+
+    def iter_chunks(self, sha256: str, offset: int = 0, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yields the blob from ``offset`` in chunks of ``chunk_size`` bytes."""
+        p = self.path(sha256)
+        if not p.is_file():
+            raise NotFound(f"no artifact {sha256}")
+        with p.open("rb") as f:
+            f.seek(offset)
+            while chunk := f.read(chunk_size):
+                yield chunk

@@ -1,0 +1,309 @@
+"""Base models: the built-in tiny preset, resolving `--base`, hashing model dirs, loading on a device.
+
+The tiny preset exists so that demos and tests run offline and in seconds: it is an ordinary
+Hugging Face model directory (a randomly initialised Llama plus a character-level tokenizer) that
+every participant can rebuild byte for byte, so its content hash identifies it like any hub model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from fedtune.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+TINY_PRESET = "tiny-llama"
+
+# Fixed so that every participant builds the same weights; changing it changes the preset's hash.
+_PRESET_SEED = 1234
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+_MAX_POSITIONS = 256
+# Files whose presence means a preset directory was written completely.
+_PRESET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_HASH_CHUNK = 1 << 20
+
+
+def is_preset(name: str) -> bool:
+    """Tells whether `name` is a built-in preset.
+
+    Args:
+        name: A `--base` value.
+
+    Returns:
+        True for a built-in preset name.
+    """
+    return name in _PRESETS
+
+
+def materialize_preset(name: str, out_dir: Path) -> Path:
+    """Builds a built-in preset as an ordinary Hugging Face model directory.
+
+    The build is deterministic: two calls write byte-identical files, so `model_dir_hash` of the
+    result is the same on every machine with the same library versions.
+
+    Args:
+        name: Preset name, e.g. `TINY_PRESET`.
+        out_dir: Directory to write into (created if missing; existing files are overwritten).
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        InvalidInput: `name` is not a known preset.
+    """
+    build = _PRESETS.get(name)
+    if build is None:
+        raise InvalidInput(f"unknown preset {name!r}; known presets: {', '.join(sorted(_PRESETS))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build(out_dir)
+    return out_dir
+
+
+def _char_tokenizer() -> PreTrainedTokenizerFast:
+    # Imported here: only the preset build needs the low-level tokenizers API.
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    chars = [c for c in string.printable if 32 <= ord(c) < 127 or c == "\n"]
+    vocab = {tok: i for i, tok in enumerate([*_SPECIAL_TOKENS, *sorted(set(chars), key=ord)])}
+    # BPE without merges splits every string into single characters; unknown ones become <unk>.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    # Fuse joins characters back without the spaces the default decoder would put between tokens.
+    backend.decoder = decoders.Fuse()
+    # Like Llama tokenizers, encoding a text starts it with <s>.
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    pad, bos, eos, unk = _SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        model_max_length=_MAX_POSITIONS,
+        padding_side="right",
+    )
+
+
+def _build_tiny_llama(out_dir: Path) -> None:
+    tokenizer = _char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=_MAX_POSITIONS,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # fork_rng keeps the caller's global RNG state untouched by the fixed preset seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_PRESET_SEED)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+_PRESETS = {TINY_PRESET: _build_tiny_llama}
+
+
+def _preset_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in _PRESET_FILES)
+
+
+def _ensure_preset(name: str, cache_dir: Path) -> Path:
+    target = cache_dir / "presets" / name
+    if _preset_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        logger.warning("rebuilding incomplete preset directory %s", target)
+        shutil.rmtree(target)
+    # Build beside the target and rename, so a crash or a concurrent client never leaves a
+    # half-written preset that a later run would take as complete.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        materialize_preset(name, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not _preset_complete(target):
+                raise
+            logger.debug("preset %s was materialized concurrently; using that copy", name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("materialized preset %s at %s", name, target)
+    return target
+
+
+def resolve_base(base: str, cache_dir: Path) -> Path:
+    """Turns a `--base` value into a local model directory.
+
+    Args:
+        base: A preset name, a local directory, or a Hugging Face hub id.
+        cache_dir: Where presets are materialized (under `presets/<name>`).
+
+    Returns:
+        A directory holding the model and tokenizer files.
+
+    Raises:
+        InvalidInput: `base` is none of the three, or the hub download failed.
+    """
+    if is_preset(base):
+        return _ensure_preset(base, cache_dir)
+    local = Path(base).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base))
+    except Exception as e:  # noqa: BLE001 - the hub client raises many unrelated types (HTTP, validation, OS)
+        raise InvalidInput(
+            f"base model {base!r} is neither a preset, a local directory nor a downloadable hub id: {e}"
+        ) from e
+
+
+def file_sha256(path: Path) -> str:
+    """Hashes a file without reading it into memory at once.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The sha256 hex digest of its bytes.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_dir_hash(path: Path) -> str:
+    """Hashes a model directory's content, so participants can check they hold the same base.
+
+    Covers every regular file (symlinks to files are followed, as in hub snapshots) except hidden
+    ones, by relative path and content; file times and the directory's own location do not matter.
+
+    Args:
+        path: The model directory.
+
+    Returns:
+        A sha256 hex digest.
+    """
+    entries: list[tuple[str, str]] = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            file = Path(root) / name
+            if name.startswith(".") or not file.is_file():
+                continue
+            entries.append((file.relative_to(path).as_posix(), file_sha256(file)))
+    digest = hashlib.sha256()
+    for rel, file_digest in sorted(entries):
+        digest.update(f"{rel}\0{file_digest}\n".encode())
+    return digest.hexdigest()
+
+
+def pick_device(pref: str) -> torch.device:
+    """Chooses the torch device for `--device`.
+
+    Args:
+        pref: "auto" (CUDA when available, else CPU), "cuda" or "cpu".
+
+    Returns:
+        The device.
+
+    Raises:
+        InvalidInput: CUDA was asked for but is not available, or `pref` is unknown.
+    """
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInput("--device cuda requested but CUDA is not available")
+        return torch.device("cuda")
+    if pref == "cpu":
+        return torch.device("cpu")
+    raise InvalidInput(f"--device must be auto, cuda or cpu, got {pref!r}")
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        # Half precision on CPU is slow and numerically poor for training; tiny models fit in fp32.
+        return torch.float32
+    # Pre-Ampere GPUs lack bf16; fp16 is the only half type they run fast.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
+    """Loads a causal language model from a local directory onto `device`.
+
+    Uses fp32 on CPU; on CUDA, bf16 where the GPU supports it and fp16 otherwise.
+
+    Args:
+        path: A model directory (see `resolve_base`).
+        device: Where to put the model.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        InvalidInput: The directory does not hold a loadable causal LM.
+    """
+    dtype = _dtype_for(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidInput(f"cannot load a causal language model from {path}: {e}") from e
+    logger.debug("loaded %s as %s on %s", path, dtype, device)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer stored with a model, ready for right-padded batches.
+
+    Args:
+        path: A model directory (see `resolve_base`).
+
+    Returns:
+        The tokenizer, with a pad token (the eos token when it has none) and right padding.
+
+    Raises:
+        InvalidInput: No tokenizer can be loaded, or it has neither a pad nor an eos token.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidInput(f"cannot load a tokenizer from {path}: {e}") from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InvalidInput(f"tokenizer in {path} has neither a pad nor an eos token to pad with")
+        # Padded positions are masked out of attention and loss, so any existing token will do;
+        # adding a new one would need an embedding row the frozen base does not have.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -1,0 +1,220 @@
+"""LoRA adapters in and out of models, bytes and directories, in peft's own save format.
+
+Adapter state dicts carry peft's saved key names (`...q_proj.lora_A.weight`, no adapter name), as
+`get_peft_model_state_dict` returns them; the same dict is what travels as an update, what the
+coordinator averages and what lands in `adapter_model.safetensors`. Bytes are always safetensors,
+never pickle, because updates come from other machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
+from transformers import PreTrainedModel
+
+from fedtune.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+# Key lists in error messages are cut to this many names to stay one readable line.
+_MAX_KEYS_SHOWN = 3
+
+
+def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
+    """Makes the LoRA config that every participant of a job must share.
+
+    Args:
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (the update is scaled by `alpha / r`).
+        dropout: Dropout on the LoRA input, in [0, 1).
+        target_modules: Module name suffixes to adapt, e.g. `["q_proj", "v_proj"]`.
+
+    Returns:
+        A causal-LM `LoraConfig` without bias training.
+
+    Raises:
+        InvalidInput: A value is out of range or `target_modules` is empty.
+    """
+    if r < 1:
+        raise InvalidInput(f"LoRA rank r must be at least 1, got {r}")
+    if alpha <= 0:
+        raise InvalidInput(f"LoRA alpha must be positive, got {alpha}")
+    if not 0 <= dropout < 1:
+        raise InvalidInput(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if not target_modules or not all(isinstance(m, str) and m for m in target_modules):
+        raise InvalidInput(f"LoRA target_modules must be a non-empty list of module names, got {target_modules!r}")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def build_peft_model(
+    base_model: PreTrainedModel,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    seed: int = 0,
+) -> PeftModel:
+    """Wraps a base model with a freshly initialised LoRA adapter.
+
+    The adapter's random init depends only on `seed`, so participants that build with the same
+    arguments start from the same adapter. The base model is modified in place (peft injects its
+    layers) and its own weights are frozen.
+
+    Args:
+        base_model: A causal LM, e.g. from `fedtune.models.load_causal_lm`.
+        r: LoRA rank.
+        alpha: LoRA alpha.
+        dropout: LoRA dropout.
+        target_modules: Module name suffixes to adapt.
+        seed: Seed for the adapter's initial weights.
+
+    Returns:
+        The peft model with the adapter named "default" active.
+
+    Raises:
+        InvalidInput: The config is invalid or no module matches `target_modules`.
+    """
+    config = lora_config(r, alpha, dropout, target_modules)
+    # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(base_model, config)
+        except ValueError as e:
+            raise InvalidInput(f"cannot add LoRA to the base model: {e}") from e
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Copies the active adapter's weights out of a model.
+
+    Args:
+        model: A peft model.
+
+    Returns:
+        Tensors keyed as peft saves them, as fp32 CPU copies that later training does not change.
+    """
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Writes adapter weights into a model that already has a matching adapter.
+
+    Args:
+        model: A peft model built with the same LoRA config as the state.
+        state: Tensors keyed as `adapter_state` returns them (dtype and device are converted).
+
+    Raises:
+        InvalidInput: Keys are missing or unexpected, shapes differ, or a value is not finite.
+    """
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing:
+        raise InvalidInput(f"adapter state lacks {len(missing)} key(s): {_names(missing)}")
+    if unexpected:
+        raise InvalidInput(f"adapter state has {len(unexpected)} unexpected key(s): {_names(unexpected)}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise InvalidInput(
+                f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise InvalidInput(f"adapter tensor {key} holds NaN or infinite values")
+    result = set_peft_model_state_dict(model, state)
+    # peft reports every base weight as missing (they are not in an adapter state), so only
+    # unexpected keys tell us something; they mean peft's key mapping disagreed with ours.
+    if result.unexpected_keys:
+        raise InvalidInput(
+            f"adapter state has {len(result.unexpected_keys)} key(s) the model did not take: "
+            f"{_names(result.unexpected_keys)}"
+        )
+
+
+def _names(keys: Iterable[str]) -> str:
+    names = list(keys)
+    shown = ", ".join(names[:_MAX_KEYS_SHOWN])
+    return shown + (f" (and {len(names) - _MAX_KEYS_SHOWN} more)" if len(names) > _MAX_KEYS_SHOWN else "")
+
+
+def tensors_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serializes tensors as a safetensors blob.
+
+    Args:
+        state: Tensors by name; they are made contiguous and moved to CPU first.
+        metadata: String pairs stored in the blob's header.
+
+    Returns:
+        The blob; the same input always gives the same bytes.
+    """
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return st_save(tensors, metadata=metadata)
+
+
+def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Parses a safetensors blob.
+
+    Args:
+        data: Bytes from `tensors_to_bytes` (possibly sent by another machine).
+
+    Returns:
+        The tensors by name, on CPU.
+
+    Raises:
+        InvalidInput: `data` is not a valid safetensors blob.
+    """
+    try:
+        return st_load(data)
+    except SafetensorError as e:
+        raise InvalidInput(f"update is not a valid safetensors blob: {e}") from e
+
+
+def save_adapter_dir(
+    peft_config: LoraConfig,
+    state: dict[str, torch.Tensor],
+    out_dir: Path,
+    base_model_name_or_path: str,
+) -> Path:
+    """Writes an adapter directory that `PeftModel.from_pretrained(base, out_dir)` loads as is.
+
+    Produces exactly what `PeftModel.save_pretrained` would: `adapter_config.json` (in inference
+    mode, naming the base) and `adapter_model.safetensors`.
+
+    Args:
+        peft_config: The LoRA config the state was trained with (not modified).
+        state: Tensors keyed as `adapter_state` returns them.
+        out_dir: Directory to write into (created if missing).
+        base_model_name_or_path: What the config names as base, e.g. a hub id or a preset name.
+
+    Returns:
+        `out_dir`.
+    """
+    config = copy.deepcopy(peft_config)
+    config.base_model_name_or_path = base_model_name_or_path
+    # As peft's own save does: a loaded adapter is for inference unless is_trainable is passed.
+    config.inference_mode = True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    st_save_file(tensors, str(out_dir / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save_pretrained(str(out_dir))
+    logger.debug("saved adapter with %d tensors to %s", len(tensors), out_dir)
+    return out_dir

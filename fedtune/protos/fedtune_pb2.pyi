@@ -1,0 +1,307 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("token", "client_name", "agent_version", "device")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    client_name: str
+    agent_version: str
+    device: str
+    def __init__(self, token: _Optional[str] = ..., client_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("client_id", "session", "job_id", "heartbeat_seconds")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    session: str
+    job_id: str
+    heartbeat_seconds: int
+    def __init__(self, client_id: _Optional[str] = ..., session: _Optional[str] = ..., job_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class FileRef(_message.Message):
+    __slots__ = ("path", "sha256", "size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    size: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    BASE_FILES_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PEFT_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    task_id: str
+    base_model_hash: str
+    base_files: _containers.RepeatedCompositeFieldContainer[FileRef]
+    global_adapter: FileRef
+    peft_config_json: str
+    training_json: str
+    deadline_unix: float
+    max_update_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("action", "task", "retry_after_seconds", "message")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[HeartbeatReply.Action]
+        WAIT: _ClassVar[HeartbeatReply.Action]
+        TRAIN: _ClassVar[HeartbeatReply.Action]
+        STOP: _ClassVar[HeartbeatReply.Action]
+    ACTION_UNSPECIFIED: HeartbeatReply.Action
+    WAIT: HeartbeatReply.Action
+    TRAIN: HeartbeatReply.Action
+    STOP: HeartbeatReply.Action
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    action: HeartbeatReply.Action
+    task: Task
+    retry_after_seconds: float
+    message: str
+    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("sha256", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("offset", "data", "total_size")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_size: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("job_id", "round", "task_id", "update_id", "num_examples", "total_size", "sha256", "metrics", "codec")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    task_id: str
+    update_id: str
+    num_examples: int
+    total_size: int
+    sha256: str
+    metrics: _containers.ScalarMap[str, float]
+    codec: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., update_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[str] = ...) -> None: ...
+
+class UploadCommit(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class UploadMessage(_message.Message):
+    __slots__ = ("header", "chunk", "commit")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: Chunk
+    commit: UploadCommit
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., commit: _Optional[_Union[UploadCommit, _Mapping]] = ...) -> None: ...
+
+class UploadReply(_message.Message):
+    __slots__ = ("update_id", "duplicate", "bytes_received")
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    update_id: str
+    duplicate: bool
+    bytes_received: int
+    def __init__(self, update_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class CreateJobRequest(_message.Message):
+    __slots__ = ("spec_yaml",)
+    SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
+    spec_yaml: str
+    def __init__(self, spec_yaml: _Optional[str] = ...) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round", "state", "cohort", "contributors", "metrics_json", "bytes_up", "bytes_down", "seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    state: str
+    cohort: int
+    contributors: int
+    metrics_json: str
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., cohort: _Optional[int] = ..., contributors: _Optional[int] = ..., metrics_json: _Optional[str] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ClientSummary(_message.Message):
+    __slots__ = ("client_id", "name", "connected", "last_seen_unix")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    name: str
+    connected: bool
+    last_seen_unix: float
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix: _Optional[float] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "name", "state", "current_round", "rounds", "history", "clients", "message", "base_model", "base_metrics_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    state: str
+    current_round: int
+    rounds: int
+    history: _containers.RepeatedCompositeFieldContainer[RoundSummary]
+    clients: _containers.RepeatedCompositeFieldContainer[ClientSummary]
+    message: str
+    base_model: str
+    base_metrics_json: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientSummary, _Mapping]]] = ..., message: _Optional[str] = ..., base_model: _Optional[str] = ..., base_metrics_json: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsReply(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("job_id", "uses", "ttl_seconds")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    USES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    uses: int
+    ttl_seconds: int
+    def __init__(self, job_id: _Optional[str] = ..., uses: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CreateTokenReply(_message.Message):
+    __slots__ = ("token", "expires_unix")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_unix: float
+    def __init__(self, token: _Optional[str] = ..., expires_unix: _Optional[float] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("job_id", "round", "path", "manifest_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    path: str
+    manifest_json: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+
+class ListAdaptersReply(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class PullAdapterRequest(_message.Message):
+    __slots__ = ("job_id", "round")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class AdapterChunk(_message.Message):
+    __slots__ = ("path", "sha256", "chunk", "round")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    chunk: Chunk
+    round: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,174 @@
+"""Job specs: the YAML an operator writes, validated with pydantic at the boundary.
+
+An unknown key or a bad value is an :class:`~fedtune.errors.InvalidInput` whose message names the
+key (``job spec: peft.r: Input should be greater than 0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.errors import InvalidInput
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeftSpec(_Strict):
+    """Adapter configuration (LoRA today; other peft methods plug in here)."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class TrainingSpec(_Strict):
+    """Local training hyper-parameters handed to each client with its task."""
+
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(3e-3, gt=0, le=1)
+    batch_size: int = Field(8, gt=0, le=4096)
+    max_seq_len: int = Field(128, gt=1, le=131072)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
+            return {**data, "steps": 20}
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingSpec:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set only one of training.steps and training.epochs")
+        return self
+
+
+class AggregationSpec(_Strict):
+    """How accepted updates become the next global adapter."""
+
+    strategy: Literal["fedavg"] = "fedavg"
+    # Updates whose L2 norm is above this are rejected at upload (None: no bound).
+    max_update_norm: float | None = Field(None, gt=0)
+
+
+class JobSpec(_Strict):
+    """A federated tuning job."""
+
+    name: str = Field("job", min_length=1, max_length=128)
+    base_model: str = Field("tiny-llama", min_length=1)
+    mode: Literal["federated"] = "federated"
+    peft: PeftSpec = Field(default_factory=lambda: PeftSpec())
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    codec: Literal["fp32", "fp16"] = "fp32"
+    rounds: int = Field(3, gt=0, le=100000)
+    clients_per_round: int = Field(3, gt=0)
+    min_clients: int = Field(2, gt=0)
+    round_deadline_seconds: float = Field(600.0, gt=0)
+    # Once min_clients are connected, how long to wait for clients_per_round before starting.
+    cohort_wait_seconds: float = Field(10.0, ge=0)
+    eval_data: str | None = None
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> JobSpec:
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_clients ({self.min_clients}) is larger than clients_per_round ({self.clients_per_round})"
+            )
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"job spec: {loc}: {msg}" if loc else f"job spec: {msg}"
+
+
+def parse_spec(text: str, *, base_dir: Path | None = None) -> JobSpec:
+    """Parses and validates a YAML job spec.
+
+    Args:
+        text: The YAML document.
+        base_dir: When given, relative local paths (``eval_data``, a local ``base_model``) are
+            made absolute against it, so a spec next to its data works from any working directory.
+
+    Raises:
+        InvalidInput: naming the first bad or unknown key.
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidInput(f"job spec is not valid YAML: {str(e).splitlines()[0]}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InvalidInput("job spec must be a YAML mapping of keys to values")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidInput(_describe(e)) from e
+    if base_dir is not None:
+        updates: dict[str, str] = {}
+        if spec.eval_data and not Path(spec.eval_data).is_absolute():
+            updates["eval_data"] = str((base_dir / spec.eval_data).resolve())
+        local_base = base_dir / spec.base_model
+        if not Path(spec.base_model).is_absolute() and local_base.is_dir():
+            updates["base_model"] = str(local_base.resolve())
+        if updates:
+            spec = spec.model_copy(update=updates)
+    return spec
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """Dumps a spec back to YAML (what the coordinator stores and re-validates)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+EXAMPLE_SPEC = """\
+# fedtune job spec. Unknown keys are errors. Create with: fedtune job create THIS.yaml
+name: my-job
+# A built-in preset (tiny-llama), a local model directory, or a hub id that
+# transformers' AutoModelForCausalLM loads.
+base_model: {base}
+mode: federated            # offsite (emulator) mode comes with fedtune.compression
+peft:
+  method: lora
+  r: 8
+  alpha: 16
+  dropout: 0.0
+  target_modules: [q_proj, v_proj]
+training:                  # each client's local training, per round
+  steps: 20                # or epochs: 1.0 (set exactly one)
+  lr: 0.003
+  batch_size: 8
+  max_seq_len: 128
+  seed: 0
+aggregation:
+  strategy: fedavg         # weighted by each client's example count
+  max_update_norm: null    # reject updates with a larger L2 norm
+codec: fp32                # fp32 or fp16 updates on the wire
+rounds: 3
+clients_per_round: 3
+min_clients: 2             # a round closes at its deadline with at least this many updates
+round_deadline_seconds: 600
+cohort_wait_seconds: 10    # with min_clients connected, wait this long for clients_per_round
+eval_data: null            # JSONL on the coordinator, evaluated after every round
+"""
+
+
+def example_spec(base: str = "tiny-llama") -> str:
+    """The commented example printed by ``fedtune job init``."""
+    return EXAMPLE_SPEC.format(base=base)
