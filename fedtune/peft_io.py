@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def build_peft_model(
     """
     config = lora_config(r, alpha, dropout, target_modules)
     # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG.
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        # peft itself reads a property transformers 5 deprecated; users cannot act on the warning.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         try:
             return get_peft_model(base_model, config)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +66,8 @@ def _setup_logging() -> None:
     for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # peft 0.21 calls a transformers 5 API that is only renamed; users cannot act on it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 # Typer >= 0.22 vendors click; older ones raise click's own exceptions. Both have show()/exit_code.

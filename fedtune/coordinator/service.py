@@ -115,8 +115,8 @@ class Coordinator:
                 model, r=spec.peft.r, alpha=spec.peft.alpha, dropout=spec.peft.dropout,
                 target_modules=spec.peft.target_modules, seed=spec.training.seed,
             )
-        except ValueError as e:
-            raise InvalidInput(f"job spec: peft.target_modules: {str(e).splitlines()[0]}") from e
+        except (ValueError, InvalidInput) as e:
+            raise InvalidInput(f"job spec: peft.target_modules {spec.peft.target_modules}: {str(e).splitlines()[0]}") from e
         initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
         del peft_model, model
         files = []

@@ -1,0 +1,113 @@
+"""Shared fixtures: real coordinators on 127.0.0.1 ports picked at run time, real SQLite, real peft."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedtune.coordinator.server import RunningCoordinator, start
+from fedtune.data import write_synthetic_federation
+from fedtune.protos import fedtune_pb2 as pb
+from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and quick: one client per round unless a test says otherwise.
+FAST_SPEC = """\
+name: test
+base_model: tiny-llama
+peft: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
+training: {{steps: {steps}, lr: 0.01, batch_size: 8, max_seq_len: 48}}
+rounds: {rounds}
+clients_per_round: {clients}
+min_clients: {min_clients}
+round_deadline_seconds: {deadline}
+cohort_wait_seconds: {cohort_wait}
+eval_data: {eval_data}
+"""
+
+
+def make_spec(eval_data: Path | None = None, *, steps: int = 5, rounds: int = 1, clients: int = 1,
+              min_clients: int | None = None, deadline: float = 120, cohort_wait: float = 0) -> str:
+    """A job spec for tests."""
+    return FAST_SPEC.format(steps=steps, rounds=rounds, clients=clients, min_clients=min_clients or clients,
+                            deadline=deadline, cohort_wait=cohort_wait,
+                            eval_data=json.dumps(str(eval_data)) if eval_data else "null")
+
+
+@pytest.fixture(scope="session")
+def fed_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    """Synthetic non-IID data for 4 clients and a held-out eval file."""
+    return write_synthetic_federation(tmp_path_factory.mktemp("data"), 4, examples_per_client=32, eval_examples=32)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
+    """An in-process coordinator on a free loopback port."""
+    running = start(tmp_path / "coord", "127.0.0.1", 0)
+    yield running
+    running.stop(grace=0.5)
+
+
+class Admin:
+    """Admin API with the coordinator's token."""
+
+    def __init__(self, running: RunningCoordinator) -> None:
+        self.channel = grpc.insecure_channel(running.address)
+        self.stub = pb_grpc.AdminServiceStub(self.channel)
+        token = (running.coordinator.state_dir / "admin.token").read_text().strip()
+        self.md = [("x-fedtune-admin", token)]
+
+    def create_job(self, spec: str) -> str:
+        return self.stub.CreateJob(pb.CreateJobRequest(spec_yaml=spec), metadata=self.md).job_id
+
+    def token(self, job_id: str, uses: int = 1, ttl: int = 3600) -> str:
+        return self.stub.CreateToken(pb.CreateTokenRequest(job_id=job_id, uses=uses, ttl_seconds=ttl),
+                                     metadata=self.md).token
+
+    def job(self, job_id: str) -> pb.JobStatus:
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=self.md)
+
+
+@pytest.fixture
+def admin(coordinator: RunningCoordinator) -> Iterator[Admin]:
+    a = Admin(coordinator)
+    yield a
+    a.channel.close()
+
+
+def wait_until(pred, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Polls ``pred`` until it returns a truthy value."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fedtune_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+                check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Runs the `fedtune` CLI in a separate process."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fedtune {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def spawn(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Starts the `fedtune` CLI as a background process writing to ``log``."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "fedtune", *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
