@@ -61,7 +61,8 @@ def load_jsonl(path: Path) -> list[Example]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: editors on Windows often start files with a BOM.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise InvalidInput(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from e
             if not line.strip():

@@ -118,8 +118,10 @@ def _build_tiny_llama(out_dir: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # fork_rng keeps the caller's global RNG state untouched by the fixed preset seed.
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng keeps the caller's global RNG state untouched by the fixed preset seed (manual_seed
+    # seeds CUDA too, hence its device in the fork). The weights are drawn on CPU either way.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(_PRESET_SEED)
         model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)

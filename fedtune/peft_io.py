@@ -95,8 +95,10 @@ def build_peft_model(
         InvalidInput: The config is invalid or no module matches `target_modules`.
     """
     config = lora_config(r, alpha, dropout, target_modules)
-    # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG.
-    with torch.random.fork_rng(), warnings.catch_warnings():
+    # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG
+    # (manual_seed seeds CUDA too, hence its device in the fork).
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         # peft itself reads a property transformers 5 deprecated; users cannot act on the warning.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
@@ -114,9 +116,17 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
     Returns:
         Tensors keyed as peft saves them, as fp32 CPU copies that later training does not change.
+        Only LoRA weights are included, never base weights (not even of an adapted `lm_head`).
     """
-    state = get_peft_model_state_dict(model)
+    state = _peft_state(model)
     return {k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()}
+
+
+def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    # peft's default ("auto") adds the whole frozen base weight of an adapted lm_head or embedding
+    # to the state: vocab x hidden values that every participant already has, which would then be
+    # sent, averaged and stored each round.
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
@@ -129,7 +139,7 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     Raises:
         InvalidInput: Keys are missing or unexpected, shapes differ, or a value is not finite.
     """
-    expected = get_peft_model_state_dict(model)
+    expected = _peft_state(model)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing:

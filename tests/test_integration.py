@@ -1,0 +1,214 @@
+"""End to end through the CLI: the coordinator and every client agent are separate OS processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fedtune.demo import wait_for_coordinator
+from fedtune.peft_io import bytes_to_tensors
+from tests.conftest import fedtune_cmd, make_spec, spawn, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A coordinator process plus client agent processes, all started through the CLI."""
+
+    def __init__(self, root: Path, port: int = 0) -> None:
+        self.root = root
+        self.state_dir = root / "coord"
+        self.port = port
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.coord: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def start_coordinator(self) -> str:
+        log = self.root / f"coordinator-{len(self.procs)}.log"
+        self.coord = spawn("coordinator", "start", "--state-dir", str(self.state_dir), "--port", str(self.port), log=log)
+        self.procs.append(self.coord)
+        self.address = wait_for_coordinator(self.state_dir, self.coord, timeout=90)
+        return self.address
+
+    def admin(self, *args: str) -> str:
+        return fedtune_cmd(*args, "--state-dir", str(self.state_dir), check=True).stdout
+
+    def create_job(self, spec: str) -> str:
+        path = self.root / "spec.yaml"
+        path.write_text(spec)
+        out = self.admin("job", "create", str(path))
+        assert re.fullmatch(r"job-[0-9a-f]{8}\n", out), f"job create must print the id alone, got {out!r}"
+        return out.strip()
+
+    def start_client(self, job: str, data: Path, i: int) -> subprocess.Popen[bytes]:
+        token = self.admin("token", "create", "--job", job)
+        assert re.fullmatch(r"ftk_\S+\n", token)
+        proc = spawn("client", "run", "--coordinator", self.address, "--token", token.strip(), "--data", str(data),
+                     "--state-dir", str(self.root / f"client-{i}"), "--no-progress", "--device", "cpu",
+                     log=self.root / f"client-{i}.log")
+        self.procs.append(proc)
+        return proc
+
+    def status(self, job: str) -> dict:
+        return json.loads(self.admin("job", "status", job, "--format", "json"))
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.state_dir / 'state.db'}?mode=ro", uri=True)
+
+    def log(self, name: str) -> str:
+        return (self.root / name).read_text(errors="replace")
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    c = Cluster(tmp_path, port=_free_port())
+    yield c
+    c.close()
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], timeout: float = 240) -> int:
+    return proc.wait(timeout=timeout)
+
+
+def test_two_clients_two_rounds_publish_an_adapter_plain_peft_loads(cluster: Cluster, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    cluster.start_coordinator()
+    job = cluster.create_job(make_spec(eval_file, steps=15, rounds=2, clients=2))
+    agents = [cluster.start_client(job, clients[i], i) for i in range(2)]
+    for i, a in enumerate(agents):
+        assert _wait_exit(a) == 0, cluster.log(f"client-{i}.log")[-3000:]
+
+    status = cluster.status(job)
+    assert status["state"] == "finished"
+    assert [r["contributors"] for r in status["history"]] == [2, 2]
+    base_loss = status["base_metrics"]["eval_loss"]
+    last = status["history"][-1]["metrics"]
+    assert last["eval_loss"] < base_loss
+    assert last["bytes_up"] > 0 and status["history"][0]["metrics"]["bytes_down"] > last["bytes_down"]
+
+    listed = json.loads(cluster.admin("adapters", "list", "--format", "json"))
+    assert [(a["job"], a["round"]) for a in listed] == [(job, 1), (job, 2)]
+
+    out = tmp_path / "pulled"
+    assert cluster.admin("adapters", "pull", job, "--out", str(out)).strip() == str(out)
+    assert fedtune_cmd("adapters", "verify", str(out)).returncode == 0
+    manifest = json.loads((out / "fedtune.json").read_text())
+    assert manifest["round"] == 2 and manifest["contributors"] == 2 and manifest["job"] == job
+
+    # Plain peft loads the pulled directory onto the base named in its manifest.
+    base = AutoModelForCausalLM.from_pretrained(manifest["base_model"])
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest["base_model"]), str(out))
+    with torch.no_grad():
+        tuned_logits = tuned(ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    # ... and the change is exactly W + (alpha / r) * B @ A on each target module.
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    scale = manifest["peft"]["alpha"] / manifest["peft"]["r"]
+    merged = AutoModelForCausalLM.from_pretrained(manifest["base_model"])
+    modules = dict(merged.named_modules())
+    for key, a in weights.items():
+        if key.endswith("lora_A.weight"):
+            b = weights[key.replace("lora_A", "lora_B")]
+            module = modules[key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")]
+            module.weight.data += scale * b @ a
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned_logits, atol=1e-4, rtol=1e-4)
+
+    # The published round-2 adapter is round 1's plus the example-weighted mean of round 2's deltas.
+    db = cluster.db()
+    blobs = cluster.state_dir / "blobs"
+    read = lambda sha: bytes_to_tensors((blobs / sha[:2] / sha).read_bytes())  # noqa: E731
+    g_in, g_out = db.execute("SELECT global_in, global_out FROM rounds WHERE job_id=? AND round=2", (job,)).fetchone()
+    ups = db.execute("SELECT sha256, num_examples FROM updates WHERE job_id=? AND round=2", (job,)).fetchall()
+    assert len(ups) == 2
+    total = sum(n for _, n in ups)
+    expected = {k: v.clone() for k, v in read(g_in).items()}
+    for sha, n in ups:
+        for k, d in read(sha).items():
+            expected[k] += d * (n / total)
+    for k, v in read(g_out).items():
+        torch.testing.assert_close(v, expected[k])
+        torch.testing.assert_close(weights[k], v)
+
+    # Private data never reached the coordinator: no blob and no log line holds a training example.
+    secret = json.loads(clients[0].read_text().splitlines()[0])["prompt"]
+    assert len(secret) >= 8
+    for blob in blobs.rglob("*"):
+        if blob.is_file():
+            assert secret.encode() not in blob.read_bytes()
+    assert secret not in cluster.log("coordinator-0.log")
+
+    assert cluster.coord is not None
+    cluster.coord.send_signal(signal.SIGTERM)
+    assert cluster.coord.wait(timeout=30) == 0
+
+
+def test_client_killed_mid_round_round_closes_at_deadline(cluster: Cluster, fed_data) -> None:  # type: ignore[no-untyped-def]
+    clients, _ = fed_data
+    cluster.start_coordinator()
+    job = cluster.create_job(make_spec(steps=10, rounds=1, clients=3, min_clients=2, deadline=20, cohort_wait=30))
+    agents = [cluster.start_client(job, clients[i], i) for i in range(3)]
+    wait_until(lambda: "round 1: task" in cluster.log("client-2.log"), timeout=120, what="client-2's task")
+    agents[2].send_signal(signal.SIGKILL)
+    for i in (0, 1):
+        assert _wait_exit(agents[i]) == 0, cluster.log(f"client-{i}.log")[-3000:]
+    status = cluster.status(job)
+    assert status["state"] == "finished"
+    (rnd,) = status["history"]
+    assert rnd["cohort"] == 3 and rnd["contributors"] == 2
+    # It closed at the deadline, not before.
+    assert rnd["metrics"]["seconds"] >= 19
+
+
+def test_coordinator_killed_mid_round_resumes_without_losing_or_doubling_updates(cluster: Cluster, fed_data) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    cluster.start_coordinator()
+    job = cluster.create_job(make_spec(eval_file, steps=30, rounds=3, clients=2, min_clients=2))
+    agents = [cluster.start_client(job, clients[i], i) for i in range(2)]
+
+    def first_update_of_round_2() -> list[str]:
+        with cluster.db() as db:
+            return [r[0] for r in db.execute("SELECT update_id FROM updates WHERE job_id=? AND round=2", (job,))]
+
+    accepted = wait_until(first_update_of_round_2, timeout=180, interval=0.05, what="an update in round 2")
+    assert cluster.coord is not None
+    cluster.coord.send_signal(signal.SIGKILL)
+    cluster.coord.wait()
+    cluster.start_coordinator()  # same state dir, same port: the clients find it again by themselves
+    for i, a in enumerate(agents):
+        assert _wait_exit(a) == 0, cluster.log(f"client-{i}.log")[-3000:]
+    status = cluster.status(job)
+    assert status["state"] == "finished"
+    assert [r["contributors"] for r in status["history"]] == [2, 2, 2]
+    with cluster.db() as db:
+        round2 = [r[0] for r in db.execute("SELECT update_id FROM updates WHERE job_id=? AND round=2", (job,))]
+        per_client = db.execute("SELECT COUNT(*) FROM updates WHERE job_id=? GROUP BY client_id", (job,)).fetchall()
+    assert set(accepted) <= set(round2) and len(round2) == 2
+    assert [n for (n,) in per_client] == [3, 3]
+    assert "unreachable" in cluster.log("client-0.log") + cluster.log("client-1.log")
