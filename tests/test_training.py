@@ -20,6 +20,16 @@ CPU = torch.device("cpu")
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # With more than one intra-op thread, a tiny model on a busy 2-core machine slows down tenfold
+    # or more (threads spin waiting for each other); one thread is also the fastest when idle.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
     preset = materialize_preset(TINY_PRESET, tmp_path_factory.mktemp("preset"))

@@ -1,0 +1,112 @@
+"""Mistakes a user can make at the command line: one clear line on stderr and a stable exit code."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fedtune.errors import ExitCode
+from tests.conftest import Admin, fedtune_cmd, make_spec
+
+pytestmark = pytest.mark.integration
+
+
+def _last_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("fedtune: error:")]
+    assert lines, f"no error line in stderr:\n{stderr}"
+    return lines[-1]
+
+
+def test_client_with_a_bad_token_exits_with_the_reason(coordinator, admin: Admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    admin.create_job(make_spec())
+    proc = fedtune_cmd("client", "run", "--coordinator", coordinator.address, "--token", "ftk_wrong",
+                       "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"), timeout=120)
+    assert proc.returncode == ExitCode.AUTH
+    assert "enrollment token is not valid" in _last_line(proc.stderr)
+
+
+def test_malformed_data_is_named_with_its_line_before_joining(coordinator, admin: Admin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job = admin.create_job(make_spec())
+    token = admin.token(job, uses=1)
+    data = tmp_path / "private.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": 3}\n')
+    proc = fedtune_cmd("client", "run", "--coordinator", coordinator.address, "--token", token,
+                       "--data", str(data), "--state-dir", str(tmp_path / "c"), timeout=120)
+    assert proc.returncode == ExitCode.BAD_INPUT
+    assert f"{data}:2:" in _last_line(proc.stderr)
+    # The token was not spent: the client never joined.
+    assert coordinator.coordinator.state.clients(job) == []
+
+
+def test_job_spec_errors_name_the_key(coordinator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state_dir = str(coordinator.coordinator.state_dir)
+    for text, key in (("name: x\nroundz: 3\n", "roundz"), ("training: {lr: -1}\n", "training.lr"),
+                      ("peft: {r: 0}\n", "peft.r")):
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(text)
+        proc = fedtune_cmd("job", "create", str(spec), "--state-dir", state_dir)
+        assert proc.returncode == ExitCode.BAD_INPUT
+        assert key in _last_line(proc.stderr)
+    assert coordinator.coordinator.state.jobs() == []
+
+
+def test_job_init_prints_a_spec_that_job_create_accepts(coordinator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(fedtune_cmd("job", "init", check=True).stdout)
+    state_dir = str(coordinator.coordinator.state_dir)
+    job = fedtune_cmd("job", "create", str(spec), "--state-dir", state_dir, check=True).stdout.strip()
+    listed = fedtune_cmd("job", "list", "--state-dir", state_dir, check=True).stdout
+    assert job in listed and "running" in listed
+    assert fedtune_cmd("job", "cancel", job, "--state-dir", state_dir, check=True).stdout.strip() == f"{job} cancelled"
+    unknown = fedtune_cmd("job", "status", "job-00000000", "--state-dir", state_dir)
+    assert unknown.returncode == ExitCode.BAD_INPUT and "no job" in _last_line(unknown.stderr)
+
+
+def test_coordinator_refuses_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = fedtune_cmd("coordinator", "start", "--state-dir", str(tmp_path / "s"), "--port", str(port), timeout=60)
+    assert proc.returncode == ExitCode.CONFLICT
+    assert f"cannot listen on 127.0.0.1:{port}" in _last_line(proc.stderr)
+
+
+def test_coordinator_refuses_a_state_dir_of_another_version(tmp_path: Path) -> None:
+    state_dir = tmp_path / "s"
+    state_dir.mkdir()
+    with sqlite3.connect(state_dir / "state.db") as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('state_format', '999'), ('written_by', '9.9.9')")
+    proc = fedtune_cmd("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", timeout=60)
+    assert proc.returncode == ExitCode.CONFLICT
+    line = _last_line(proc.stderr)
+    assert "fedtune 9.9.9" in line and "state format 999" in line
+
+
+def test_coordinator_refuses_a_state_dir_in_use(coordinator) -> None:  # type: ignore[no-untyped-def]
+    proc = fedtune_cmd("coordinator", "start", "--state-dir", str(coordinator.coordinator.state_dir), "--port", "0",
+                       timeout=60)
+    assert proc.returncode == ExitCode.CONFLICT
+    assert "in use by another running coordinator" in _last_line(proc.stderr)
+
+
+def test_unreachable_coordinator_is_named(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = fedtune_cmd("job", "list", "--coordinator", f"127.0.0.1:{port}", "--admin-token", "x", timeout=60)
+    assert proc.returncode == ExitCode.UNAVAILABLE
+    assert "coordinator unreachable" in _last_line(proc.stderr)
+
+
+def test_every_command_has_help() -> None:
+    for args in (["-h"], ["demo", "-h"], ["coordinator", "start", "-h"], ["job", "init", "-h"], ["job", "create", "-h"],
+                 ["job", "status", "-h"], ["token", "create", "-h"], ["client", "run", "-h"], ["adapters", "list", "-h"],
+                 ["adapters", "pull", "-h"], ["adapters", "verify", "-h"]):
+        proc = fedtune_cmd(*args)
+        assert proc.returncode == 0 and "Usage" in proc.stdout, args
+    assert fedtune_cmd("--version").stdout.startswith("fedtune ")

@@ -1,0 +1,55 @@
+"""Job specs: defaults, the example template, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedtune.errors import InvalidInput
+from fedtune.spec import example_spec, parse_spec, spec_to_yaml
+
+
+def test_example_spec_is_valid_and_round_trips() -> None:
+    spec = parse_spec(example_spec("some/base"))
+    assert spec.base_model == "some/base"
+    assert spec.peft.target_modules == ["q_proj", "v_proj"]
+    assert parse_spec(spec_to_yaml(spec)) == spec
+
+
+def test_empty_spec_gets_defaults() -> None:
+    spec = parse_spec("")
+    assert spec.training.steps == 20 and spec.training.epochs is None
+    assert spec.base_model == "tiny-llama" and spec.aggregation.strategy == "fedavg"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rounds: 0", "job spec: rounds: Input should be greater than 0"),
+        ("roundz: 3", "job spec: roundz: unknown key"),
+        ("peft: {r: 8, bogus: 1}", "job spec: peft.bogus: unknown key"),
+        ("peft: {method: prefix}", "job spec: peft.method:"),
+        ("training: {lr: 0}", "job spec: training.lr:"),
+        ("training: {steps: 3, epochs: 1}", "set only one of training.steps and training.epochs"),
+        ("clients_per_round: 2\nmin_clients: 3", "min_clients (3) is larger than clients_per_round (2)"),
+        ("aggregation: {strategy: krum}", "job spec: aggregation.strategy:"),
+        ("codec: int3", "job spec: codec:"),
+        ("- a list", "job spec must be a YAML mapping"),
+        ("a: [", "job spec is not valid YAML"),
+    ],
+)
+def test_bad_specs_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        parse_spec(text)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_relative_paths_resolve_against_the_spec_dir(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    spec = parse_spec("base_model: model\neval_data: eval.jsonl", base_dir=tmp_path)
+    assert spec.base_model == str(tmp_path / "model")
+    assert spec.eval_data == str(tmp_path / "eval.jsonl")
+    # A name that is not a local directory stays as it is (a preset or hub id).
+    assert parse_spec("base_model: org/model", base_dir=tmp_path).base_model == "org/model"
