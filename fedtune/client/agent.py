@@ -183,8 +183,10 @@ class ClientAgent:
             self._finished_tasks.add(task.task_id)
             return
         log.info("round %d: task %s", task.round, task.task_id)
+        t0 = time.perf_counter()
         loaded = self._load(stub, metadata, task)
         global_path = self._fetch(stub, metadata, task.global_adapter)
+        fetch_seconds = time.perf_counter() - t0
         global_state = bytes_to_tensors(global_path.read_bytes())
         load_adapter_state(loaded.model, global_state)
         training = json.loads(task.training_json)
@@ -194,10 +196,12 @@ class ClientAgent:
             seed=int(training.get("seed", 0)) + task.round, device=self.device, progress=self.progress,
             desc=f"round {task.round}",
         )
+        t1 = time.perf_counter()
         trained = adapter_state(loaded.model)
         codec = get_codec(training.get("codec", "fp32"))
         delta = {k: trained[k] - global_state[k] for k in global_state}
         payload = tensors_to_bytes(codec.encode(delta), metadata={"codec": codec.name})
+        pack_seconds = time.perf_counter() - t1
         # Same key for every retry of this task, across restarts too: the coordinator stores it once.
         update_id = hashlib.sha256(f"{client_id}:{task.task_id}".encode()).hexdigest()[:32]
         header = pb.UpdateHeader(
@@ -205,8 +209,10 @@ class ClientAgent:
             num_examples=result.num_examples, total_size=len(payload),
             sha256=hashlib.sha256(payload).hexdigest(), codec=codec.name,
             metrics={"train_loss": result.mean_loss, "final_loss": result.final_loss,
-                     "train_seconds": result.seconds, "steps": float(result.steps)},
+                     "train_seconds": result.seconds, "steps": float(result.steps),
+                     "fetch_seconds": fetch_seconds, "pack_seconds": pack_seconds},
         )
+        t2 = time.perf_counter()
         try:
             reply = self._call(lambda: upload(stub, metadata, header, payload))
         except FedtuneError as e:
@@ -219,6 +225,7 @@ class ClientAgent:
         self._finished_tasks.add(task.task_id)
         self.stats.bytes_up += len(payload)
         self.stats.rounds.append(task.round)
-        log.info("round %d: update %s %s (%d bytes, train loss %.4f)", task.round, update_id,
-                 "already stored" if reply.duplicate else "accepted", len(payload), result.mean_loss)
+        log.info("round %d: update %s %s (%d bytes in %.2fs, train loss %.4f)", task.round, update_id,
+                 "already stored" if reply.duplicate else "accepted", len(payload), time.perf_counter() - t2,
+                 result.mean_loss)
 

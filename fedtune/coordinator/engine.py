@@ -169,6 +169,7 @@ class RoundEngine:
             )
 
     def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
+        t0 = time.perf_counter()
         updates = self.state.updates(self.job_id, rnd.round)
         global_in = bytes_to_tensors(self.store.read(rnd.global_in))
         deltas = [
@@ -188,9 +189,17 @@ class RoundEngine:
             "bytes_down": float(self.state.bytes_down(self.job_id, rnd.round)),
             "seconds": time.time() - rnd.opened,
         }
+        for key in ("train_seconds", "fetch_seconds"):
+            values = [u.metrics[key] for u in updates if key in u.metrics]
+            if values:
+                metrics[f"client_{key}_max"] = max(values)
         if all(loss is not None and math.isfinite(loss) for loss, _ in losses):
             metrics["train_loss"] = sum(float(loss) * n for loss, n in losses) / max(examples, 1)  # type: ignore[arg-type]
+        t1 = time.perf_counter()
         metrics.update(self.evaluator.evaluate(job, new_global))
+        t2 = time.perf_counter()
+        metrics["aggregate_seconds"] = t1 - t0
+        metrics["eval_seconds"] = t2 - t1
         path, manifest = publish_adapter(
             self.adapters_root,
             job_id=self.job_id,
@@ -203,6 +212,7 @@ class RoundEngine:
             metrics=metrics,
             contributors=len(updates),
         )
+        metrics["publish_seconds"] = time.perf_counter() - t2
         last = rnd.round >= self.spec.rounds
         self.state.close_round(
             self.job_id, rnd.round, global_out, metrics, str(path), json.dumps(manifest), last=last
