@@ -148,7 +148,9 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_seq_len: int) -> l
         out.append({"input_ids": input_ids, "labels": labels})
     dropped = len(examples) - len(out)
     if dropped:
-        logger.warning("dropped %d of %d examples: prompt fills max_seq_len=%d", dropped, len(examples), max_seq_len)
+        logger.warning(
+            "dropped %d of %d examples: prompt fills max_seq_len=%d", dropped, len(examples), max_seq_len
+        )
     if examples and not out:
         raise InvalidInput(f"no example has a response token within max_seq_len={max_seq_len}")
     return out
@@ -248,8 +250,11 @@ def write_synthetic_federation(
     Raises:
         InvalidInput: A count is not positive.
     """
-    for name, value in (("n_clients", n_clients), ("examples_per_client", examples_per_client),
-                        ("eval_examples", eval_examples)):
+    for name, value in (
+        ("n_clients", n_clients),
+        ("examples_per_client", examples_per_client),
+        ("eval_examples", eval_examples),
+    ):
         if value < 1:
             raise InvalidInput(f"{name} must be at least 1, got {value}")
     out_dir.mkdir(parents=True, exist_ok=True)

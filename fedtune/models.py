@@ -182,7 +182,8 @@ def resolve_base(base: str, cache_dir: Path) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(base))
-    except Exception as e:  # noqa: BLE001 - the hub client raises many unrelated types (HTTP, validation, OS)
+    # Broad on purpose: the hub client raises many unrelated types (HTTP, validation, OS, offline).
+    except Exception as e:
         raise InvalidInput(
             f"base model {base!r} is neither a preset, a local directory nor a downloadable hub id: {e}"
         ) from e
@@ -282,7 +283,8 @@ def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
     except (OSError, ValueError, KeyError) as e:
         raise InvalidInput(f"cannot load a causal language model from {path}: {e}") from e
     logger.debug("loaded %s as %s on %s", path, dtype, device)
-    return model.to(device).eval()
+    # transformers types `to` through a decorator that mypy reads wrongly.
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -15,8 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -54,10 +60,12 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str])
     if not 0 <= dropout < 1:
         raise InvalidInput(f"LoRA dropout must be in [0, 1), got {dropout}")
     if not target_modules or not all(isinstance(m, str) and m for m in target_modules):
-        raise InvalidInput(f"LoRA target_modules must be a non-empty list of module names, got {target_modules!r}")
+        raise InvalidInput(
+            f"LoRA target_modules must be a non-empty list of module names, got {target_modules!r}"
+        )
     return LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int in peft, used as any number
         lora_dropout=dropout,
         target_modules=list(target_modules),
         bias="none",
@@ -119,7 +127,9 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
         Only LoRA weights are included, never base weights (not even of an adapted `lm_head`).
     """
     state = _peft_state(model)
-    return {k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()}
+    return {
+        k: v.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous() for k, v in state.items()
+    }
 
 
 def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -156,10 +166,10 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     result = set_peft_model_state_dict(model, state)
     # peft reports every base weight as missing (they are not in an adapter state), so only
     # unexpected keys tell us something; they mean peft's key mapping disagreed with ours.
-    if result.unexpected_keys:
+    not_taken = list(result.unexpected_keys)  # type: ignore[attr-defined]  # peft annotates a bare namedtuple
+    if not_taken:
         raise InvalidInput(
-            f"adapter state has {len(result.unexpected_keys)} key(s) the model did not take: "
-            f"{_names(result.unexpected_keys)}"
+            f"adapter state has {len(not_taken)} key(s) the model did not take: {_names(not_taken)}"
         )
 
 

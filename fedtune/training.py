@@ -121,7 +121,12 @@ def train_adapter(
     seconds = time.perf_counter() - start
     logger.info(
         "%s: %d steps on %d examples, loss %.4f -> %.4f in %.1fs",
-        desc, total_steps, len(tokenized), losses[0], losses[-1], seconds,
+        desc,
+        total_steps,
+        len(tokenized),
+        losses[0],
+        losses[-1],
+        seconds,
     )
     return TrainResult(
         num_examples=len(tokenized),

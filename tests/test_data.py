@@ -67,7 +67,9 @@ def test_load_jsonl_reads_both_line_shapes_and_skips_blank_lines(tmp_path: Path)
         (b'{"text": "\xff"}', "not valid UTF-8"),
     ],
 )
-def test_load_jsonl_names_file_and_line_of_a_bad_line(tmp_path: Path, line: str | bytes, problem: str) -> None:
+def test_load_jsonl_names_file_and_line_of_a_bad_line(
+    tmp_path: Path, line: str | bytes, problem: str
+) -> None:
     path = _write(tmp_path / "d.jsonl", '{"text": "fine"}', "", line, '{"text": "never reached"}')
     with pytest.raises(InvalidInput) as info:
         load_jsonl(path)
@@ -131,7 +133,9 @@ def test_collate_pads_right(tokenizer) -> None:
 
 
 def test_synthetic_federation_is_deterministic_and_non_iid(tmp_path: Path) -> None:
-    clients, eval_path = write_synthetic_federation(tmp_path / "a", n_clients=3, examples_per_client=50, seed=1)
+    clients, eval_path = write_synthetic_federation(
+        tmp_path / "a", n_clients=3, examples_per_client=50, seed=1
+    )
     again, _ = write_synthetic_federation(tmp_path / "b", n_clients=3, examples_per_client=50, seed=1)
     other, _ = write_synthetic_federation(tmp_path / "c", n_clients=3, examples_per_client=50, seed=2)
     assert [p.name for p in clients] == ["client_0.jsonl", "client_1.jsonl", "client_2.jsonl"]

@@ -53,8 +53,10 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_adapter_init_depends_only_on_seed(preset_dir: Path) -> None:
-    first, second, other = adapter_state(_peft(preset_dir)), adapter_state(_peft(preset_dir)), adapter_state(
-        _peft(preset_dir, seed=1)
+    first, second, other = (
+        adapter_state(_peft(preset_dir)),
+        adapter_state(_peft(preset_dir)),
+        adapter_state(_peft(preset_dir, seed=1)),
     )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -117,7 +119,9 @@ def test_load_adapter_state_names_bad_keys_shapes_and_values(preset_dir: Path) -
 def test_saved_adapter_dir_loads_with_peft_from_pretrained(preset_dir: Path, tmp_path: Path) -> None:
     source = _trained(preset_dir)
     config = lora_config(LORA["r"], LORA["alpha"], LORA["dropout"], LORA["target_modules"])
-    out = save_adapter_dir(config, adapter_state(source), tmp_path / "adapter", base_model_name_or_path=TINY_PRESET)
+    out = save_adapter_dir(
+        config, adapter_state(source), tmp_path / "adapter", base_model_name_or_path=TINY_PRESET
+    )
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     saved_config = json.loads((out / "adapter_config.json").read_text())
     assert saved_config["base_model_name_or_path"] == TINY_PRESET
@@ -142,7 +146,9 @@ def test_saved_adapter_dir_loads_with_peft_from_pretrained(preset_dir: Path, tmp
 
 def test_build_rejects_unknown_target_modules(preset_dir: Path) -> None:
     with pytest.raises(InvalidInput, match="cannot add LoRA to the base model: .*c_attn"):
-        build_peft_model(load_causal_lm(preset_dir, CPU), r=4, alpha=8, dropout=0.0, target_modules=["c_attn"])
+        build_peft_model(
+            load_causal_lm(preset_dir, CPU), r=4, alpha=8, dropout=0.0, target_modules=["c_attn"]
+        )
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,15 @@ def _model(preset: Path):
 
 
 def _train(model, train, pad_id: int, **overrides) -> TrainResult:
-    kwargs = {"lr": 5e-3, "batch_size": 8, "steps": 30, "epochs": None, "seed": 0, "device": CPU, "progress": False}
+    kwargs = {
+        "lr": 5e-3,
+        "batch_size": 8,
+        "steps": 30,
+        "epochs": None,
+        "seed": 0,
+        "device": CPU,
+        "progress": False,
+    }
     return train_adapter(model, train, pad_id=pad_id, **{**kwargs, **overrides})
 
 
@@ -122,10 +130,14 @@ def test_evaluate_loss_is_per_labelled_token_and_restores_mode(setup) -> None:
 
     assert model.training
     model.eval()
-    assert evaluate_loss(model, items, pad_id=pad_id, batch_size=7, device=CPU) == pytest.approx(loss, rel=1e-5)
+    assert evaluate_loss(model, items, pad_id=pad_id, batch_size=7, device=CPU) == pytest.approx(
+        loss, rel=1e-5
+    )
     assert not model.training
     batch = collate(items, pad_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1))
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1)
+    )
     assert loss == pytest.approx(expected.item(), rel=1e-5)
