@@ -55,8 +55,10 @@ def load_jsonl(path: Path) -> list[Example]:
     Raises:
         InvalidInput: The file is missing or empty, or a line is bad (`<path>:<line>: <problem>`).
     """
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInput(f"{path}: no such data file")
+    if not path.is_file():
+        raise InvalidInput(f"{path}: not a regular file")
     examples: list[Example] = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):

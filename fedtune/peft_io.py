@@ -147,7 +147,7 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
         state: Tensors keyed as `adapter_state` returns them (dtype and device are converted).
 
     Raises:
-        InvalidInput: Keys are missing or unexpected, shapes differ, or a value is not finite.
+        InvalidInput: Keys are missing or unexpected, shapes or dtypes are wrong, or a value is not finite.
     """
     expected = _peft_state(model)
     missing = sorted(expected.keys() - state.keys())
@@ -161,7 +161,11 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
             raise InvalidInput(
                 f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
             )
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if not value.is_floating_point():
+            raise InvalidInput(
+                f"adapter tensor {key} has dtype {value.dtype}, expected a floating point type"
+            )
+        if not torch.isfinite(value).all():
             raise InvalidInput(f"adapter tensor {key} holds NaN or infinite values")
     result = set_peft_model_state_dict(model, state)
     # peft reports every base weight as missing (they are not in an adapter state), so only

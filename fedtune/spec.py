@@ -67,9 +67,9 @@ class JobSpec(_Strict):
     name: str = Field("job", min_length=1, max_length=128)
     base_model: str = Field("tiny-llama", min_length=1)
     mode: Literal["federated"] = "federated"
-    peft: PeftSpec = Field(default_factory=lambda: PeftSpec())
+    peft: PeftSpec = Field(default_factory=lambda: PeftSpec.model_validate({}))
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
-    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec.model_validate({}))
     codec: Literal["fp32", "fp16"] = "fp32"
     rounds: int = Field(3, gt=0, le=100000)
     clients_per_round: int = Field(3, gt=0)

@@ -61,9 +61,9 @@ def test_codecs_round_trip_within_their_error(name: str, tol: float) -> None:
     wire = codec.encode(d)
     assert all(v.dtype == codec.wire_dtype(k) for k, v in wire.items())
     back = codec.decode(wire)
-    for k in d:
+    for k, v in d.items():
         assert back[k].dtype == torch.float32
-        assert float((back[k] - d[k]).abs().max()) <= tol * float(d[k].abs().max())
+        assert float((back[k] - v).abs().max()) <= tol * float(v.abs().max())
 
 
 def test_validation_accepts_a_good_update_and_names_bad_tensors() -> None:

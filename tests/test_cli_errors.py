@@ -110,3 +110,22 @@ def test_every_command_has_help() -> None:
         proc = fedtune_cmd(*args)
         assert proc.returncode == 0 and "Usage" in proc.stdout, args
     assert fedtune_cmd("--version").stdout.startswith("fedtune ")
+
+
+def test_client_stops_cleanly_on_sigterm(coordinator, admin: Admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    from tests.conftest import spawn, wait_until
+
+    # Two clients are needed for a round, so the single agent idles in its heartbeat loop.
+    job = admin.create_job(make_spec(clients=2))
+    log = tmp_path / "client.log"
+    proc = spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
+                 "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"), "--no-progress", log=log)
+    wait_until(lambda: "joined job" in log.read_text(), timeout=90, what="the client to join")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == ExitCode.INTERRUPTED
+    text = log.read_text()
+    assert "fedtune: interrupted" in text and "Traceback" not in text
+    # Its identity is kept: a restart rejoins without a token.
+    assert (tmp_path / "c" / "identity.json").exists()

@@ -143,7 +143,7 @@ def test_two_clients_two_rounds_publish_an_adapter_plain_peft_loads(cluster: Clu
     # The published round-2 adapter is round 1's plus the example-weighted mean of round 2's deltas.
     db = cluster.db()
     blobs = cluster.state_dir / "blobs"
-    read = lambda sha: bytes_to_tensors((blobs / sha[:2] / sha).read_bytes())  # noqa: E731
+    read = lambda sha: bytes_to_tensors((blobs / sha[:2] / sha).read_bytes())
     g_in, g_out = db.execute("SELECT global_in, global_out FROM rounds WHERE job_id=? AND round=2", (job,)).fetchone()
     ups = db.execute("SELECT sha256, num_examples FROM updates WHERE job_id=? AND round=2", (job,)).fetchall()
     assert len(ups) == 2

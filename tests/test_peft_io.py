@@ -112,6 +112,9 @@ def test_load_adapter_state_names_bad_keys_shapes_and_values(preset_dir: Path) -
     with pytest.raises(InvalidInput, match=f"{key} has shape \\(2, 128\\), the model expects \\(4, 128\\)"):
         load_adapter_state(model, {**good, key: torch.zeros(2, 128)})
 
+    with pytest.raises(InvalidInput, match=f"{key} has dtype torch.int64"):
+        load_adapter_state(model, {**good, key: torch.zeros(4, 128, dtype=torch.int64)})
+
     with pytest.raises(InvalidInput, match=f"{key} holds NaN"):
         load_adapter_state(model, {**good, key: torch.full((4, 128), float("nan"))})
 

@@ -44,9 +44,11 @@ class RawClient:
         return bytes_to_tensors(self.download(task.global_adapter.sha256))
 
     def header(self, task: pb.Task, payload: bytes, update_id: str = "u1", **kw: object) -> pb.UpdateHeader:
-        fields = dict(job_id=task.job_id, round=task.round, task_id=task.task_id, update_id=update_id,
-                      num_examples=10, total_size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
-                      codec="fp32", metrics={"train_loss": 1.0})
+        fields: dict[str, object] = {
+            "job_id": task.job_id, "round": task.round, "task_id": task.task_id, "update_id": update_id,
+            "num_examples": 10, "total_size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+            "codec": "fp32", "metrics": {"train_loss": 1.0},
+        }
         fields.update(kw)
         return pb.UpdateHeader(**fields)
 
@@ -122,7 +124,7 @@ def test_bad_updates_are_rejected_and_the_round_is_unaffected(round_setup) -> No
         payload = tensors_to_bytes(tensors)
         return _code(lambda: c1.upload(c1.header(t1, payload, update_id="bad", **kw), payload))
 
-    name = sorted(g)[0]
+    name = min(g)
     wrong_shape = {**_delta(g, 0.1), name: torch.zeros(3, 3)}
     assert bad(wrong_shape) == grpc.StatusCode.INVALID_ARGUMENT
     assert bad({k: v for k, v in _delta(g, 0.1).items() if k != name}) == grpc.StatusCode.INVALID_ARGUMENT
@@ -179,7 +181,7 @@ def test_broken_upload_streams(round_setup) -> None:  # type: ignore[no-untyped-
     payload = tensors_to_bytes(_delta(g, 0.1))
     h = c1.header(t1, payload, update_id="s")
     half = len(payload) // 2
-    chunk = lambda off, data: pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data))  # noqa: E731
+    chunk = lambda off, data: pb.UploadMessage(chunk=pb.Chunk(offset=off, data=data))
     commit = pb.UploadMessage(commit=pb.UploadCommit(sha256=h.sha256))
     head = pb.UploadMessage(header=h)
     ends_early = [head, chunk(0, payload[:half])]
@@ -187,7 +189,7 @@ def test_broken_upload_streams(round_setup) -> None:  # type: ignore[no-untyped-
     out_of_order = [head, chunk(half, payload[half:]), chunk(0, payload[:half]), commit]
     no_header = [chunk(0, payload), commit]
     for messages in (ends_early, no_commit_short, out_of_order, no_header):
-        assert _code(lambda: c1.upload_raw(messages)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(lambda m=messages: c1.upload_raw(m)) == grpc.StatusCode.INVALID_ARGUMENT
     wrong_sha = [pb.UploadMessage(header=c1.header(t1, payload, update_id="s", sha256="0" * 64)),
                  chunk(0, payload), commit]
     assert _code(lambda: c1.upload_raw(wrong_sha)) == grpc.StatusCode.INVALID_ARGUMENT
@@ -204,7 +206,7 @@ def test_broken_upload_streams(round_setup) -> None:  # type: ignore[no-untyped-
 
 
 def test_downloads_resume_and_are_scoped_to_the_job(round_setup, admin: Admin) -> None:  # type: ignore[no-untyped-def]
-    running, job, c1, _c2, t1, _t2 = round_setup
+    running, _job, c1, _c2, t1, _t2 = round_setup
     ref = max(t1.base_files, key=lambda f: f.size)
     whole = c1.download(ref.sha256)
     assert hashlib.sha256(whole).hexdigest() == ref.sha256 and len(whole) == ref.size

@@ -101,4 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     except _USAGE_ERRORS as e:
         e.show()  # type: ignore[attr-defined]
         sys.exit(e.exit_code)  # type: ignore[attr-defined]
+    if rv == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt (and our SIGTERM) into Exit(130)
+        print("fedtune: interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else ExitCode.OK)

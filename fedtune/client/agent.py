@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 import grpc
 
@@ -26,7 +26,13 @@ from fedtune.compression.codecs import get_codec
 from fedtune.data import Example, load_jsonl, tokenize
 from fedtune.errors import AuthError, FedtuneError, InvalidInput, StateConflict, from_rpc_error
 from fedtune.models import load_causal_lm, load_tokenizer, pick_device
-from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, load_adapter_state, tensors_to_bytes
+from fedtune.peft_io import (
+    adapter_state,
+    build_peft_model,
+    bytes_to_tensors,
+    load_adapter_state,
+    tensors_to_bytes,
+)
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 from fedtune.training import train_adapter

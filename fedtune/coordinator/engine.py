@@ -180,7 +180,7 @@ class RoundEngine:
         new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}
         global_out = self.store.put_bytes(tensors_to_bytes(new_global))
         examples = sum(u.num_examples for u in updates)
-        losses = [(u.metrics.get("train_loss"), u.num_examples) for u in updates]
+        losses = [(u.metrics.get("train_loss", math.nan), u.num_examples) for u in updates]
         metrics: dict[str, float] = {
             "contributors": float(len(updates)),
             "cohort": float(len(rnd.cohort)),
@@ -193,8 +193,8 @@ class RoundEngine:
             values = [u.metrics[key] for u in updates if key in u.metrics]
             if values:
                 metrics[f"client_{key}_max"] = max(values)
-        if all(loss is not None and math.isfinite(loss) for loss, _ in losses):
-            metrics["train_loss"] = sum(float(loss) * n for loss, n in losses) / max(examples, 1)  # type: ignore[arg-type]
+        if all(math.isfinite(loss) for loss, _ in losses):
+            metrics["train_loss"] = sum(loss * n for loss, n in losses) / max(examples, 1)
         t1 = time.perf_counter()
         metrics.update(self.evaluator.evaluate(job, new_global))
         t2 = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fedtune.compression.codecs import get_codec
-from fedtune.coordinator.engine import Decision, RoundEngine, TERMINAL
+from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
 from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, Update
@@ -241,7 +242,7 @@ class Coordinator:
         if inc.num_examples <= 0:
             raise InvalidInput("update must report a positive example count")
         for key, value in inc.metrics.items():
-            if not isinstance(value, float) or value != value or value in (float("inf"), float("-inf")):
+            if not isinstance(value, float) or not math.isfinite(value):
                 raise InvalidInput(f"metric {key!r} is not a finite number")
         wire = bytes_to_tensors(inc.payload)
         validate_update(wire, self._schema(job), get_codec(spec.codec), spec.aggregation.max_update_norm)

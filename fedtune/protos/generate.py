@@ -22,9 +22,8 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     Returns:
         The written files.
     """
-    from grpc_tools import protoc  # test/dev dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # test/dev dependency only
 
     protos = sorted(proto_dir.glob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
@@ -43,7 +42,7 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
         written = []
         for produced in sorted(Path(tmp).iterdir()):
             text = produced.read_text()
-            text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
+            text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.MULTILINE)
             target = out_dir / produced.name
             target.write_text(text)
             written.append(target)
