@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.errors import InvalidInput
-from fedtune.models import file_sha256
+from fedtune.hashing import file_sha256
 
 MANIFEST = "fedtune.json"
 

@@ -31,8 +31,9 @@ DEMO_TIMEOUT_SECONDS = 900
 DEMO_SPEC = """\
 name: demo
 base_model: tiny-llama
-peft: {{method: lora, r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
-training: {{steps: 30, lr: 0.01, batch_size: 16, max_seq_len: 64, seed: 0}}
+# lm_head too: the preset is random-init, so attention-only LoRA barely moves its outputs.
+peft: {{method: lora, r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj, lm_head]}}
+training: {{steps: 30, lr: 0.005, batch_size: 8, max_seq_len: 64, seed: 0}}
 rounds: {rounds}
 clients_per_round: {clients}
 min_clients: {min_clients}

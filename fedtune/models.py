@@ -7,7 +7,6 @@ every participant can rebuild byte for byte, so its content hash identifies it l
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -38,7 +37,6 @@ _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 _MAX_POSITIONS = 256
 # Files whose presence means a preset directory was written completely.
 _PRESET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-_HASH_CHUNK = 1 << 20
 
 
 def is_preset(name: str) -> bool:
@@ -187,48 +185,6 @@ def resolve_base(base: str, cache_dir: Path) -> Path:
         raise InvalidInput(
             f"base model {base!r} is neither a preset, a local directory nor a downloadable hub id: {e}"
         ) from e
-
-
-def file_sha256(path: Path) -> str:
-    """Hashes a file without reading it into memory at once.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The sha256 hex digest of its bytes.
-    """
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def model_dir_hash(path: Path) -> str:
-    """Hashes a model directory's content, so participants can check they hold the same base.
-
-    Covers every regular file (symlinks to files are followed, as in hub snapshots) except hidden
-    ones, by relative path and content; file times and the directory's own location do not matter.
-
-    Args:
-        path: The model directory.
-
-    Returns:
-        A sha256 hex digest.
-    """
-    entries: list[tuple[str, str]] = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            file = Path(root) / name
-            if name.startswith(".") or not file.is_file():
-                continue
-            entries.append((file.relative_to(path).as_posix(), file_sha256(file)))
-    digest = hashlib.sha256()
-    for rel, file_digest in sorted(entries):
-        digest.update(f"{rel}\0{file_digest}\n".encode())
-    return digest.hexdigest()
 
 
 def pick_device(pref: str) -> torch.device:

@@ -11,14 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedtune import models
 from fedtune.errors import InvalidInput
+from fedtune.hashing import file_sha256, model_dir_hash
 from fedtune.models import (
     TINY_PRESET,
-    file_sha256,
     is_preset,
     load_causal_lm,
     load_tokenizer,
     materialize_preset,
-    model_dir_hash,
     pick_device,
     resolve_base,
 )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedtune import __version__
-from fedtune.models import file_sha256
+from fedtune.hashing import file_sha256
 from fedtune.peft_io import lora_config, save_adapter_dir
 from fedtune.spec import PeftSpec
 

@@ -24,7 +24,8 @@ from fedtune.coordinator.store import ArtifactStore
 from fedtune.coordinator.validation import validate_update
 from fedtune.data import load_jsonl
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
-from fedtune.models import is_preset, load_causal_lm, model_dir_hash, resolve_base
+from fedtune.hashing import model_dir_hash
+from fedtune.models import is_preset, load_causal_lm, resolve_base
 from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, tensors_to_bytes
 from fedtune.spec import JobSpec, parse_spec
 

@@ -1,0 +1,450 @@
+"""Per-round overhead of a federated LoRA round, against an in-process floor.
+
+Builds a ~100 M parameter Llama from an in-code config, starts a real coordinator and real client
+agents through the `fedtune` CLI (separate processes on loopback), runs a short job and reads back
+where each round's wall time went. Local training is kept short on purpose (a few steps on short
+sequences), so what is left of a round is the federation's own cost: polling, transfer, update
+validation, aggregation, evaluation, checkpointing and publication.
+
+The baseline does the same clients' training and FedAvg in this one process with no network, no
+disk and no validation: the model is loaded once, each client's adapter is trained in turn from
+the current global, and the deltas are averaged in memory.
+
+    python benchmarks/round_overhead.py --clients 4 --rounds 3 --steps 4 --out benchmarks/out/round_overhead
+
+Prints markdown tables and writes ``OUT/round_overhead.json`` and ``OUT/round_overhead.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from fedtune.coordinator.strategies import FedAvg, WeightedDelta  # noqa: E402
+from fedtune.data import load_jsonl, tokenize, write_synthetic_federation  # noqa: E402
+from fedtune.demo import wait_for_coordinator  # noqa: E402
+from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset  # noqa: E402
+from fedtune.peft_io import adapter_state, build_peft_model, load_adapter_state  # noqa: E402
+from fedtune.report import human_bytes  # noqa: E402
+from fedtune.training import train_adapter  # noqa: E402
+
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+SEED = 0
+# Marks a work dir as this script's, so a rerun may delete it without touching anything else.
+WORK_MARKER = ".round_overhead-work"
+
+SPEC = """\
+name: round-overhead
+base_model: {base}
+peft: {{method: lora, r: {r}, alpha: {alpha}, dropout: {dropout}, target_modules: {targets}}}
+training: {{steps: {steps}, lr: 0.001, batch_size: {batch_size}, max_seq_len: {max_seq_len}, seed: {seed}}}
+rounds: {rounds}
+clients_per_round: {clients}
+min_clients: {clients}
+round_deadline_seconds: 900
+# Wait for the whole cohort: every round must have all clients, or rounds are not comparable.
+cohort_wait_seconds: 600
+eval_data: {eval_data}
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clients", type=int, default=4, help="client agent processes")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="local optimizer steps per client per round")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-seq-len", type=int, default=32)
+    p.add_argument("--examples-per-client", type=int, default=32)
+    p.add_argument("--eval-examples", type=int, default=16,
+                   help="held-out examples the coordinator evaluates each round (0: no eval_data)")
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=10000,
+                   help="model vocab (padded past the character tokenizer's ~100 ids to reach ~100 M params)")
+    p.add_argument("--baseline-threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads of the in-process baseline (default: usable cores)")
+    p.add_argument("--client-threads", type=int, default=1, help="OMP_NUM_THREADS of each client process")
+    p.add_argument("--timeout", type=float, default=1800, help="give up on the federated run after this many s")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "round_overhead")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep OUT/work (model copies of every participant, ~0.4 GB each)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- setup
+def fresh_work_dir(out: Path) -> Path:
+    work = out / "work"
+    if work.exists():
+        if not (work / WORK_MARKER).exists():
+            raise SystemExit(f"{work} exists and was not made by this script; pass another --out")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / WORK_MARKER).touch()
+    return work
+
+
+def build_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """A randomly initialised Llama of ~100 M params with the tiny preset's character tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        materialize_preset(TINY_PRESET, Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    if len(tokenizer) > args.vocab:
+        raise SystemExit(f"--vocab {args.vocab} is below the tokenizer's {len(tokenizer)} ids")
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(256, args.max_seq_len), tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    del model
+    files = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
+    return {"params": params, "vocab_size": args.vocab, "tokenizer_ids": len(tokenizer), "hidden": args.hidden,
+            "layers": args.layers, "heads": args.heads, "intermediate": args.intermediate,
+            "dir_bytes": files}
+
+
+# ---------------------------------------------------------------------------------------- baseline
+def run_baseline(args: argparse.Namespace, model_dir: Path, client_files: list[Path]) -> dict[str, Any]:
+    """The same clients' training and FedAvg in this process: no network, no disk, no validation."""
+    torch.set_num_threads(args.baseline_threads)
+    device = torch.device("cpu")
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    model = build_peft_model(load_causal_lm(model_dir, device), r=LORA["r"], alpha=LORA["alpha"],
+                             dropout=LORA["dropout"], target_modules=LORA["target_modules"], seed=SEED)
+    data = [tokenize(load_jsonl(f), tokenizer, args.max_seq_len) for f in client_files]
+    load_seconds = time.perf_counter() - t0
+    global_state = adapter_state(model)
+    adapter_params = sum(v.numel() for v in global_state.values())
+    adapter_bytes = sum(v.numel() * v.element_size() for v in global_state.values())
+    strategy = FedAvg()
+    rounds = []
+    for rnd in range(1, args.rounds + 1):
+        start = time.perf_counter()
+        deltas, train = [], []
+        for tokenized in data:
+            load_adapter_state(model, global_state)
+            result = train_adapter(model, tokenized, pad_id=tokenizer.pad_token_id, lr=1e-3,
+                                   batch_size=args.batch_size, steps=args.steps, epochs=None, seed=SEED + rnd,
+                                   device=device, progress=False)
+            trained = adapter_state(model)
+            deltas.append(WeightedDelta({k: trained[k] - global_state[k] for k in global_state},
+                                        result.num_examples))
+            train.append(result.seconds)
+        avg = strategy.aggregate(deltas)
+        global_state = {k: global_state[k] + avg[k] for k in global_state}
+        seconds = time.perf_counter() - start
+        rounds.append({"round": rnd, "seconds": seconds, "train_seconds_sum": sum(train),
+                       "train_seconds_max": max(train), "other_seconds": seconds - sum(train)})
+        print(f"baseline round {rnd}: {seconds:.2f}s ({sum(train):.2f}s training)", flush=True)
+    del model
+    return {"threads": args.baseline_threads, "load_seconds": load_seconds, "rounds": rounds,
+            "adapter_params": adapter_params, "adapter_bytes_fp32": adapter_bytes}
+
+
+# ---------------------------------------------------------------------------------------- federation
+def _env(threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def _cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, cwd=REPO,
+                          env=_env(None), timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"fedtune {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc.stdout.strip()
+
+
+def _spawn(args: list[str], log: Path, threads: int | None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "fedtune", *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, cwd=REPO, env=_env(threads), start_new_session=True)
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def run_federation(args: argparse.Namespace, work: Path, model_dir: Path, client_files: list[Path],
+                   eval_file: Path | None) -> dict[str, Any]:
+    """Coordinator + client processes through the CLI; returns the job's rounds as stored."""
+    logs = work / "logs"
+    logs.mkdir()
+    coord_dir = work / "coordinator"
+    procs: list[subprocess.Popen[bytes]] = []
+    coord = _spawn(["coordinator", "start", "--state-dir", str(coord_dir), "--port", "0"],
+                   logs / "coordinator.log", None)
+    procs.append(coord)
+    try:
+        address = wait_for_coordinator(coord_dir, coord)
+        spec = work / "spec.yaml"
+        spec.write_text(SPEC.format(
+            base=json.dumps(str(model_dir)), r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+            targets=json.dumps(LORA["target_modules"]), steps=args.steps, batch_size=args.batch_size,
+            max_seq_len=args.max_seq_len, seed=SEED, rounds=args.rounds, clients=args.clients,
+            eval_data=json.dumps(str(eval_file)) if eval_file else "null"))
+        t0 = time.time()
+        job = _cli("job", "create", str(spec), "--state-dir", str(coord_dir))
+        create_seconds = time.time() - t0
+        print(f"job {job} created in {create_seconds:.1f}s on {address}", flush=True)
+        spawned = time.time()
+        clients = []
+        for i, data in enumerate(client_files):
+            token = _cli("token", "create", "--job", job, "--state-dir", str(coord_dir))
+            clients.append(_spawn(["client", "run", "--coordinator", address, "--token", token, "--data", str(data),
+                                   "--state-dir", str(work / "clients" / f"client-{i}"), "--name", f"client-{i}",
+                                   "--no-progress", "--device", "cpu"], logs / f"client-{i}.log",
+                                  args.client_threads))
+        procs.extend(clients)
+        # Clients exit 0 when the coordinator tells them the job is over.
+        deadline = time.time() + args.timeout
+        while any(c.poll() is None for c in clients):
+            for i, c in enumerate(clients):
+                if c.poll() not in (None, 0):
+                    raise SystemExit(f"client-{i} exited {c.returncode}:\n{_tail(logs / f'client-{i}.log')}")
+            if coord.poll() is not None:
+                raise SystemExit(f"coordinator exited {coord.returncode}:\n{_tail(logs / 'coordinator.log')}")
+            if time.time() > deadline:
+                raise SystemExit(f"federated run did not finish in {args.timeout:.0f}s; logs in {logs}")
+            time.sleep(1.0)
+        status = json.loads(_cli("job", "status", job, "--state-dir", str(coord_dir), "--format", "json"))
+        if status["state"] != "finished":
+            raise SystemExit(f"job {job} ended {status['state']}: {status['message']}")
+        stored = read_state(coord_dir / "state.db", job)
+        stored.update(job=job, status=status, create_seconds=create_seconds, clients_spawned=spawned,
+                      client_logs=[parse_client_log(logs / f"client-{i}.log") for i in range(len(clients))])
+        return stored
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def read_state(db_path: Path, job: str) -> dict[str, Any]:
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        rounds = [dict(r) for r in db.execute("SELECT round, opened, closed, metrics_json FROM rounds "
+                                              "WHERE job_id=? ORDER BY round", (job,))]
+        updates = [dict(r) for r in db.execute("SELECT round, client_id, received, size, num_examples, metrics_json "
+                                               "FROM updates WHERE job_id=? ORDER BY round, received", (job,))]
+        tasks = [dict(r) for r in db.execute("SELECT round, client_id, bytes_down FROM tasks WHERE job_id=?", (job,))]
+        names = dict(db.execute("SELECT client_id, name FROM clients WHERE job_id=?", (job,)).fetchall())
+    finally:
+        db.close()
+    for r in (*rounds, *updates):
+        r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
+    return {"rounds": rounds, "updates": updates, "tasks": tasks, "client_names": names}
+
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+_TASK = re.compile(r"round (\d+): task ")
+_UPLOAD = re.compile(r"round (\d+): update \S+ (?:accepted|already stored) \((\d+) bytes in ([\d.]+)s")
+
+
+def parse_client_log(path: Path) -> dict[int, dict[str, float]]:
+    """When each task reached the client (log time) and how long its upload took, by round."""
+    out: dict[int, dict[str, float]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stamp = _LOG_TIME.match(line)
+        if not stamp:
+            continue
+        when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
+        if m := _TASK.search(line):
+            out.setdefault(int(m.group(1)), {})["task_at"] = when
+        elif m := _UPLOAD.search(line):
+            out.setdefault(int(m.group(1)), {})["upload_seconds"] = float(m.group(3))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- report
+def summarize(fed: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per round: wall time, training, overhead and its parts along the critical path."""
+    names = fed["client_names"]
+    logs = {f"client-{i}": log for i, log in enumerate(fed["client_logs"])}
+    rows = []
+    for rnd in fed["rounds"]:
+        n, opened, closed, m = rnd["round"], rnd["opened"], rnd["closed"], rnd["metrics"]
+        ups = [u for u in fed["updates"] if u["round"] == n]
+        downs = [t["bytes_down"] for t in fed["tasks"] if t["round"] == n]
+        wall = closed - opened
+        train_max = max(u["metrics"]["train_seconds"] for u in ups)
+        last = max(ups, key=lambda u: u["received"])
+        lm = last["metrics"]
+        log = logs.get(names.get(last["client_id"], ""), {}).get(n, {})
+        agg_start = opened + m["seconds"]  # the engine's "seconds" stops where aggregation starts
+        critical = {
+            "poll_wait": log["task_at"] - opened if "task_at" in log else None,
+            "fetch": lm["fetch_seconds"],
+            "train": lm["train_seconds"],
+            "pack": lm["pack_seconds"],
+            "upload": log.get("upload_seconds"),
+            "close_detect": agg_start - last["received"],
+            "aggregate": m["aggregate_seconds"],
+            "eval": m.get("eval_seconds", 0.0),
+            "publish": m["publish_seconds"],
+        }
+        known = sum(v for v in critical.values() if v is not None)
+        critical["unaccounted"] = wall - known  # adapter load into the model, the closing transaction
+        base = baseline["rounds"][n - 1]["seconds"]
+        rows.append({
+            "round": n,
+            "wall_seconds": wall,
+            "engine_seconds_metric": m["seconds"],
+            "client_train_seconds_max": train_max,
+            "overhead_seconds": wall - train_max,
+            "client_fetch_seconds_max": max(u["metrics"]["fetch_seconds"] for u in ups),
+            "client_pack_seconds_max": max(u["metrics"]["pack_seconds"] for u in ups),
+            "aggregate_seconds": m["aggregate_seconds"],
+            "eval_seconds": m.get("eval_seconds", 0.0),
+            "publish_seconds": m["publish_seconds"],
+            "bytes_up_per_client": sum(u["size"] for u in ups) / len(ups),
+            "bytes_down_per_client": sum(downs) / len(downs),
+            "contributors": len(ups),
+            "critical_path": critical,
+            "gap_before_seconds": None,
+            "baseline_seconds": base,
+            "wall_over_baseline": wall / base,
+        })
+    for prev, row in zip(fed["rounds"], rows[1:]):
+        row["gap_before_seconds"] = fed["rounds"][row["round"] - 1]["opened"] - prev["closed"]
+    return rows
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    rows, model, base, cfg = result["rounds"], result["model"], result["baseline"], result["config"]
+    lines = [
+        f"Model: Llama, {model['params'] / 1e6:.1f} M params ({model['layers']} layers, hidden {model['hidden']}, "
+        f"{model['heads']} heads, intermediate {model['intermediate']}, vocab {model['vocab_size']}), fp32 on CPU, "
+        f"{human_bytes(model['dir_bytes'])} on disk. LoRA r={LORA['r']} on {'+'.join(LORA['target_modules'])}: "
+        f"{base['adapter_params']:,} params = {human_bytes(base['adapter_bytes_fp32'])} fp32 "
+        f"({result['update_bytes']:,} bytes as a safetensors update).",
+        f"{cfg['clients']} client processes x {cfg['client_threads']} thread, {cfg['steps']} steps x batch "
+        f"{cfg['batch_size']} x max_seq_len {cfg['max_seq_len']} per round; coordinator eval on "
+        f"{cfg['eval_examples']} examples. Baseline: one process, {base['threads']} threads, clients trained in turn.",
+        "",
+        "| round | wall s | max client train s | overhead s | client fetch s (max) | aggregate s | eval s "
+        "| publish s | up / client | down / client | in-process baseline s | wall / baseline |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['round']} | {_f(r['wall_seconds'])} | {_f(r['client_train_seconds_max'])} "
+            f"| {_f(r['overhead_seconds'])} | {_f(r['client_fetch_seconds_max'])} | {_f(r['aggregate_seconds'], 3)} "
+            f"| {_f(r['eval_seconds'])} | {_f(r['publish_seconds'], 3)} | {human_bytes(r['bytes_up_per_client'])} "
+            f"| {human_bytes(r['bytes_down_per_client'])} | {_f(r['baseline_seconds'])} "
+            f"| {_f(r['wall_over_baseline'], 1)}x |")
+    lines += [
+        "",
+        "Critical path (the client whose update arrived last), seconds:",
+        "",
+        "| round | wait for task | fetch (+load) | train | pack | upload | close detect | aggregate | eval "
+        "| publish | unaccounted | gap before round |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = r["critical_path"]
+        lines.append(
+            f"| {r['round']} | {_f(c['poll_wait'])} | {_f(c['fetch'])} | {_f(c['train'])} | {_f(c['pack'], 3)} "
+            f"| {_f(c['upload'], 3)} | {_f(c['close_detect'])} | {_f(c['aggregate'], 3)} | {_f(c['eval'])} "
+            f"| {_f(c['publish'], 3)} | {_f(c['unaccounted'])} | {_f(r['gap_before_seconds'])} |")
+    s = result["setup"]
+    lines += [
+        "",
+        f"One-time setup, not in any round: job create {s['job_create_seconds']:.1f}s; clients spawned -> round 1 "
+        f"opened {s['spawn_to_round1_seconds']:.1f}s; baseline model load + tokenize {base['load_seconds']:.1f}s.",
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal:")), 0)
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)), "mem_bytes": mem, "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    work = fresh_work_dir(out)
+    started = time.time()
+    model_dir = work / "model"
+    model = build_model(args, model_dir)
+    print(f"model: {model['params'] / 1e6:.1f} M params in {model_dir}", flush=True)
+    client_files, eval_file = write_synthetic_federation(work / "data", args.clients, args.examples_per_client,
+                                                         max(args.eval_examples, 1))
+    baseline = run_baseline(args, model_dir, client_files)
+    fed = run_federation(args, work, model_dir, client_files, eval_file if args.eval_examples > 0 else None)
+    rows = summarize(fed, baseline)
+    result = {
+        "benchmark": "round_overhead",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "lora": LORA,
+        "model": model,
+        "update_bytes": fed["updates"][0]["size"],
+        "setup": {"job_create_seconds": fed["create_seconds"],
+                  "spawn_to_round1_seconds": fed["rounds"][0]["opened"] - fed["clients_spawned"]},
+        "rounds": rows,
+        "baseline": baseline,
+        "history": fed["status"]["history"],
+        "total_seconds": time.time() - started,
+    }
+    table = render(result)
+    print("\n" + table)
+    (out / "round_overhead.json").write_text(json.dumps(result, indent=2))
+    (out / "round_overhead.md").write_text(table + "\n")
+    shutil.copytree(work / "logs", out / "logs", dirs_exist_ok=True)
+    if not args.keep_work:
+        shutil.rmtree(work)
+    print(f"\nwrote {out / 'round_overhead.json'} (logs in {out / 'logs'}; {result['total_seconds']:.0f}s in all)")
+
+
+if __name__ == "__main__":
+    main()
