@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedtune.crypto.signing import verify_manifest
 from fedtune.errors import InvalidInput
 from fedtune.hashing import file_sha256
 
@@ -23,20 +24,27 @@ def read_manifest(adapter_dir: Path) -> dict[str, Any]:
         raise InvalidInput(f"{path} is not valid JSON: {e}") from e
 
 
-def verify_adapter_dir(adapter_dir: Path) -> dict[str, Any]:
-    """Checks every file listed in the manifest against its sha256.
+def verify_adapter_dir(adapter_dir: Path, trusted_public_key: str | None = None) -> dict[str, Any]:
+    """Checks the manifest's signature and every file it lists against its sha256.
+
+    Args:
+        adapter_dir: A published adapter directory.
+        trusted_public_key: The coordinator's signing key (base64); when given the signer must be it.
 
     Returns:
         The manifest.
 
     Raises:
-        InvalidInput: naming the first missing or altered file.
+        InvalidInput: naming what failed: the signature, or the first missing or altered file.
     """
     manifest = read_manifest(adapter_dir)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise InvalidInput(f"{adapter_dir / MANIFEST} lists no files")
+    verify_manifest(manifest, trusted_public_key)
     for name, sha in sorted(files.items()):
+        if "/" in name or name.startswith("."):
+            raise InvalidInput(f"{adapter_dir / MANIFEST} lists an unsafe file name {name!r}")
         path = adapter_dir / name
         if not path.is_file():
             raise InvalidInput(f"{path} is missing")

@@ -20,7 +20,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedtune.cli.admin_client import AdminClient
-from fedtune.client.channel import open_channel
+from fedtune.client.channel import ClientTls, open_channel
+from fedtune.crypto.certs import init_certs
 from fedtune.data import write_synthetic_federation
 from fedtune.errors import FedtuneError, Unavailable
 from fedtune.protos import fedtune_pb2 as pb
@@ -49,7 +50,8 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
                             start_new_session=True)
 
 
-def wait_for_coordinator(state_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> str:
+def wait_for_coordinator(state_dir: Path, proc: subprocess.Popen[bytes], tls: ClientTls,
+                         timeout: float = 120.0) -> str:
     """Waits until a coordinator started on ``state_dir`` answers health checks; returns its address."""
     deadline = time.time() + timeout
     address_file = state_dir / "coordinator.json"
@@ -58,7 +60,7 @@ def wait_for_coordinator(state_dir: Path, proc: subprocess.Popen[bytes], timeout
             raise Unavailable(f"coordinator exited with code {proc.returncode} before it was ready")
         if address_file.exists():
             address = json.loads(address_file.read_text())["address"]
-            channel = open_channel(address)
+            channel = open_channel(address, tls)
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -88,22 +90,29 @@ def run_demo(out: Path | None, n_clients: int, rounds: int) -> None:
     print(f"fedtune demo: {n_clients} clients, {rounds} rounds, tiny-llama preset, working in {root}", flush=True)
     procs: list[subprocess.Popen[bytes]] = []
     coordinator_dir = root / "coordinator"
-    coord = _spawn(["coordinator", "start", "--state-dir", str(coordinator_dir), "--port", "0"],
-                   logs / "coordinator.log", env)
+    # mTLS on loopback too: the demo runs the same transport a deployment would.
+    names = [f"client-{i}" for i in range(n_clients)]
+    certs = init_certs(root / "certs", ["localhost", "127.0.0.1"], ["operator", *names])
+    cert_dir = certs.ca_cert.parent
+    coord = _spawn(["coordinator", "start", "--state-dir", str(coordinator_dir), "--port", "0",
+                    "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                    "--client-ca", str(certs.ca_cert)], logs / "coordinator.log", env)
+    operator_tls = ClientTls(certs.ca_cert, cert_dir / "operator.pem", cert_dir / "operator.key")
     try:
-        address = wait_for_coordinator(coordinator_dir, coord)
-        admin = AdminClient(address, (coordinator_dir / "admin.token").read_text().strip())
+        address = wait_for_coordinator(coordinator_dir, coord, operator_tls)
+        admin = AdminClient(address, (coordinator_dir / "admin.token").read_text().strip(), operator_tls)
         spec = DEMO_SPEC.format(rounds=rounds, clients=n_clients, min_clients=max(1, n_clients - 1),
                                 eval_data=json.dumps(str(eval_file)))
         status = admin.call("CreateJob", pb.CreateJobRequest(spec_yaml=spec))
         job_id = status.job_id  # type: ignore[attr-defined]
-        print(f"coordinator {address}, job {job_id}", flush=True)
+        print(f"coordinator {address} (mTLS, updates sealed to the job's X25519 key), job {job_id}", flush=True)
         for i, data in enumerate(client_files):
             token = admin.call("CreateToken", pb.CreateTokenRequest(job_id=job_id, uses=1)).token  # type: ignore[attr-defined]
             procs.append(_spawn(
                 ["client", "run", "--coordinator", address, "--token", token, "--data", str(data),
                  "--state-dir", str(root / "clients" / f"client-{i}"), "--name", f"client-{i}",
-                 "--device", "cpu", "--no-progress"],
+                 "--device", "cpu", "--no-progress", "--ca-cert", str(certs.ca_cert),
+                 "--client-cert", str(cert_dir / f"client-{i}.pem"), "--client-key", str(cert_dir / f"client-{i}.key")],
                 logs / f"client-{i}.log", env,
             ))
         _follow(admin, job_id, procs, logs)

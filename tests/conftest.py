@@ -52,7 +52,7 @@ def fed_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
     """An in-process coordinator on a free loopback port."""
-    running = start(tmp_path / "coord", "127.0.0.1", 0)
+    running = start(tmp_path / "coord", "127.0.0.1", 0, insecure=True)
     yield running
     running.stop(grace=0.5)
 

@@ -23,7 +23,7 @@ def _last_line(stderr: str) -> str:
 def test_client_with_a_bad_token_exits_with_the_reason(coordinator, admin: Admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     admin.create_job(make_spec())
     proc = fedtune_cmd("client", "run", "--coordinator", coordinator.address, "--token", "ftk_wrong",
-                       "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"), timeout=120)
+                       "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"), "--insecure", timeout=120)
     assert proc.returncode == ExitCode.AUTH
     assert "enrollment token is not valid" in _last_line(proc.stderr)
 
@@ -34,7 +34,7 @@ def test_malformed_data_is_named_with_its_line_before_joining(coordinator, admin
     data = tmp_path / "private.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": 3}\n')
     proc = fedtune_cmd("client", "run", "--coordinator", coordinator.address, "--token", token,
-                       "--data", str(data), "--state-dir", str(tmp_path / "c"), timeout=120)
+                       "--data", str(data), "--state-dir", str(tmp_path / "c"), "--insecure", timeout=120)
     assert proc.returncode == ExitCode.BAD_INPUT
     assert f"{data}:2:" in _last_line(proc.stderr)
     # The token was not spent: the client never joined.
@@ -70,7 +70,8 @@ def test_coordinator_refuses_a_port_in_use(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = fedtune_cmd("coordinator", "start", "--state-dir", str(tmp_path / "s"), "--port", str(port), timeout=60)
+        proc = fedtune_cmd("coordinator", "start", "--state-dir", str(tmp_path / "s"), "--port", str(port), "--insecure",
+                           timeout=60)
     assert proc.returncode == ExitCode.CONFLICT
     assert f"cannot listen on 127.0.0.1:{port}" in _last_line(proc.stderr)
 
@@ -81,7 +82,7 @@ def test_coordinator_refuses_a_state_dir_of_another_version(tmp_path: Path) -> N
     with sqlite3.connect(state_dir / "state.db") as db:
         db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT INTO meta VALUES ('state_format', '999'), ('written_by', '9.9.9')")
-    proc = fedtune_cmd("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", timeout=60)
+    proc = fedtune_cmd("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", "--insecure", timeout=60)
     assert proc.returncode == ExitCode.CONFLICT
     line = _last_line(proc.stderr)
     assert "fedtune 9.9.9" in line and "state format 999" in line
@@ -89,7 +90,7 @@ def test_coordinator_refuses_a_state_dir_of_another_version(tmp_path: Path) -> N
 
 def test_coordinator_refuses_a_state_dir_in_use(coordinator) -> None:  # type: ignore[no-untyped-def]
     proc = fedtune_cmd("coordinator", "start", "--state-dir", str(coordinator.coordinator.state_dir), "--port", "0",
-                       timeout=60)
+                       "--insecure", timeout=60)
     assert proc.returncode == ExitCode.CONFLICT
     assert "in use by another running coordinator" in _last_line(proc.stderr)
 
@@ -98,7 +99,8 @@ def test_unreachable_coordinator_is_named(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = fedtune_cmd("job", "list", "--coordinator", f"127.0.0.1:{port}", "--admin-token", "x", timeout=60)
+    proc = fedtune_cmd("job", "list", "--coordinator", f"127.0.0.1:{port}", "--admin-token", "x", "--insecure",
+                       timeout=60)
     assert proc.returncode == ExitCode.UNAVAILABLE
     assert "coordinator unreachable" in _last_line(proc.stderr)
 
@@ -121,7 +123,8 @@ def test_client_stops_cleanly_on_sigterm(coordinator, admin: Admin, fed_data, tm
     job = admin.create_job(make_spec(clients=2))
     log = tmp_path / "client.log"
     proc = spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
-                 "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"), "--no-progress", log=log)
+                 "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"), "--no-progress", "--insecure",
+                 log=log)
     wait_until(lambda: "joined job" in log.read_text(), timeout=90, what="the client to join")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == ExitCode.INTERRUPTED

@@ -16,6 +16,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from fedtune.client.channel import ClientTls
+from fedtune.crypto.certs import init_certs
 from fedtune.demo import wait_for_coordinator
 from fedtune.peft_io import bytes_to_tensors
 from tests.conftest import fedtune_cmd, make_spec, spawn, wait_until
@@ -30,10 +32,12 @@ def _free_port() -> int:
 
 
 class Cluster:
-    """A coordinator process plus client agent processes, all started through the CLI."""
+    """A coordinator process plus client agent processes, all started through the CLI, over mTLS."""
 
     def __init__(self, root: Path, port: int = 0) -> None:
         self.root = root
+        self.certs = init_certs(root / "certs", ["127.0.0.1"], ["operator", "client-0", "client-1", "client-2"])
+        self.tls = ClientTls(self.certs.ca_cert, root / "certs" / "operator.pem", root / "certs" / "operator.key")
         self.state_dir = root / "coord"
         self.port = port
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -42,13 +46,16 @@ class Cluster:
 
     def start_coordinator(self) -> str:
         log = self.root / f"coordinator-{len(self.procs)}.log"
-        self.coord = spawn("coordinator", "start", "--state-dir", str(self.state_dir), "--port", str(self.port), log=log)
+        self.coord = spawn("coordinator", "start", "--state-dir", str(self.state_dir), "--port", str(self.port),
+                           "--tls-cert", str(self.certs.server_cert), "--tls-key", str(self.certs.server_key),
+                           "--client-ca", str(self.certs.ca_cert), log=log)
         self.procs.append(self.coord)
-        self.address = wait_for_coordinator(self.state_dir, self.coord, timeout=90)
+        self.address = wait_for_coordinator(self.state_dir, self.coord, self.tls, timeout=90)
         return self.address
 
     def admin(self, *args: str) -> str:
-        return fedtune_cmd(*args, "--state-dir", str(self.state_dir), check=True).stdout
+        return fedtune_cmd(*args, "--state-dir", str(self.state_dir), "--ca-cert", str(self.certs.ca_cert),
+                           "--client-cert", str(self.tls.cert), "--client-key", str(self.tls.key), check=True).stdout
 
     def create_job(self, spec: str) -> str:
         path = self.root / "spec.yaml"
@@ -62,7 +69,8 @@ class Cluster:
         assert re.fullmatch(r"ftk_\S+\n", token)
         proc = spawn("client", "run", "--coordinator", self.address, "--token", token.strip(), "--data", str(data),
                      "--state-dir", str(self.root / f"client-{i}"), "--no-progress", "--device", "cpu",
-                     log=self.root / f"client-{i}.log")
+                     "--ca-cert", str(self.certs.ca_cert), "--client-cert", str(self.root / "certs" / f"client-{i}.pem"),
+                     "--client-key", str(self.root / "certs" / f"client-{i}.key"), log=self.root / f"client-{i}.log")
         self.procs.append(proc)
         return proc
 
@@ -87,6 +95,17 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     c = Cluster(tmp_path, port=_free_port())
     yield c
     c.close()
+
+
+def signing_key(cluster: Cluster) -> str:
+    """The coordinator's manifest-signing public key, read through the admin API."""
+    import base64
+
+    from fedtune.cli.admin_client import AdminClient
+    from fedtune.protos import fedtune_pb2 as pb
+
+    admin = AdminClient(cluster.address, (cluster.state_dir / "admin.token").read_text().strip(), cluster.tls)
+    return base64.b64encode(admin.call("GetInfo", pb.GetInfoRequest()).signing_public_key).decode()  # type: ignore[attr-defined]
 
 
 def _wait_exit(proc: subprocess.Popen[bytes], timeout: float = 240) -> int:
@@ -114,7 +133,21 @@ def test_two_clients_two_rounds_publish_an_adapter_plain_peft_loads(cluster: Clu
 
     out = tmp_path / "pulled"
     assert cluster.admin("adapters", "pull", job, "--out", str(out)).strip() == str(out)
-    assert fedtune_cmd("adapters", "verify", str(out)).returncode == 0
+    verified = fedtune_cmd("adapters", "verify", str(out), "--public-key", signing_key(cluster))
+    assert verified.returncode == 0, verified.stderr
+    # One changed byte in the adapter, or in the manifest, and verification fails naming it.
+    weights_file = out / "adapter_model.safetensors"
+    original = weights_file.read_bytes()
+    weights_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    broken = fedtune_cmd("adapters", "verify", str(out))
+    assert broken.returncode == 3 and "adapter_model.safetensors does not match" in broken.stderr
+    weights_file.write_bytes(original)
+    manifest_file = out / "fedtune.json"
+    text = manifest_file.read_text()
+    manifest_file.write_text(text.replace('"contributors": 2', '"contributors": 3'))
+    broken = fedtune_cmd("adapters", "verify", str(out))
+    assert broken.returncode == 3 and "signature does not verify" in broken.stderr
+    manifest_file.write_text(text)
     manifest = json.loads((out / "fedtune.json").read_text())
     assert manifest["round"] == 2 and manifest["contributors"] == 2 and manifest["job"] == job
 

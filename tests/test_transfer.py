@@ -21,11 +21,11 @@ def test_interrupted_download_resumes_from_its_partial_file(coordinator, admin: 
     cache = BlobCache(tmp_path / "cache")
     # As if the previous attempt died after 1000 bytes.
     cache.path(ref.sha256).with_suffix(".part").write_bytes(whole[:1000])
-    path, transferred = cache.fetch(client.stub, client.md, ref.sha256, ref.size, ref.path, progress=False)
+    path, transferred = cache.fetch(client.stub, client.md("Download"), ref.sha256, ref.size, ref.path, progress=False)
     assert transferred == ref.size - 1000
     assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
     # Cached now: a second fetch moves nothing.
-    assert cache.fetch(client.stub, client.md, ref.sha256, ref.size, ref.path, progress=False) == (path, 0)
+    assert cache.fetch(client.stub, client.md("Download"), ref.sha256, ref.size, ref.path, progress=False) == (path, 0)
 
 
 def test_corrupt_partial_download_is_discarded(coordinator, admin: Admin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -35,11 +35,11 @@ def test_corrupt_partial_download_is_discarded(coordinator, admin: Admin, tmp_pa
     cache = BlobCache(tmp_path / "cache")
     cache.path(ref.sha256).with_suffix(".part").write_bytes(b"garbage!" * 10)
     with pytest.raises(InvalidInput, match="does not match its sha256"):
-        cache.fetch(client.stub, client.md, ref.sha256, ref.size, ref.path, progress=False)
+        cache.fetch(client.stub, client.md("Download"), ref.sha256, ref.size, ref.path, progress=False)
     assert not cache.has(ref.sha256)
     assert not cache.path(ref.sha256).with_suffix(".part").exists()
     # The retry starts over and succeeds.
-    _path, transferred = cache.fetch(client.stub, client.md, ref.sha256, ref.size, ref.path, progress=False)
+    _path, transferred = cache.fetch(client.stub, client.md("Download"), ref.sha256, ref.size, ref.path, progress=False)
     assert transferred == ref.size and cache.has(ref.sha256)
 
 

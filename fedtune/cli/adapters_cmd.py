@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -14,7 +15,17 @@ import typer
 
 from fedtune.adapters import verify_adapter_dir
 from fedtune.cli.admin_client import AdminClient
-from fedtune.cli.options import AdminToken, Coordinator, Format, FormatOpt, StateDir
+from fedtune.cli.options import (
+    AdminToken,
+    CaCert,
+    ClientCert,
+    ClientKey,
+    Coordinator,
+    Format,
+    FormatOpt,
+    Insecure,
+    StateDir,
+)
 from fedtune.errors import InvalidInput, from_rpc_error
 from fedtune.protos import fedtune_pb2 as pb
 
@@ -27,10 +38,15 @@ def list_adapters(
     coordinator: Coordinator = None,
     state_dir: StateDir = None,
     admin_token: AdminToken = None,
+    ca_cert: CaCert = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    insecure: Insecure = False,
     fmt: FormatOpt = Format.text,
 ) -> None:
     """Every published adapter with its round, contributors and eval loss."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
+                                      insecure)
     reply = client.call("ListAdapters", pb.ListAdaptersRequest(job_id=job or ""))
     rows = []
     for a in reply.adapters:  # type: ignore[attr-defined]
@@ -54,9 +70,14 @@ def pull(
     coordinator: Coordinator = None,
     state_dir: StateDir = None,
     admin_token: AdminToken = None,
+    ca_cert: CaCert = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    insecure: Insecure = False,
 ) -> None:
     """Download a published adapter, verify its files, and write it to OUT."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token)
+    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
+                                      insecure)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -74,8 +95,10 @@ def pull(
     except grpc.RpcError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise from_rpc_error(e) from e
+    info = client.call("GetInfo", pb.GetInfoRequest())
+    trusted = base64.b64encode(info.signing_public_key).decode()  # type: ignore[attr-defined]
     try:
-        verify_adapter_dir(tmp)
+        verify_adapter_dir(tmp, trusted)
     except InvalidInput:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,8 +110,17 @@ def pull(
 
 
 @app.command("verify")
-def verify(adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory.")]) -> None:
-    """Check every file of an adapter directory against the hashes in its fedtune.json."""
-    manifest = verify_adapter_dir(adapter_dir)
+def verify(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory.")],
+    public_key: Annotated[str | None, typer.Option(
+        "--public-key", help="The coordinator's signing key (base64, or a file holding it); "
+        "without it the signature is checked against the key in the manifest.")] = None,
+) -> None:
+    """Check the signature of fedtune.json and every file against its sha256; exit non-zero naming what failed."""
+    trusted = None
+    if public_key is not None:
+        trusted = Path(public_key).read_text().strip() if Path(public_key).is_file() else public_key
+    manifest = verify_adapter_dir(adapter_dir, trusted)
+    pinned = "pinned key" if trusted else "key in the manifest (pass --public-key to pin the coordinator's)"
     typer.echo(f"ok: {adapter_dir} (job {manifest.get('job')}, round {manifest.get('round')}, "
-               f"{len(manifest['files'])} files)")
+               f"{len(manifest['files'])} files, signature by the {pinned})")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from fedtune.client.channel import open_channel
+from fedtune.client.channel import INSECURE, ClientTls, open_channel
 from fedtune.errors import AuthError, from_rpc_error
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 
@@ -41,17 +41,25 @@ def resolve_admin_token(admin_token: str | None, state_dir: Path | None) -> str:
 class AdminClient:
     """A stub plus metadata; each call maps gRPC errors to domain errors."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, tls: ClientTls) -> None:
         self.address = address
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, tls)
         self.stub = pb_grpc.AdminServiceStub(self.channel)
         self.metadata = [(ADMIN_KEY, token)]
 
     @classmethod
-    def from_options(cls, coordinator: str | None, state_dir: Path | None, admin_token: str | None) -> AdminClient:
+    def from_options(cls, coordinator: str | None, state_dir: Path | None, admin_token: str | None,
+                     ca_cert: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None,
+                     insecure: bool = False) -> AdminClient:
         """Builds a client from the common CLI options and environment."""
         state_dir = state_dir or (Path(os.environ["FEDTUNE_STATE_DIR"]) if os.environ.get("FEDTUNE_STATE_DIR") else None)
-        return cls(resolve_address(coordinator, state_dir), resolve_admin_token(admin_token, state_dir))
+        tls = ClientTls(ca_cert, client_cert, client_key, insecure)
+        if not insecure and ca_cert is None and client_cert is None and coordinator is None and state_dir is not None:
+            # A local coordinator its operator started with --insecure: talk plaintext to it.
+            info = state_dir / "coordinator.json"
+            if info.exists() and json.loads(info.read_text()).get("tls") is False:
+                tls = INSECURE
+        return cls(resolve_address(coordinator, state_dir), resolve_admin_token(admin_token, state_dir), tls)
 
     def call(self, method: str, request: object, timeout: float = 120.0) -> object:
         """Calls a unary admin method by name."""

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fedtune.cli.options import CaCert, ClientCert, ClientKey, Insecure
+
 app = typer.Typer(help="Run a client agent on private data.", no_args_is_help=True)
 
 
@@ -22,16 +24,22 @@ def run(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     name: Annotated[str | None, typer.Option("--name", help="Name shown to the operator.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    ca_cert: CaCert = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    insecure: Insecure = False,
 ) -> None:
     """Join the job of TOKEN and train on DATA every round until the job ends.
 
     The data is validated in full before joining and never leaves this process.
     """
     from fedtune.client.agent import ClientAgent
+    from fedtune.client.channel import ClientTls
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("--device must be auto, cpu or cuda")
-    agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), device=device, name=name,
+    tls = ClientTls(ca_cert, client_cert, client_key, insecure)
+    agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,
                         progress=progress)
     stats = agent.run()
     typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "

@@ -15,11 +15,25 @@ def start(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Where jobs, updates and adapters are kept.")],
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = 50051,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Server private key (PEM).")] = None,
+    client_ca: Annotated[Path | None, typer.Option(
+        "--client-ca", help="Require client certificates signed by this CA (mTLS).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC (loopback trials only).")] = False,
 ) -> None:
     """Serve the client API, the admin API and gRPC health until SIGTERM or Ctrl-C.
 
     A restart on the same state dir resumes every job in the round it was in.
     """
     from fedtune.coordinator.server import serve_forever
+    from fedtune.coordinator.tls import ServerTls
+    from fedtune.errors import InvalidInput
 
-    serve_forever(state_dir.resolve(), host, port)
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInput("--tls-cert and --tls-key go together")
+    if client_ca is not None and tls_cert is None:
+        raise InvalidInput("--client-ca (mTLS) needs --tls-cert and --tls-key")
+    if insecure and tls_cert is not None:
+        raise InvalidInput("--insecure and --tls-cert contradict each other")
+    tls = ServerTls(tls_cert, tls_key, client_ca) if tls_cert is not None and tls_key is not None else None
+    serve_forever(state_dir.resolve(), host, port, tls, insecure)

@@ -32,3 +32,19 @@ class Format(str, Enum):
 
 
 FormatOpt = Annotated[Format, typer.Option("--format", help="text for people, json for scripts.")]
+CaCert = Annotated[
+    Path | None,
+    typer.Option("--ca-cert", envvar="FEDTUNE_CA_CERT", help="CA that signed the coordinator's certificate."),
+]
+ClientCert = Annotated[
+    Path | None,
+    typer.Option("--client-cert", envvar="FEDTUNE_CLIENT_CERT", help="Client certificate for mTLS."),
+]
+ClientKey = Annotated[
+    Path | None,
+    typer.Option("--client-key", envvar="FEDTUNE_CLIENT_KEY", help="Client private key for mTLS."),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option("--insecure", help="Plaintext gRPC (only against a coordinator started with --insecure)."),
+]

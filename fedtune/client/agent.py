@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune import __version__
-from fedtune.client.channel import is_transient, open_channel
+from fedtune.client.channel import ClientTls, is_tls_failure, is_transient, open_channel
 from fedtune.client.transfer import BlobCache, materialize, upload
 from fedtune.compression.codecs import get_codec
+from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
+from fedtune.crypto.envelope import UpdateBinding, seal
+from fedtune.crypto.keys import load_or_create, raw_public_bytes
+from fedtune.crypto.requests import sign_request
 from fedtune.data import Example, load_jsonl, tokenize
 from fedtune.errors import AuthError, FedtuneError, InvalidInput, StateConflict, from_rpc_error
 from fedtune.models import load_causal_lm, load_tokenizer, pick_device
@@ -39,7 +45,7 @@ from fedtune.training import train_adapter
 
 log = logging.getLogger(__name__)
 
-SESSION_KEY = "x-fedtune-session"
+_SVC = "/fedtune.v1.ClientService/"
 MAX_BACKOFF_SECONDS = 30.0
 RPC_TIMEOUT_SECONDS = 30.0
 
@@ -65,9 +71,10 @@ class _Loaded:
 class ClientAgent:
     """One data owner's agent for one job."""
 
-    def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path,
+    def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path, tls: ClientTls,
                  device: str = "auto", name: str | None = None, progress: bool = True) -> None:
         self.address = coordinator
+        self.tls = tls
         self.token = token
         self.data_path = data
         self.state_dir = state_dir
@@ -80,6 +87,9 @@ class ClientAgent:
         self._examples: list[Example] = []
         self._lock: IO[str] | None = None
         self._finished_tasks: set[str] = set()
+        self._client_id = ""
+        self.sign_key: Ed25519PrivateKey | None = None
+        self.kx_key: X25519PrivateKey | None = None
 
     # ------------------------------------------------------------------ identity
     def _lock_state_dir(self) -> None:
@@ -92,7 +102,15 @@ class ClientAgent:
             raise StateConflict(f"client state dir {self.state_dir} is in use by another agent") from None
         self._lock = handle
 
+    def _md(self, method: str) -> list[tuple[str, str]]:
+        """Signed metadata for one call (fresh each time: the signature covers the time)."""
+        assert self.sign_key is not None
+        return sign_request(self.sign_key, _SVC + method, self._client_id)
+
     def _identity(self, stub: pb_grpc.ClientServiceStub) -> dict[str, str]:
+        # Long-term keys: Ed25519 signs every request, X25519 is the client's agreement key.
+        self.sign_key = load_or_create(self.state_dir / "identity.ed25519.pem", Ed25519PrivateKey)  # type: ignore[type-abstract]
+        self.kx_key = load_or_create(self.state_dir / "identity.x25519.pem", X25519PrivateKey)  # type: ignore[type-abstract]
         path = self.state_dir / "identity.json"
         if path.exists():
             ident = json.loads(path.read_text())
@@ -103,9 +121,9 @@ class ClientAgent:
                             f"{self.address})")
         reply = self._call(lambda: stub.Join(pb.JoinRequest(
             token=self.token, client_name=self.name, agent_version=__version__, device=self.device.type,
+            sign_public_key=raw_public_bytes(self.sign_key), kx_public_key=raw_public_bytes(self.kx_key),
         ), timeout=RPC_TIMEOUT_SECONDS))
-        ident = {"coordinator": self.address, "client_id": reply.client_id, "session": reply.session,
-                 "job_id": reply.job_id}
+        ident = {"coordinator": self.address, "client_id": reply.client_id, "job_id": reply.job_id}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(ident))
         tmp.chmod(0o600)
@@ -121,6 +139,9 @@ class ClientAgent:
             try:
                 return fn()
             except grpc.RpcError as e:
+                if is_tls_failure(e):
+                    raise AuthError(f"TLS with coordinator {self.address} failed (is --ca-cert the CA that signed "
+                                    f"its certificate? does it require --client-cert?): {e.details()}") from e
                 if not is_transient(e):
                     raise from_rpc_error(e) from e
                 log.warning("coordinator %s unreachable (%s); retrying in %.1fs", self.address,
@@ -133,20 +154,19 @@ class ClientAgent:
         # Validate the whole private data file before anything touches the network.
         self._examples = load_jsonl(self.data_path)
         self._lock_state_dir()
-        channel = open_channel(self.address)
+        channel = open_channel(self.address, self.tls)
         try:
             stub = pb_grpc.ClientServiceStub(channel)
             ident = self._identity(stub)
-            metadata = [(SESSION_KEY, ident["session"])]
-            client_id = ident["client_id"]
+            client_id = self._client_id = ident["client_id"]
             while True:
                 reply = self._call(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=client_id),
-                                                          metadata=metadata, timeout=RPC_TIMEOUT_SECONDS))
+                                                          metadata=self._md("Heartbeat"), timeout=RPC_TIMEOUT_SECONDS))
                 if reply.action == pb.HeartbeatReply.STOP:
                     log.info("coordinator says stop: %s", reply.message)
                     return self.stats
                 if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
-                    self._run_task(stub, metadata, client_id, reply.task)
+                    self._run_task(stub, client_id, reply.task)
                     continue
                 time.sleep(max(0.2, min(reply.retry_after_seconds or 1.0, 10.0)))
         finally:
@@ -155,18 +175,18 @@ class ClientAgent:
                 self._lock.close()
 
     # ------------------------------------------------------------------ one task
-    def _fetch(self, stub: pb_grpc.ClientServiceStub, metadata: list[tuple[str, str]], ref: pb.FileRef) -> Path:
-        path, got = self._call(lambda: self.cache.fetch(stub, metadata, ref.sha256, ref.size, ref.path,
+    def _fetch(self, stub: pb_grpc.ClientServiceStub, ref: pb.FileRef) -> Path:
+        path, got = self._call(lambda: self.cache.fetch(stub, self._md("Download"), ref.sha256, ref.size, ref.path,
                                                         progress=self.progress))
         self.stats.bytes_down += got
         return path
 
-    def _load(self, stub: pb_grpc.ClientServiceStub, metadata: list[tuple[str, str]], task: pb.Task) -> _Loaded:
+    def _load(self, stub: pb_grpc.ClientServiceStub, task: pb.Task) -> _Loaded:
         training = json.loads(task.training_json)
         if self._loaded is not None and self._loaded.base_hash == task.base_model_hash:
             return self._loaded
         for ref in task.base_files:
-            self._fetch(stub, metadata, ref)
+            self._fetch(stub, ref)
         model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files],
                                 self.state_dir / "models" / task.base_model_hash[:16])
         tokenizer = load_tokenizer(model_dir)
@@ -182,16 +202,15 @@ class ClientAgent:
                                int(training["max_seq_len"]))
         return self._loaded
 
-    def _run_task(self, stub: pb_grpc.ClientServiceStub, metadata: list[tuple[str, str]], client_id: str,
-                  task: pb.Task) -> None:
+    def _run_task(self, stub: pb_grpc.ClientServiceStub, client_id: str, task: pb.Task) -> None:
         if task.deadline_unix and time.time() > task.deadline_unix:
             log.warning("round %d: task %s is past its deadline; skipped", task.round, task.task_id)
             self._finished_tasks.add(task.task_id)
             return
         log.info("round %d: task %s", task.round, task.task_id)
         t0 = time.perf_counter()
-        loaded = self._load(stub, metadata, task)
-        global_path = self._fetch(stub, metadata, task.global_adapter)
+        loaded = self._load(stub, task)
+        global_path = self._fetch(stub, task.global_adapter)
         fetch_seconds = time.perf_counter() - t0
         global_state = bytes_to_tensors(global_path.read_bytes())
         load_adapter_state(loaded.model, global_state)
@@ -206,21 +225,22 @@ class ClientAgent:
         trained = adapter_state(loaded.model)
         codec = get_codec(training.get("codec", "fp32"))
         delta = {k: trained[k] - global_state[k] for k in global_state}
-        payload = tensors_to_bytes(codec.encode(delta), metadata={"codec": codec.name})
-        pack_seconds = time.perf_counter() - t1
         # Same key for every retry of this task, across restarts too: the coordinator stores it once.
         update_id = hashlib.sha256(f"{client_id}:{task.task_id}".encode()).hexdigest()[:32]
+        plain = tensors_to_bytes(codec.encode(delta), metadata={"codec": codec.name})
+        payload = seal(plain, task.job_public_key, UpdateBinding(task.job_id, task.round, client_id, update_id))
+        pack_seconds = time.perf_counter() - t1
         header = pb.UpdateHeader(
             job_id=task.job_id, round=task.round, task_id=task.task_id, update_id=update_id,
             num_examples=result.num_examples, total_size=len(payload),
-            sha256=hashlib.sha256(payload).hexdigest(), codec=codec.name,
+            sha256=hashlib.sha256(payload).hexdigest(), codec=codec.name, envelope=ENVELOPE_SCHEME,
             metrics={"train_loss": result.mean_loss, "final_loss": result.final_loss,
                      "train_seconds": result.seconds, "steps": float(result.steps),
                      "fetch_seconds": fetch_seconds, "pack_seconds": pack_seconds},
         )
         t2 = time.perf_counter()
         try:
-            reply = self._call(lambda: upload(stub, metadata, header, payload))
+            reply = self._call(lambda: upload(stub, self._md("Upload"), header, payload))
         except FedtuneError as e:
             self._finished_tasks.add(task.task_id)
             if isinstance(e, AuthError):

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from fedtune import __version__
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator
 from fedtune.coordinator.store import CHUNK_SIZE
@@ -76,8 +77,19 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         job = self.co.state.job(request.job_id)
         if job.state != "running":
             raise InvalidInput(f"job {job.job_id} is {job.state}: no new clients can join it")
-        token, expires = self.co.state.add_token(request.job_id, uses, request.ttl_seconds or DEFAULT_TOKEN_TTL)
-        return pb.CreateTokenReply(token=token, expires_unix=expires)
+        token, expires, tid = self.co.state.add_token(request.job_id, uses, request.ttl_seconds or DEFAULT_TOKEN_TTL)
+        return pb.CreateTokenReply(token=token, expires_unix=expires, token_id=tid)
+
+    @unary
+    def RevokeToken(self, request: pb.RevokeTokenRequest, context: grpc.ServicerContext) -> pb.RevokeTokenReply:
+        if not request.token:
+            raise InvalidInput("no token or token id to revoke")
+        tid, clients = self.co.state.revoke_token(request.token)
+        return pb.RevokeTokenReply(token_id=tid, clients=clients)
+
+    @unary
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.CoordinatorInfo:
+        return pb.CoordinatorInfo(version=__version__, signing_public_key=self.co.keys.signing_public_key())
 
     @unary
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersReply:

@@ -1,7 +1,8 @@
 """Authentication interceptor: every method is denied unless listed here with its credential.
 
-Client calls carry a session secret (from Join) in ``x-fedtune-session``; admin calls carry the
-coordinator's admin token in ``x-fedtune-admin``. Join and the standard health service are open.
+Client calls are signed with the Ed25519 key the client enrolled (see fedtune.crypto.requests);
+admin calls carry the coordinator's admin token in ``x-fedtune-admin``. Join and the standard
+health service are open.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import grpc
 
 from fedtune.coordinator.state import CoordinatorState
-from fedtune.errors import AuthError
+from fedtune.crypto.keys import ed25519_public
+from fedtune.crypto.requests import CLIENT_KEY, SIG_KEY, TIME_KEY, verify_request
+from fedtune.errors import AuthError, InvalidInput
 
-SESSION_KEY = "x-fedtune-session"
 ADMIN_KEY = "x-fedtune-admin"
 
 OPEN = "open"
@@ -30,7 +32,8 @@ METHODS: dict[str, str] = {
     _CLIENT_SVC + "Download": CLIENT,
     _CLIENT_SVC + "Upload": CLIENT,
     **{_ADMIN_SVC + m: ADMIN for m in (
-        "CreateJob", "ListJobs", "GetJob", "CancelJob", "CreateToken", "ListAdapters", "PullAdapter")},
+        "CreateJob", "ListJobs", "GetJob", "CancelJob", "CreateToken", "RevokeToken", "GetInfo", "ListAdapters",
+        "PullAdapter")},
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
 }
@@ -81,11 +84,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
                              "admin token missing or wrong: pass --state-dir of the coordinator or set FEDTUNE_ADMIN_TOKEN")
         elif kind == CLIENT:
-            session = metadata_value(details.invocation_metadata, SESSION_KEY)
+            md = details.invocation_metadata
+            client_id = metadata_value(md, CLIENT_KEY)
             try:
-                if not session:
-                    raise AuthError("no session credential: join with an enrollment token first")
-                self.state.authenticate(session)
-            except AuthError as e:
+                if not client_id:
+                    raise AuthError("unsigned request: join with an enrollment token first")
+                client = self.state.client(client_id)
+                verify_request(ed25519_public(client.sign_public_key), details.method, client_id,
+                               metadata_value(md, TIME_KEY), metadata_value(md, SIG_KEY))
+            except (AuthError, InvalidInput) as e:
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, str(e))
         return handler

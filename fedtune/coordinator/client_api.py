@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import grpc
 
-from fedtune.coordinator.auth import SESSION_KEY, metadata_value
+from fedtune.coordinator.auth import metadata_value
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator, IncomingUpdate, TaskInfo
 from fedtune.coordinator.state import Client
 from fedtune.coordinator.store import CHUNK_SIZE
+from fedtune.crypto.requests import CLIENT_KEY
 from fedtune.errors import InvalidInput, LimitExceeded
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
@@ -36,6 +37,7 @@ def task_message(info: TaskInfo) -> pb.Task:
         training_json=json.dumps({**spec["training"], "codec": spec["codec"]}),
         deadline_unix=info.deadline,
         max_update_bytes=info.max_update_bytes,
+        job_public_key=info.job_public_key,
     )
 
 
@@ -46,12 +48,14 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         self.co = coordinator
 
     def _client(self, context: grpc.ServicerContext) -> Client:
-        return self.co.state.authenticate(metadata_value(context.invocation_metadata(), SESSION_KEY))
+        # The interceptor verified the signature; this re-reads the client (and its token's status).
+        return self.co.state.client(metadata_value(context.invocation_metadata(), CLIENT_KEY))
 
     @unary
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        client, session = self.co.join(request.token, request.client_name, request.device)
-        return pb.JoinReply(client_id=client.client_id, session=session, job_id=client.job_id,
+        client = self.co.join(request.token, request.client_name, request.device, request.sign_public_key,
+                              request.kx_public_key)
+        return pb.JoinReply(client_id=client.client_id, job_id=client.job_id,
                             heartbeat_seconds=int(self.co.presence.heartbeat_seconds))
 
     @unary
@@ -113,7 +117,8 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
             raise InvalidInput("upload sha256 does not match its payload")
         fresh = self.co.accept_update(client, IncomingUpdate(
             job_id=h.job_id, round=h.round, task_id=h.task_id, update_id=h.update_id,
-            num_examples=h.num_examples, metrics=dict(h.metrics), codec=h.codec or "fp32", payload=payload,
+            num_examples=h.num_examples, metrics=dict(h.metrics), codec=h.codec or "fp32", envelope=h.envelope,
+            payload=payload,
         ))
         return pb.UploadReply(update_id=h.update_id, duplicate=not fresh, bytes_received=len(payload))
 

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.evaluator import Evaluator
+from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.presence import Presence
 from fedtune.coordinator.publish import publish_adapter
-from fedtune.coordinator.state import CoordinatorState, Job, Round
+from fedtune.coordinator.state import CoordinatorState, Job, Round, Update
 from fedtune.coordinator.store import ArtifactStore
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
+from fedtune.crypto.envelope import UpdateBinding
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
 from fedtune.spec import JobSpec
 
@@ -53,6 +55,7 @@ class RoundEngine:
         presence: Presence,
         evaluator: Evaluator,
         adapters_root: Path,
+        keys: KeyRing,
     ) -> None:
         self.job_id = job_id
         self.state = state
@@ -60,6 +63,7 @@ class RoundEngine:
         self.presence = presence
         self.evaluator = evaluator
         self.adapters_root = adapters_root
+        self.keys = keys
         job = state.job(job_id)
         self.spec = JobSpec.model_validate_json(job.spec_json)
         self.codec = get_codec(self.spec.codec)
@@ -168,14 +172,14 @@ class RoundEngine:
                 self.job_id, rnd.round, len(done), self.spec.min_clients, len(fresh),
             )
 
+    def _open(self, u: Update) -> bytes:
+        return self.keys.open_update(self.store.read(u.sha256), UpdateBinding(u.job_id, u.round, u.client_id, u.update_id))
+
     def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
         t0 = time.perf_counter()
         updates = self.state.updates(self.job_id, rnd.round)
         global_in = bytes_to_tensors(self.store.read(rnd.global_in))
-        deltas = [
-            WeightedDelta(self.codec.decode(bytes_to_tensors(self.store.read(u.sha256))), u.num_examples)
-            for u in updates
-        ]
+        deltas = [WeightedDelta(self.codec.decode(bytes_to_tensors(self._open(u))), u.num_examples) for u in updates]
         avg = self.strategy.aggregate(deltas)
         new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}
         global_out = self.store.put_bytes(tensors_to_bytes(new_global))
@@ -211,6 +215,7 @@ class RoundEngine:
             base_hash=job.base_hash,
             metrics=metrics,
             contributors=len(updates),
+            signer=self.keys.signing_key,
         )
         metrics["publish_seconds"] = time.perf_counter() - t2
         last = rnd.round >= self.spec.rounds

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune import __version__
+from fedtune.crypto.signing import sign_manifest
 from fedtune.hashing import file_sha256
 from fedtune.peft_io import lora_config, save_adapter_dir
 from fedtune.spec import PeftSpec
@@ -31,6 +33,7 @@ def publish_adapter(
     base_hash: str,
     metrics: dict[str, float],
     contributors: int,
+    signer: Ed25519PrivateKey | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Writes ``root/JOB/round-N`` atomically and returns its path and manifest.
 
@@ -58,6 +61,8 @@ def publish_adapter(
         "created": time.time(),
         "fedtune_version": __version__,
     }
+    if signer is not None:
+        manifest = sign_manifest(manifest, signer)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     for p in tmp.iterdir():
         with p.open("rb") as f:

@@ -21,7 +21,8 @@ from fedtune.coordinator.admin_api import AdminServicer
 from fedtune.coordinator.auth import AuthInterceptor
 from fedtune.coordinator.client_api import ClientServicer
 from fedtune.coordinator.service import Coordinator
-from fedtune.errors import StateConflict
+from fedtune.coordinator.tls import ServerTls, is_loopback
+from fedtune.errors import InvalidInput, StateConflict
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,22 @@ class RunningCoordinator:
         self.lock.close()
 
 
-def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, workers: int = 32) -> RunningCoordinator:
+def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: ServerTls | None = None,
+          insecure: bool = False, workers: int = 32) -> RunningCoordinator:
     """Starts the service on ``host:port`` (port 0 picks a free one) over ``state_dir``.
 
+    TLS is required unless ``insecure`` is set explicitly.
+
     Raises:
+        InvalidInput: neither TLS files nor ``insecure`` were given.
         StateConflict: the state dir is locked or from another version, or the port is taken.
     """
+    if tls is None and not insecure:
+        raise InvalidInput("TLS is required: pass --tls-cert and --tls-key (`fedtune certs init --out DIR` makes "
+                           "trial ones), or --insecure for plaintext")
+    if tls is None and not is_loopback(host):
+        log.warning("plaintext gRPC on non-loopback address %s: anyone on the network can read the traffic", host)
+    credentials = tls.credentials() if tls is not None else None
     lock = _lock_state_dir(state_dir)
     try:
         coordinator = Coordinator(state_dir)
@@ -110,7 +121,10 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, workers: 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -122,15 +136,19 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, workers: 
     for name in ("", "fedtune.v1.ClientService", "fedtune.v1.AdminService"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{host}:{bound}"
-    (state_dir / ADDRESS_FILE).write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    (state_dir / ADDRESS_FILE).write_text(json.dumps({
+        "address": address, "pid": os.getpid(), "tls": tls is not None,
+        "mtls": tls is not None and tls.client_ca is not None,
+    }))
     log.info("coordinator listening on %s, state in %s", address, state_dir)
     return RunningCoordinator(address, bound, server, coordinator, health_servicer, lock)
 
 
-def serve_forever(state_dir: Path, host: str, port: int) -> None:
+def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, insecure: bool) -> None:
     """Runs the coordinator until SIGTERM or SIGINT, then stops it with a grace period."""
-    running = start(state_dir, host, port)
-    print(f"fedtune coordinator listening on {running.address} (state dir {state_dir})", flush=True)
+    running = start(state_dir, host, port, tls=tls, insecure=insecure)
+    mode = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
+    print(f"fedtune coordinator listening on {running.address} ({mode}, state dir {state_dir})", flush=True)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

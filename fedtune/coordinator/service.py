@@ -18,10 +18,14 @@ import torch
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
+from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
 from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, Update
 from fedtune.coordinator.store import ArtifactStore
 from fedtune.coordinator.validation import validate_update
+from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
+from fedtune.crypto.envelope import UpdateBinding
+from fedtune.crypto.keys import ed25519_public
 from fedtune.data import load_jsonl
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
 from fedtune.hashing import model_dir_hash
@@ -31,7 +35,7 @@ from fedtune.spec import JobSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
-# Headroom over the fp32 adapter for safetensors' header and metadata.
+# Headroom over the fp32 adapter for safetensors' header and metadata and the envelope.
 UPDATE_SLACK_BYTES = 64 * 1024
 
 
@@ -46,6 +50,7 @@ class TaskInfo:
     global_adapter: FileEntry
     deadline: float
     max_update_bytes: int
+    job_public_key: bytes
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class IncomingUpdate:
     num_examples: int
     metrics: dict[str, float]
     codec: str
+    envelope: str
     payload: bytes
 
 
@@ -72,6 +78,7 @@ class Coordinator:
         self.adapters_root = state_dir / "adapters"
         self.models_root = state_dir / "models"
         self.presence = Presence(heartbeat_seconds)
+        self.keys = KeyRing(state_dir / "keys")
         self.evaluator = Evaluator(self.base_dir)
         self.engines: dict[str, RoundEngine] = {}
         self._schemas: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -84,7 +91,8 @@ class Coordinator:
                 self._start_engine(job.job_id)
 
     def _start_engine(self, job_id: str) -> None:
-        engine = RoundEngine(job_id, self.state, self.store, self.presence, self.evaluator, self.adapters_root)
+        engine = RoundEngine(job_id, self.state, self.store, self.presence, self.evaluator, self.adapters_root,
+                             self.keys)
         self.engines[job_id] = engine
         engine.start()
 
@@ -135,6 +143,7 @@ class Coordinator:
             initial_adapter=initial,
             peft_config_json=spec.peft.model_dump_json(),
         )
+        self.keys.job_key(job.job_id)
         log.info("job %s created: %s on %s", job.job_id, spec.name, base_model)
         self._start_engine(job.job_id)
         return job
@@ -155,14 +164,17 @@ class Coordinator:
         return self.state.job(job_id)
 
     # ------------------------------------------------------------------ clients
-    def join(self, token: str, name: str, device: str) -> tuple[Client, str]:
-        """Enrolls a client with a token; returns it and its session secret."""
+    def join(self, token: str, name: str, device: str, sign_public_key: bytes, kx_public_key: bytes) -> Client:
+        """Enrolls a client with a token and its public keys."""
         if not token:
             raise InvalidInput("join request has no enrollment token")
-        client, session = self.state.join(token, name or "client", device or "unknown")
+        ed25519_public(sign_public_key)
+        if len(kx_public_key) != 32:
+            raise InvalidInput("join request needs a 32-byte X25519 public key")
+        client = self.state.join(token, name or "client", device or "unknown", sign_public_key, kx_public_key)
         self.presence.touch(client.client_id)
         log.info("client %s (%s) joined job %s", client.client_id, client.name, client.job_id)
-        return client, session
+        return client
 
     def heartbeat(self, client: Client) -> tuple[Decision, TaskInfo | None]:
         """Records liveness and tells the client what to do."""
@@ -179,7 +191,7 @@ class Coordinator:
         size = self.store.size(rnd.global_in)
         adapter = FileEntry("adapter_model.safetensors", rnd.global_in, size)
         info = TaskInfo(job, rnd.round, decision.task_id, self.state.job_files(job.job_id), adapter,
-                        rnd.deadline, self.max_update_bytes(job))
+                        rnd.deadline, self.max_update_bytes(job), self.keys.job_public_key(job.job_id))
         return decision, info
 
     def max_update_bytes(self, job: Job) -> int:
@@ -238,6 +250,8 @@ class Coordinator:
         update already stored (nothing changes)."""
         job = self.state.job(inc.job_id)
         spec = self.spec(job.job_id)
+        if inc.envelope != ENVELOPE_SCHEME:
+            raise InvalidInput(f"update envelope {inc.envelope!r} is not {ENVELOPE_SCHEME!r}")
         if inc.codec != spec.codec:
             raise InvalidInput(f"update codec {inc.codec!r} is not the job's codec {spec.codec!r}")
         if inc.num_examples <= 0:
@@ -245,8 +259,11 @@ class Coordinator:
         for key, value in inc.metrics.items():
             if not isinstance(value, float) or not math.isfinite(value):
                 raise InvalidInput(f"metric {key!r} is not a finite number")
-        wire = bytes_to_tensors(inc.payload)
+        binding = UpdateBinding(inc.job_id, inc.round, client.client_id, inc.update_id)
+        plain = self.keys.open_update(inc.payload, binding)
+        wire = bytes_to_tensors(plain)
         validate_update(wire, self._schema(job), get_codec(spec.codec), spec.aggregation.max_update_norm)
+        # The envelope is what is stored: updates stay encrypted at rest until aggregation.
         sha = self.store.put_bytes(inc.payload)
         fresh = self.state.add_update(Update(
             update_id=inc.update_id, job_id=inc.job_id, round=inc.round, client_id=client.client_id,

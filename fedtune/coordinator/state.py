@@ -35,8 +35,8 @@ CREATE TABLE IF NOT EXISTS tokens (
   token_hash TEXT PRIMARY KEY, job_id TEXT NOT NULL, uses_left INTEGER NOT NULL,
   expires REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS clients (
-  client_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, name TEXT NOT NULL, session_hash TEXT NOT NULL,
-  device TEXT NOT NULL, joined REAL NOT NULL);
+  client_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, name TEXT NOT NULL, token_hash TEXT NOT NULL,
+  sign_public_key BLOB NOT NULL, kx_public_key BLOB NOT NULL, device TEXT NOT NULL, joined REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL,
   deadline REAL NOT NULL, cohort_json TEXT NOT NULL, global_in TEXT NOT NULL, global_out TEXT,
@@ -55,8 +55,16 @@ CREATE TABLE IF NOT EXISTS published (
 """
 
 
+TOKEN_ID_LEN = 12
+
+
 def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def token_id(token: str) -> str:
+    """A token's non-secret handle: the start of its hash."""
+    return _hash_secret(token)[:TOKEN_ID_LEN]
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ class Client:
     name: str
     device: str
     joined: float
+    sign_public_key: bytes = b""
+    kx_public_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -254,8 +264,8 @@ class CoordinatorState:
             ).fetchone() is not None
 
     # ---------------------------------------------------------------- tokens and clients
-    def add_token(self, job_id: str, uses: int, ttl_seconds: float) -> tuple[str, float]:
-        """Creates an enrollment token; only its hash is stored. Returns (token, expiry)."""
+    def add_token(self, job_id: str, uses: int, ttl_seconds: float) -> tuple[str, float, str]:
+        """Creates an enrollment token; only its hash is stored. Returns (token, expiry, token id)."""
         self.job(job_id)
         token = "ftk_" + secrets.token_urlsafe(24)
         expires = time.time() + ttl_seconds
@@ -264,11 +274,22 @@ class CoordinatorState:
                 "INSERT INTO tokens VALUES (?,?,?,?,0,?)",
                 (_hash_secret(token), job_id, uses, expires, time.time()),
             )
-        return token, expires
+        return token, expires, token_id(token)
 
-    def join(self, token: str, name: str, device: str) -> tuple[Client, str]:
-        """Spends one use of a token and enrolls a client. Returns (client, session secret)."""
-        session = "fts_" + secrets.token_urlsafe(32)
+    def revoke_token(self, token_or_id: str) -> tuple[str, int]:
+        """Revokes a token given itself or its id. Returns (token id, clients enrolled with it)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT token_hash FROM tokens").fetchall()
+            wanted = _hash_secret(token_or_id)
+            match = [r[0] for r in rows if r[0] == wanted or r[0][:TOKEN_ID_LEN] == token_or_id]
+            if not match:
+                raise NotFound("no such token (pass the token or the id printed by `token create --format json`)")
+            db.execute("UPDATE tokens SET revoked=1 WHERE token_hash=?", (match[0],))
+            n = db.execute("SELECT COUNT(*) FROM clients WHERE token_hash=?", (match[0],)).fetchone()[0]
+        return match[0][:TOKEN_ID_LEN], int(n)
+
+    def join(self, token: str, name: str, device: str, sign_public_key: bytes, kx_public_key: bytes) -> Client:
+        """Spends one use of a token and enrolls a client with its public keys."""
         client_id = "client-" + secrets.token_hex(4)
         now = time.time()
         with self._tx() as db:
@@ -284,29 +305,42 @@ class CoordinatorState:
             job = db.execute("SELECT state FROM jobs WHERE job_id=?", (row["job_id"],)).fetchone()
             if job is None or job["state"] != "running":
                 raise PreconditionFailed(f"job {row['job_id']} is not running")
+            if db.execute("SELECT 1 FROM clients WHERE sign_public_key=?", (sign_public_key,)).fetchone():
+                raise PreconditionFailed("this client key is already enrolled; reuse its identity")
             db.execute("UPDATE tokens SET uses_left=uses_left-1 WHERE token_hash=?", (row["token_hash"],))
             db.execute(
-                "INSERT INTO clients VALUES (?,?,?,?,?,?)",
-                (client_id, row["job_id"], name[:128], _hash_secret(session), device[:32], now),
+                "INSERT INTO clients VALUES (?,?,?,?,?,?,?,?)",
+                (client_id, row["job_id"], name[:128], row["token_hash"], sign_public_key, kx_public_key,
+                 device[:32], now),
             )
-        return Client(client_id, row["job_id"], name[:128], device[:32], now), session
+        return Client(client_id, row["job_id"], name[:128], device[:32], now, sign_public_key, kx_public_key)
 
-    def authenticate(self, session: str) -> Client:
-        """The client a session secret belongs to."""
+    def client(self, client_id: str) -> Client:
+        """An enrolled client whose token is still valid.
+
+        Raises:
+            AuthError: unknown client, or its token was revoked.
+        """
         with self._lock:
             row = self._db.execute(
-                "SELECT client_id, job_id, name, device, joined FROM clients WHERE session_hash=?",
-                (_hash_secret(session),),
+                "SELECT c.client_id, c.job_id, c.name, c.device, c.joined, c.sign_public_key, c.kx_public_key, "
+                "t.revoked FROM clients c JOIN tokens t ON t.token_hash = c.token_hash WHERE c.client_id=?",
+                (client_id,),
             ).fetchone()
         if row is None:
-            raise AuthError("unknown session: join again with an enrollment token")
-        return Client(**dict(row))
+            raise AuthError(f"unknown client {client_id!r}: join with an enrollment token")
+        if row["revoked"]:
+            raise AuthError(f"the token client {client_id} enrolled with was revoked")
+        d = dict(row)
+        d.pop("revoked")
+        return Client(**d)
 
     def clients(self, job_id: str) -> list[Client]:
         """Clients enrolled in a job."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT client_id, job_id, name, device, joined FROM clients WHERE job_id=? ORDER BY joined",
+                "SELECT client_id, job_id, name, device, joined, sign_public_key, kx_public_key FROM clients "
+                "WHERE job_id=? ORDER BY joined",
                 (job_id,),
             ).fetchall()
         return [Client(**dict(r)) for r in rows]

@@ -8,28 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "client_name", "agent_version", "device")
+    __slots__ = ("token", "client_name", "agent_version", "device", "sign_public_key", "kx_public_key")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SIGN_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    KX_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     token: str
     client_name: str
     agent_version: str
     device: str
-    def __init__(self, token: _Optional[str] = ..., client_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    sign_public_key: bytes
+    kx_public_key: bytes
+    def __init__(self, token: _Optional[str] = ..., client_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., device: _Optional[str] = ..., sign_public_key: _Optional[bytes] = ..., kx_public_key: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "session", "job_id", "heartbeat_seconds")
+    __slots__ = ("client_id", "job_id", "heartbeat_seconds")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
-    SESSION_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    session: str
     job_id: str
     heartbeat_seconds: int
-    def __init__(self, client_id: _Optional[str] = ..., session: _Optional[str] = ..., job_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., job_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -48,7 +50,7 @@ class FileRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes")
+    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes", "job_public_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,7 @@ class Task(_message.Message):
     TRAINING_JSON_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    JOB_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     task_id: str
@@ -69,7 +72,8 @@ class Task(_message.Message):
     training_json: str
     deadline_unix: float
     max_update_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+    job_public_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., job_public_key: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("action", "task", "retry_after_seconds", "message")
@@ -112,7 +116,7 @@ class Chunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "task_id", "update_id", "num_examples", "total_size", "sha256", "metrics", "codec")
+    __slots__ = ("job_id", "round", "task_id", "update_id", "num_examples", "total_size", "sha256", "metrics", "codec", "envelope")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +133,7 @@ class UpdateHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     task_id: str
@@ -138,7 +143,8 @@ class UpdateHeader(_message.Message):
     sha256: str
     metrics: _containers.ScalarMap[str, float]
     codec: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., update_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[str] = ...) -> None: ...
+    envelope: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., update_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[str] = ..., envelope: _Optional[str] = ...) -> None: ...
 
 class UploadCommit(_message.Message):
     __slots__ = ("sha256",)
@@ -255,12 +261,40 @@ class CreateTokenRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., uses: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateTokenReply(_message.Message):
-    __slots__ = ("token", "expires_unix")
+    __slots__ = ("token", "expires_unix", "token_id")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     token: str
     expires_unix: float
-    def __init__(self, token: _Optional[str] = ..., expires_unix: _Optional[float] = ...) -> None: ...
+    token_id: str
+    def __init__(self, token: _Optional[str] = ..., expires_unix: _Optional[float] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenReply(_message.Message):
+    __slots__ = ("token_id", "clients")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    clients: int
+    def __init__(self, token_id: _Optional[str] = ..., clients: _Optional[int] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CoordinatorInfo(_message.Message):
+    __slots__ = ("version", "signing_public_key")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    signing_public_key: bytes
+    def __init__(self, version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -27,8 +27,10 @@ if _version_not_supported:
 
 class ClientServiceStub:
     """---------------------------------------------------------------------------------------------
-    Client-facing service. Every call but Join carries the session credential returned by Join in
-    the `x-fedtune-session` metadata key; the coordinator's interceptor denies anything else.
+    Client-facing service. Every call but Join is signed with the Ed25519 key the client enrolled:
+    metadata `x-fedtune-client` (client id), `x-fedtune-time` (unix seconds) and `x-fedtune-sig`
+    (base64 signature of "fedtune/v1 request\n<method>\n<client id>\n<time>"). The coordinator's
+    interceptor denies anything else.
     ---------------------------------------------------------------------------------------------
     """
 
@@ -62,8 +64,10 @@ class ClientServiceStub:
 
 class ClientServiceServicer:
     """---------------------------------------------------------------------------------------------
-    Client-facing service. Every call but Join carries the session credential returned by Join in
-    the `x-fedtune-session` metadata key; the coordinator's interceptor denies anything else.
+    Client-facing service. Every call but Join is signed with the Ed25519 key the client enrolled:
+    metadata `x-fedtune-client` (client id), `x-fedtune-time` (unix seconds) and `x-fedtune-sig`
+    (base64 signature of "fedtune/v1 request\n<method>\n<client id>\n<time>"). The coordinator's
+    interceptor denies anything else.
     ---------------------------------------------------------------------------------------------
     """
 
@@ -128,8 +132,10 @@ def add_ClientServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ClientService:
     """---------------------------------------------------------------------------------------------
-    Client-facing service. Every call but Join carries the session credential returned by Join in
-    the `x-fedtune-session` metadata key; the coordinator's interceptor denies anything else.
+    Client-facing service. Every call but Join is signed with the Ed25519 key the client enrolled:
+    metadata `x-fedtune-client` (client id), `x-fedtune-time` (unix seconds) and `x-fedtune-sig`
+    (base64 signature of "fedtune/v1 request\n<method>\n<client id>\n<time>"). The coordinator's
+    interceptor denies anything else.
     ---------------------------------------------------------------------------------------------
     """
 
@@ -280,6 +286,16 @@ class AdminServiceStub:
                 request_serializer=fedtune__pb2.CreateTokenRequest.SerializeToString,
                 response_deserializer=fedtune__pb2.CreateTokenReply.FromString,
                 _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/fedtune.v1.AdminService/RevokeToken',
+                request_serializer=fedtune__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.RevokeTokenReply.FromString,
+                _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/fedtune.v1.AdminService/GetInfo',
+                request_serializer=fedtune__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.CoordinatorInfo.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/fedtune.v1.AdminService/ListAdapters',
                 request_serializer=fedtune__pb2.ListAdaptersRequest.SerializeToString,
@@ -329,6 +345,19 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeToken(self, request, context):
+        """Revokes a token: it can no longer enroll, and clients enrolled with it can no longer submit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -369,6 +398,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CreateToken,
                     request_deserializer=fedtune__pb2.CreateTokenRequest.FromString,
                     response_serializer=fedtune__pb2.CreateTokenReply.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=fedtune__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=fedtune__pb2.RevokeTokenReply.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=fedtune__pb2.GetInfoRequest.FromString,
+                    response_serializer=fedtune__pb2.CoordinatorInfo.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -520,6 +559,60 @@ class AdminService:
             '/fedtune.v1.AdminService/CreateToken',
             fedtune__pb2.CreateTokenRequest.SerializeToString,
             fedtune__pb2.CreateTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/RevokeToken',
+            fedtune__pb2.RevokeTokenRequest.SerializeToString,
+            fedtune__pb2.RevokeTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/GetInfo',
+            fedtune__pb2.GetInfoRequest.SerializeToString,
+            fedtune__pb2.CoordinatorInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,30 @@
+"""`fedtune certs`: trial certificates for TLS and mTLS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Trial certificates for TLS and mTLS.", no_args_is_help=True)
+
+
+@app.command("init")
+def init(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the CA, server and client files into.")],
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="Name or IP the coordinator is reached at (repeat; default localhost and 127.0.0.1).")] = None,
+    client: Annotated[list[str] | None, typer.Option(
+        "--client", help="A client certificate to make (repeat; default one named 'client').")] = None,
+) -> None:
+    """Make a CA, a server certificate and client certificates (ECDSA P-256, one year)."""
+    from fedtune.crypto.certs import init_certs
+
+    paths = init_certs(out, host or ["localhost", "127.0.0.1"], client or ["client"])
+    typer.echo(f"CA {paths.ca_cert}; server {paths.server_cert} + {paths.server_key}; "
+               f"client {paths.client_cert} + {paths.client_key}", err=True)
+    typer.echo(
+        f"coordinator: --tls-cert {paths.server_cert} --tls-key {paths.server_key} [--client-ca {paths.ca_cert}]\n"
+        f"clients:     --ca-cert {paths.ca_cert} [--client-cert {paths.client_cert} --client-key {paths.client_key}]"
+    )

@@ -1,0 +1,1 @@
+"""Cryptography: update envelopes, client identities and request signing, signed manifests, certificates."""
