@@ -17,8 +17,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fedtune.client.channel import ClientTls
+from fedtune.coordinator.keyring import KeyRing
 from fedtune.crypto.certs import init_certs
+from fedtune.crypto.envelope import UpdateBinding
 from fedtune.demo import wait_for_coordinator
+from fedtune.errors import InvalidInput
 from fedtune.peft_io import bytes_to_tensors
 from tests.conftest import fedtune_cmd, make_spec, spawn, wait_until
 
@@ -178,12 +181,19 @@ def test_two_clients_two_rounds_publish_an_adapter_plain_peft_loads(cluster: Clu
     blobs = cluster.state_dir / "blobs"
     read = lambda sha: bytes_to_tensors((blobs / sha[:2] / sha).read_bytes())
     g_in, g_out = db.execute("SELECT global_in, global_out FROM rounds WHERE job_id=? AND round=2", (job,)).fetchone()
-    ups = db.execute("SELECT sha256, num_examples FROM updates WHERE job_id=? AND round=2", (job,)).fetchall()
+    ups = db.execute("SELECT sha256, num_examples, client_id, update_id FROM updates WHERE job_id=? AND round=2",
+                     (job,)).fetchall()
     assert len(ups) == 2
-    total = sum(n for _, n in ups)
+    total = sum(n for _, n, _, _ in ups)
     expected = {k: v.clone() for k, v in read(g_in).items()}
-    for sha, n in ups:
-        for k, d in read(sha).items():
+    keys = KeyRing(cluster.state_dir / "keys")
+    for sha, n, client_id, update_id in ups:
+        sealed = (blobs / sha[:2] / sha).read_bytes()
+        # Stored sealed: only the job's key opens it, for exactly this job, round, client and update.
+        with pytest.raises(InvalidInput):
+            bytes_to_tensors(sealed)
+        plain = keys.open_update(sealed, UpdateBinding(job, 2, client_id, update_id))
+        for k, d in bytes_to_tensors(plain).items():
             expected[k] += d * (n / total)
     for k, v in read(g_out).items():
         torch.testing.assert_close(v, expected[k])

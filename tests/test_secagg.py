@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
@@ -22,8 +23,8 @@ from fedtune.secagg import (
     decode_sum,
     encode,
     max_scale,
+    shamir,
 )
-from fedtune.secagg import shamir
 from fedtune.secagg.graph import neighbor_graph
 
 N, DEGREE, THRESHOLD, LENGTH, CLIP = 10, 8, 5, 1000, 1.0
@@ -51,8 +52,13 @@ def share_keys(params: SecAggParams) -> tuple[ServerSession, list[ClientSession]
     return server, clients
 
 
-def run_round(params: SecAggParams, encoded: list[np.ndarray], *, drop_before_input: set[int] = frozenset(),
-              silent_at_unmask: set[int] = frozenset()) -> tuple[np.ndarray, UnmaskRequest]:
+def run_round(
+    params: SecAggParams,
+    encoded: list[np.ndarray],
+    *,
+    drop_before_input: Collection[int] = (),
+    silent_at_unmask: Collection[int] = (),
+) -> tuple[np.ndarray, UnmaskRequest]:
     """A whole round; clients in ``drop_before_input`` vanish right after share_keys."""
     server, clients = share_keys(params)
     for c in clients:
@@ -105,7 +111,9 @@ def test_too_many_dropouts_are_refused_not_summed_wrong(floats: list[np.ndarray]
     encoded = encode_all(make_params(), floats)
     with pytest.raises(PreconditionFailed, match=r"too many clients dropped.*\d shares available, 5 needed"):
         run_round(make_params(), encoded, drop_before_input={0, 2, 4, 6, 8})
-    with pytest.raises(PreconditionFailed, match="too many clients dropped: 4 masked inputs arrived, 5 needed"):
+    with pytest.raises(
+        PreconditionFailed, match="too many clients dropped: 4 masked inputs arrived, 5 needed"
+    ):
         run_round(make_params(), encoded, drop_before_input={0, 1, 2, 3, 4, 5})
 
 

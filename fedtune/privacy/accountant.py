@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,7 +149,7 @@ class RdpAccountant:
         _check_steps(steps)
         if steps == 0:
             return
-        z, q = float(noise_multiplier), float(sample_rate)
+        z, q, steps = float(noise_multiplier), float(sample_rate), int(steps)
         if self._history and self._history[-1][:2] == (z, q):
             self._history[-1] = (z, q, self._history[-1][2] + steps)
         else:
@@ -316,7 +317,8 @@ def _log_sub(logx: float, logy: float) -> float:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    # numbers.Real also admits numpy scalars; bool is an int but never a meaningful rate or count.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_sample_rate(q: float) -> None:
@@ -330,7 +332,7 @@ def _check_noise_multiplier(z: float) -> None:
 
 
 def _check_steps(steps: int) -> None:
-    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+    if not (isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 0):
         raise InvalidInput(f"steps must be an integer >= 0, got {steps!r}")
 
 
@@ -340,9 +342,16 @@ def _check_delta(delta: float) -> None:
 
 
 def _check_orders(orders: Sequence[float] | None) -> tuple[float, ...]:
-    if isinstance(orders, (str, bytes)) or not isinstance(orders, Sequence) or not orders:
-        raise InvalidInput(f"orders must be a non-empty list of numbers > 1, got {orders!r}")
-    for a in orders:
+    bad = InvalidInput(f"orders must be a non-empty list of numbers > 1, got {orders!r}")
+    if orders is None or isinstance(orders, (str, bytes, Mapping)):
+        raise bad
+    try:
+        values = list(orders)  # numpy arrays are welcome too
+    except TypeError as e:
+        raise bad from e
+    if not values:
+        raise bad
+    for a in values:
         if not (_is_number(a) and math.isfinite(a) and a > 1):
             raise InvalidInput(f"every RDP order must be a finite number > 1, got {a!r}")
-    return tuple(float(a) for a in orders)
+    return tuple(float(a) for a in values)

@@ -41,7 +41,9 @@ class ClientSession:
         self.neighbors = params.graph[index]
         self._c_sk = prg.new_private_key()
         self._s_sk = prg.new_private_key()
-        self._advert = KeyAdvert(index, prg.public_bytes(self._c_sk), prg.public_bytes(self._s_sk), params.round_id)
+        self._advert = KeyAdvert(
+            index, prg.public_bytes(self._c_sk), prg.public_bytes(self._s_sk), params.round_id
+        )
         self._peers: dict[int, KeyAdvert] = {}
         self._b_seed: bytes | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (self-mask share, mask-key share)
@@ -78,8 +80,9 @@ class ClientSession:
         if len(set(keys)) != len(keys):
             raise InvalidInput("two adverts share a public key")
         if len(peers) < p.threshold:
-            raise PreconditionFailed(f"only {len(peers)} of {p.degree} neighbors advertised keys, "
-                                     f"{p.threshold} needed")
+            raise PreconditionFailed(
+                f"only {len(peers)} of {p.degree} neighbors advertised keys, {p.threshold} needed"
+            )
         self._b_seed = os.urandom(prg.SEED_BYTES)
         xs = [j + 1 for j in peers]
         b_shares = shamir.split(self._b_seed, len(peers), p.threshold, xs=xs)
@@ -87,7 +90,9 @@ class ClientSession:
         self._peers = peers
         out = []
         for (j, advert), (_, b_share), (_, sk_share) in zip(peers.items(), b_shares, sk_shares):
-            plaintext = struct.pack(">H", len(b_share)) + b_share + struct.pack(">H", len(sk_share)) + sk_share
+            plaintext = (
+                struct.pack(">H", len(b_share)) + b_share + struct.pack(">H", len(sk_share)) + sk_share
+            )
             nonce = os.urandom(_NONCE_BYTES)
             sealed = self._cipher(j, advert).encrypt(nonce, plaintext, _aad(p.round_id, self.index, j))
             out.append(EncryptedShare(self.index, j, nonce + sealed))
@@ -115,9 +120,13 @@ class ClientSession:
         """
         self._require("masked_input")
         p = self.params
-        if not (isinstance(vector, np.ndarray) and vector.dtype == np.uint32 and vector.shape == (p.vector_len,)):
-            raise InvalidInput(f"input must be a uint32 vector of length {p.vector_len}, got "
-                               f"{getattr(vector, 'dtype', type(vector))} {getattr(vector, 'shape', '')}")
+        if not (
+            isinstance(vector, np.ndarray) and vector.dtype == np.uint32 and vector.shape == (p.vector_len,)
+        ):
+            raise InvalidInput(
+                f"input must be a uint32 vector of length {p.vector_len}, got "
+                f"{getattr(vector, 'dtype', type(vector))} {getattr(vector, 'shape', '')}"
+            )
         held: dict[int, tuple[bytes, bytes]] = {}
         for share in received:
             held[share.sender] = self._open(share, held)
@@ -126,8 +135,10 @@ class ClientSession:
         assert self._b_seed is not None  # set by share_keys, which _require guarantees ran
         y = vector + prg.expand(self._b_seed, p.vector_len)
         for j in held:
-            mask = prg.expand(prg.agree(self._s_sk, self._peers[j].s_pk, prg.MASK_LABEL, p.round_id,
-                                        (self.index, j)), p.vector_len)
+            mask = prg.expand(
+                prg.agree(self._s_sk, self._peers[j].s_pk, prg.MASK_LABEL, p.round_id, (self.index, j)),
+                p.vector_len,
+            )
             if self.index < j:
                 np.add(y, mask, out=y)
             else:
@@ -137,7 +148,9 @@ class ClientSession:
         self._step = "unmask"
         return MaskedInput(self.index, frozenset(held), y)
 
-    def unmask(self, survivors: set[int] | frozenset[int], dropped: set[int] | frozenset[int]) -> UnmaskShares:
+    def unmask(
+        self, survivors: set[int] | frozenset[int], dropped: set[int] | frozenset[int]
+    ) -> UnmaskShares:
         """Answers the coordinator's unmask request, once.
 
         Gives the self-mask share of every surviving neighbor and the mask-key share of every
@@ -183,7 +196,9 @@ class ClientSession:
     def _open(self, share: EncryptedShare, held: dict[int, tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
         j = share.sender
         if share.receiver != self.index:
-            raise InvalidInput(f"share from client {j} is addressed to client {share.receiver}, not {self.index}")
+            raise InvalidInput(
+                f"share from client {j} is addressed to client {share.receiver}, not {self.index}"
+            )
         if j not in self._peers:
             raise InvalidInput(f"share from client {j}, which is not an advertised neighbor of {self.index}")
         if j in held:
@@ -192,7 +207,9 @@ class ClientSession:
             raise InvalidInput(f"share from client {j} is too short to be a ciphertext")
         nonce, sealed = share.ciphertext[:_NONCE_BYTES], share.ciphertext[_NONCE_BYTES:]
         try:
-            plaintext = self._cipher(j, self._peers[j]).decrypt(nonce, sealed, _aad(self.params.round_id, j, self.index))
+            plaintext = self._cipher(j, self._peers[j]).decrypt(
+                nonce, sealed, _aad(self.params.round_id, j, self.index)
+            )
         except InvalidTag as e:
             raise InvalidInput(f"share from client {j} failed authentication") from e
         r = Reader(plaintext, f"share from client {j}")

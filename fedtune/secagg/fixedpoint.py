@@ -100,5 +100,7 @@ def decode_sum(total: np.ndarray, scale: float) -> np.ndarray:
         InvalidInput: If ``total`` is not a uint32 vector.
     """
     if not (isinstance(total, np.ndarray) and total.dtype == np.uint32):
-        raise InvalidInput(f"sum to decode must be a uint32 numpy array, got {getattr(total, 'dtype', total)}")
+        raise InvalidInput(
+            f"sum to decode must be a uint32 numpy array, got {getattr(total, 'dtype', total)}"
+        )
     return total.view(np.int32).astype(np.float64) / scale

@@ -59,7 +59,9 @@ class SecAggParams:
     def __post_init__(self) -> None:
         check_degree(self.n_clients, self.degree)
         if self.threshold > self.degree:
-            raise InvalidInput(f"threshold={self.threshold} is above degree={self.degree}: nothing could be rebuilt")
+            raise InvalidInput(
+                f"threshold={self.threshold} is above degree={self.degree}: nothing could be rebuilt"
+            )
         # Each neighbor answers for a client with either its self-mask share (it survived) or its
         # mask-key share (it dropped), never both. With 2 * threshold > degree no split of the
         # neighbors, however the server lies about who dropped, yields threshold shares of both, so
@@ -70,8 +72,9 @@ class SecAggParams:
             raise InvalidInput(f"clip must be a positive finite number, got {self.clip}")
         limit = max_scale(self.clip, self.n_clients)
         if not (math.isfinite(self.scale) and 0 < self.scale <= limit):
-            raise InvalidInput(f"scale={self.scale} must be in (0, {limit}] for clip={self.clip}, "
-                               f"n_clients={self.n_clients}")
+            raise InvalidInput(
+                f"scale={self.scale} must be in (0, {limit}] for clip={self.clip}, n_clients={self.n_clients}"
+            )
         if not 1 <= self.vector_len < 2**31:
             raise InvalidInput(f"vector_len must be in [1, 2^31), got {self.vector_len}")
         if not (isinstance(self.round_id, bytes) and 16 <= len(self.round_id) <= 64):
@@ -84,7 +87,9 @@ class SecAggParams:
 
     def to_bytes(self) -> bytes:
         """Canonical JSON, for the coordinator to hand the parameters to clients."""
-        fields = {k: getattr(self, k) for k in ("n_clients", "degree", "threshold", "clip", "scale", "vector_len")}
+        fields = {
+            k: getattr(self, k) for k in ("n_clients", "degree", "threshold", "clip", "scale", "vector_len")
+        }
         return json.dumps({**fields, "round_id": self.round_id.hex()}, sort_keys=True).encode()
 
     @classmethod
@@ -96,8 +101,15 @@ class SecAggParams:
         """
         try:
             raw = json.loads(data)
-            return cls(int(raw["n_clients"]), int(raw["degree"]), int(raw["threshold"]), float(raw["clip"]),
-                       float(raw["scale"]), int(raw["vector_len"]), bytes.fromhex(raw["round_id"]))
+            return cls(
+                int(raw["n_clients"]),
+                int(raw["degree"]),
+                int(raw["threshold"]),
+                float(raw["clip"]),
+                float(raw["scale"]),
+                int(raw["vector_len"]),
+                bytes.fromhex(raw["round_id"]),
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidInput(f"malformed secagg parameters: {e}") from e
 
@@ -127,8 +139,14 @@ class KeyAdvert:
 
     def to_bytes(self) -> bytes:
         """Wire form."""
-        return (header(_KEY_ADVERT) + struct.pack(">B", len(self.round_id)) + self.round_id
-                + struct.pack(">I", self.client_index) + self.c_pk + self.s_pk)
+        return (
+            header(_KEY_ADVERT)
+            + struct.pack(">B", len(self.round_id))
+            + self.round_id
+            + struct.pack(">I", self.client_index)
+            + self.c_pk
+            + self.s_pk
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyAdvert:
@@ -150,8 +168,11 @@ class EncryptedShare:
 
     def to_bytes(self) -> bytes:
         """Wire form."""
-        return header(_ENCRYPTED_SHARE) + struct.pack(">III", self.sender, self.receiver,
-                                                       len(self.ciphertext)) + self.ciphertext
+        return (
+            header(_ENCRYPTED_SHARE)
+            + struct.pack(">III", self.sender, self.receiver, len(self.ciphertext))
+            + self.ciphertext
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EncryptedShare:
@@ -178,8 +199,12 @@ class MaskedInput:
     def to_bytes(self) -> bytes:
         """Wire form; the vector travels as little-endian uint32."""
         peers = sorted(self.peers)
-        return (header(_MASKED_INPUT) + struct.pack(f">II{len(peers)}I", self.sender, len(peers), *peers)
-                + struct.pack(">I", len(self.vector)) + np.asarray(self.vector, dtype="<u4").tobytes())
+        return (
+            header(_MASKED_INPUT)
+            + struct.pack(f">II{len(peers)}I", self.sender, len(peers), *peers)
+            + struct.pack(">I", len(self.vector))
+            + np.asarray(self.vector, dtype="<u4").tobytes()
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MaskedInput:

@@ -13,7 +13,14 @@ from collections.abc import Iterable
 import numpy as np
 
 from fedtune.errors import InvalidInput, PreconditionFailed
-from fedtune.secagg.protocol import EncryptedShare, KeyAdvert, MaskedInput, SecAggParams, UnmaskRequest, UnmaskShares
+from fedtune.secagg.protocol import (
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    SecAggParams,
+    UnmaskRequest,
+    UnmaskShares,
+)
 from fedtune.secagg.unmask import remove_masks
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,9 @@ class ServerSession:
         self._phase = "advertise"
         self._adverts: dict[int, KeyAdvert] = {}
         self._shares: dict[int, list[EncryptedShare]] = {}  # sender -> its shares
-        self._inputs: dict[int, MaskedInput] = {}
+        # Inputs are summed on arrival: memory stays at one vector however many clients there are.
+        self._total = np.zeros(params.vector_len, dtype=np.uint32)
+        self._mask_peers: dict[int, frozenset[int]] = {}  # survivor -> neighbors it masked against
         self._request: UnmaskRequest | None = None
         self._answers: dict[int, UnmaskShares] = {}
 
@@ -87,9 +96,13 @@ class ServerSession:
                 raise InvalidInput(f"client {sender} sent a share in the name of client {s.sender}")
             self._known(s.receiver, f"share from client {sender}")
             if len(s.ciphertext) > _MAX_CIPHERTEXT:
-                raise InvalidInput(f"share from client {sender} is {len(s.ciphertext)} bytes, over {_MAX_CIPHERTEXT}")
+                raise InvalidInput(
+                    f"share from client {sender} is {len(s.ciphertext)} bytes, over {_MAX_CIPHERTEXT}"
+                )
         if len(got) != len(set(got)) or set(got) != expected:
-            raise InvalidInput(f"client {sender} sent shares for {sorted(got)}, expected its neighbors {sorted(expected)}")
+            raise InvalidInput(
+                f"client {sender} sent shares for {sorted(got)}, expected its neighbors {sorted(expected)}"
+            )
         self._shares[sender] = shares
 
     def shares_for(self, receiver: int) -> list[EncryptedShare]:
@@ -104,8 +117,13 @@ class ServerSession:
         self._require("masked_input")
         if self._known(receiver, "share request") not in self._shares:
             raise PreconditionFailed(f"client {receiver} did not share its keys in time")
-        return [s for j in sorted(self.params.graph[receiver]) if j in self._shares
-                for s in self._shares[j] if s.receiver == receiver]
+        return [
+            s
+            for j in sorted(self.params.graph[receiver])
+            if j in self._shares
+            for s in self._shares[j]
+            if s.receiver == receiver
+        ]
 
     def add_masked_input(self, masked: MaskedInput) -> None:
         """Records a client's masked vector after checking its shape and its masks.
@@ -118,17 +136,22 @@ class ServerSession:
         i = self._known(masked.sender, "masked input")
         if i not in self._shares:
             raise PreconditionFailed(f"client {i} sent a masked input without having shared its keys")
-        if i in self._inputs:
+        if i in self._mask_peers:
             raise InvalidInput(f"client {i} sent two masked inputs")
         v = masked.vector
         if not (isinstance(v, np.ndarray) and v.dtype == np.uint32 and v.ndim == 1):
             raise InvalidInput(f"masked vector of client {i} must be a 1-D uint32 array")
         if len(v) != self.params.vector_len:
-            raise InvalidInput(f"masked vector of client {i} has length {len(v)}, expected {self.params.vector_len}")
+            raise InvalidInput(
+                f"masked vector of client {i} has length {len(v)}, expected {self.params.vector_len}"
+            )
         expected = {j for j in self.params.graph[i] if j in self._shares}
         if masked.peers != expected:
-            raise InvalidInput(f"client {i} masked against {sorted(masked.peers)}, expected {sorted(expected)}")
-        self._inputs[i] = masked
+            raise InvalidInput(
+                f"client {i} masked against {sorted(masked.peers)}, expected {sorted(expected)}"
+            )
+        np.add(self._total, v, out=self._total)
+        self._mask_peers[i] = masked.peers
 
     def unmask_request(self) -> UnmaskRequest:
         """Who survived and who dropped; the first call closes inputs. Send it to every survivor.
@@ -138,14 +161,18 @@ class ServerSession:
         """
         if self._phase == "masked_input":
             self._phase = "unmask"
-            survivors = frozenset(self._inputs)
+            survivors = frozenset(self._mask_peers)
             self._request = UnmaskRequest(survivors, frozenset(self._shares) - survivors)
-            logger.debug("secagg inputs closed: %d survivors, %d dropped", len(survivors), len(self._request.dropped))
+            logger.debug(
+                "secagg inputs closed: %d survivors, %d dropped", len(survivors), len(self._request.dropped)
+            )
         self._require("unmask")
         assert self._request is not None
         if len(self._request.survivors) < self.params.threshold:
-            raise PreconditionFailed(f"too many clients dropped: {len(self._request.survivors)} masked inputs "
-                                     f"arrived, {self.params.threshold} needed")
+            raise PreconditionFailed(
+                f"too many clients dropped: {len(self._request.survivors)} masked inputs "
+                f"arrived, {self.params.threshold} needed"
+            )
         return self._request
 
     def add_unmask(self, answer: UnmaskShares) -> None:
@@ -162,12 +189,16 @@ class ServerSession:
             raise PreconditionFailed(f"client {i} sent unmask shares but is not a survivor")
         if i in self._answers:
             raise InvalidInput(f"client {i} sent unmask shares twice")
-        for owners, allowed, kind in ((answer.b_shares, request.survivors, "self-mask"),
-                                      (answer.sk_shares, request.dropped, "mask-key")):
+        for owners, allowed, kind in (
+            (answer.b_shares, request.survivors, "self-mask"),
+            (answer.sk_shares, request.dropped, "mask-key"),
+        ):
             for j, share in owners.items():
                 self._known(j, f"{kind} share from client {i}")
                 if j not in self.params.graph[i] or j not in allowed:
-                    raise InvalidInput(f"client {i} sent a {kind} share of client {j}, which it was not asked for")
+                    raise InvalidInput(
+                        f"client {i} sent a {kind} share of client {j}, which it was not asked for"
+                    )
                 if len(share) > _MAX_CIPHERTEXT:
                     raise InvalidInput(f"{kind} share of client {j} from client {i} is {len(share)} bytes")
         self._answers[i] = answer
@@ -181,7 +212,7 @@ class ServerSession:
             InvalidInput: If shares rebuild a mask key that does not match its advert.
         """
         request = self.unmask_request()
-        return remove_masks(self.params, self._adverts, self._inputs, request, self._answers)
+        return remove_masks(self.params, self._adverts, self._total, self._mask_peers, request, self._answers)
 
     @property
     def phase(self) -> str:
@@ -194,5 +225,7 @@ class ServerSession:
 
     def _known(self, index: int, what: str) -> int:
         if not 0 <= index < self.params.n_clients:
-            raise InvalidInput(f"{what} names unknown client {index} (participants are 0..{self.params.n_clients - 1})")
+            raise InvalidInput(
+                f"{what} names unknown client {index} (participants are 0..{self.params.n_clients - 1})"
+            )
         return index

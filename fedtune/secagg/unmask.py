@@ -14,7 +14,7 @@ import numpy as np
 
 from fedtune.errors import InvalidInput, PreconditionFailed
 from fedtune.secagg import prg, shamir
-from fedtune.secagg.protocol import KeyAdvert, MaskedInput, SecAggParams, UnmaskRequest, UnmaskShares
+from fedtune.secagg.protocol import KeyAdvert, SecAggParams, UnmaskRequest, UnmaskShares
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 def remove_masks(
     params: SecAggParams,
     adverts: dict[int, KeyAdvert],
-    inputs: dict[int, MaskedInput],
+    masked_sum: np.ndarray,
+    mask_peers: dict[int, frozenset[int]],
     request: UnmaskRequest,
     answers: dict[int, UnmaskShares],
 ) -> np.ndarray:
@@ -31,7 +32,8 @@ def remove_masks(
     Args:
         params: The round's parameters.
         adverts: Key adverts by client index.
-        inputs: Masked inputs of the survivors (already checked against the graph).
+        masked_sum: Sum mod 2^32 of the survivors' masked vectors (left unchanged).
+        mask_peers: For each survivor, the neighbors it masked against (checked against the graph).
         request: The survivors and dropped clients every answer was given for.
         answers: Unmask shares by the survivor that sent them.
 
@@ -56,12 +58,11 @@ def remove_masks(
     if short:
         what, have = short[0]
         more = f" ({len(short) - 1} more secrets are short too)" if len(short) > 1 else ""
-        raise PreconditionFailed(f"too many clients dropped: cannot rebuild the {what}: {have} shares "
-                                 f"available, {t} needed{more}")
+        raise PreconditionFailed(
+            f"too many clients dropped: cannot rebuild the {what}: {have} shares available, {t} needed{more}"
+        )
 
-    total = np.zeros(length, dtype=np.uint32)
-    for i in sorted(request.survivors):
-        np.add(total, inputs[i].vector, out=total)
+    total = masked_sum.copy()
     for i, points in sorted(b_points.items()):
         np.subtract(total, prg.expand(shamir.combine(points, t), length), out=total)
     for d, points in sorted(sk_points.items()):
@@ -69,7 +70,7 @@ def remove_masks(
         if prg.public_bytes(sk) != adverts[d].s_pk:
             raise InvalidInput(f"shares rebuild a mask key for client {d} that does not match its advert")
         for i in sorted(params.graph[d] & request.survivors):
-            if d not in inputs[i].peers:
+            if d not in mask_peers[i]:
                 continue
             seed = prg.agree(sk, adverts[i].s_pk, prg.MASK_LABEL, params.round_id, (i, d))
             # Survivor i added the mask if i < d and subtracted it otherwise: undo exactly that.

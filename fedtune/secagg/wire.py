@@ -26,7 +26,9 @@ def read_header(data: bytes, kind: int, what: str) -> Reader:
         raise InvalidInput(f"{what} does not start with the secagg magic bytes")
     version, got = r.u8(), r.u8()
     if version != VERSION or got != kind:
-        raise InvalidInput(f"{what} has version {version}, kind {got}; expected version {VERSION}, kind {kind}")
+        raise InvalidInput(
+            f"{what} has version {version}, kind {got}; expected version {VERSION}, kind {kind}"
+        )
     return r
 
 
