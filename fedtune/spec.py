@@ -61,6 +61,44 @@ class AggregationSpec(_Strict):
     max_update_norm: float | None = Field(None, gt=0)
 
 
+class SecureAggregationSpec(_Strict):
+    """SecAgg+ (Bell et al. 2020): the coordinator learns only the cohort's sum."""
+
+    # Neighbours per client in the masking graph (even; below min_clients).
+    degree: int = Field(4, ge=2)
+    # Shares needed to rebuild a dropped client's mask key; more than degree/2 (see fedtune.secagg).
+    threshold: int = Field(3, ge=2)
+    # Each element of a delta is clipped to [-clip, clip] before fixed-point encoding.
+    clip: float = Field(1.0, gt=0)
+    # A client's weight is min(examples, weight_cap) / weight_cap; the sum of weights travels masked too.
+    weight_cap: int = Field(1000, gt=0)
+    # Deadline of each protocol step (share keys, masked input, unmask) after training.
+    phase_seconds: float = Field(60.0, gt=0)
+    # A round whose sum cannot be recovered (too many dropouts) is retried this many times, then the job fails.
+    max_attempts: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _works(self) -> SecureAggregationSpec:
+        if self.degree % 2:
+            raise ValueError(f"degree ({self.degree}) must be even")
+        if self.threshold > self.degree:
+            raise ValueError(f"threshold ({self.threshold}) is larger than degree ({self.degree})")
+        if self.threshold <= self.degree // 2:
+            raise ValueError(f"threshold ({self.threshold}) must be more than degree/2 ({self.degree // 2}), or the "
+                             "coordinator could rebuild both masks of one client")
+        return self
+
+
+class PrivacySpec(_Strict):
+    """Client-level central DP: updates clipped to clip_norm, Gaussian noise added once to the sum."""
+
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    # Fraction of the population sampled per round; null: cohort / enrolled clients.
+    sample_rate: float | None = Field(None, gt=0, le=1)
+
+
 class JobSpec(_Strict):
     """A federated tuning job."""
 
@@ -78,6 +116,8 @@ class JobSpec(_Strict):
     # Once min_clients are connected, how long to wait for clients_per_round before starting.
     cohort_wait_seconds: float = Field(10.0, ge=0)
     eval_data: str | None = None
+    secure_aggregation: SecureAggregationSpec | None = None
+    privacy: PrivacySpec | None = None
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> JobSpec:
@@ -85,6 +125,14 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"min_clients ({self.min_clients}) is larger than clients_per_round ({self.clients_per_round})"
             )
+        sa = self.secure_aggregation
+        if sa is not None:
+            if self.codec != "fp32":
+                raise ValueError(f"codec {self.codec} is not additive: secure aggregation encodes fp32 deltas "
+                                 "in fixed point itself; use codec: fp32")
+            if sa.degree >= self.min_clients:
+                raise ValueError(f"secure_aggregation.degree ({sa.degree}) must be below min_clients "
+                                 f"({self.min_clients}): every cohort needs that many neighbours per client")
         return self
 
 
@@ -166,6 +214,14 @@ min_clients: 2             # a round closes at its deadline with at least this m
 round_deadline_seconds: 600
 cohort_wait_seconds: 10    # with min_clients connected, wait this long for clients_per_round
 eval_data: null            # JSONL on the coordinator, evaluated after every round
+# secure_aggregation:      # SecAgg+: the coordinator sees only the cohort's sum
+#   degree: 4              # neighbours per client (even, below min_clients)
+#   threshold: 3           # shares to rebuild a dropped client's masks (> degree/2)
+#   clip: 1.0              # per-element range of a delta in fixed point
+# privacy:                 # client-level central DP (clip, Gaussian noise on the sum)
+#   clip_norm: 1.0
+#   noise_multiplier: 1.0
+#   delta: 1.0e-5
 """
 
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune import __version__
 from fedtune.client.channel import ClientTls, is_tls_failure, is_transient, open_channel
+from fedtune.client.secure import SecureParticipant
 from fedtune.client.transfer import BlobCache, materialize, upload
 from fedtune.compression.codecs import get_codec
 from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
@@ -39,8 +40,10 @@ from fedtune.peft_io import (
     load_adapter_state,
     tensors_to_bytes,
 )
+from fedtune.privacy import clip_update
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
 from fedtune.training import train_adapter
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class ClientAgent:
         self._lock: IO[str] | None = None
         self._finished_tasks: set[str] = set()
         self._client_id = ""
+        self._secure: SecureParticipant | None = None
         self.sign_key: Ed25519PrivateKey | None = None
         self.kx_key: X25519PrivateKey | None = None
 
@@ -101,6 +105,14 @@ class ClientAgent:
             handle.close()
             raise StateConflict(f"client state dir {self.state_dir} is in use by another agent") from None
         self._lock = handle
+
+    @property
+    def secure(self) -> SecureParticipant:
+        """This agent's secure-aggregation sessions."""
+        if self._secure is None:
+            assert self.sign_key is not None
+            self._secure = SecureParticipant(self.sign_key)
+        return self._secure
 
     def _md(self, method: str) -> list[tuple[str, str]]:
         """Signed metadata for one call (fresh each time: the signature covers the time)."""
@@ -168,6 +180,9 @@ class ClientAgent:
                 if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
                     self._run_task(stub, client_id, reply.task)
                     continue
+                if reply.action == pb.HeartbeatReply.SECAGG:
+                    self._secure_step(stub, client_id, reply.secagg)
+                    continue
                 time.sleep(max(0.2, min(reply.retry_after_seconds or 1.0, 10.0)))
         finally:
             channel.close()
@@ -225,6 +240,19 @@ class ClientAgent:
         trained = adapter_state(loaded.model)
         codec = get_codec(training.get("codec", "fp32"))
         delta = {k: trained[k] - global_state[k] for k in global_state}
+        privacy = json.loads(task.privacy_json) if task.privacy_json else None
+        if privacy is not None:
+            delta, norm = clip_update(delta, float(privacy["clip_norm"]))
+            log.info("round %d: update norm %.4g clipped to %.4g for DP", task.round, norm, privacy["clip_norm"])
+        metrics = {"train_loss": result.mean_loss, "final_loss": result.final_loss, "train_seconds": result.seconds,
+                   "steps": float(result.steps), "fetch_seconds": fetch_seconds}
+        if task.secagg.params:
+            self._finished_tasks.add(task.task_id)
+            message = self.secure.begin(task, delta, result.num_examples, privacy is not None, metrics)
+            self._send_secagg(stub, message)
+            log.info("round %d: trained (loss %.4f); secure aggregation attempt %d started", task.round,
+                     result.mean_loss, task.secagg.attempt)
+            return
         # Same key for every retry of this task, across restarts too: the coordinator stores it once.
         update_id = hashlib.sha256(f"{client_id}:{task.task_id}".encode()).hexdigest()[:32]
         plain = tensors_to_bytes(codec.encode(delta), metadata={"codec": codec.name})
@@ -234,9 +262,7 @@ class ClientAgent:
             job_id=task.job_id, round=task.round, task_id=task.task_id, update_id=update_id,
             num_examples=result.num_examples, total_size=len(payload),
             sha256=hashlib.sha256(payload).hexdigest(), codec=codec.name, envelope=ENVELOPE_SCHEME,
-            metrics={"train_loss": result.mean_loss, "final_loss": result.final_loss,
-                     "train_seconds": result.seconds, "steps": float(result.steps),
-                     "fetch_seconds": fetch_seconds, "pack_seconds": pack_seconds},
+            metrics={**metrics, "pack_seconds": pack_seconds},
         )
         t2 = time.perf_counter()
         try:
@@ -255,3 +281,41 @@ class ClientAgent:
                  "already stored" if reply.duplicate else "accepted", len(payload), time.perf_counter() - t2,
                  result.mean_loss)
 
+    # ------------------------------------------------------------------ secure aggregation
+    def _send_secagg(self, stub: pb_grpc.ClientServiceStub, message: pb.SecAggMessage) -> bool:
+        try:
+            self._call(lambda: stub.SecAgg(message, metadata=self._md("SecAgg"), timeout=RPC_TIMEOUT_SECONDS))
+            return True
+        except FedtuneError as e:
+            if isinstance(e, AuthError):
+                raise
+            log.warning("round %d: secure-aggregation step not accepted: %s", message.round, e)
+            return False
+
+    def _secure_step(self, stub: pb_grpc.ClientServiceStub, client_id: str, step: pb.SecAggStep) -> None:
+        message, masked, attempt = self.secure.respond(step)
+        if attempt is None:
+            time.sleep(0.3)  # no session for this attempt (restarted agent): a dropout, wait it out
+            return
+        if message is not None:
+            self._send_secagg(stub, message)
+            if step.phase == pb.UNMASK:
+                self.stats.rounds.append(step.round)
+            return
+        assert masked is not None
+        task = attempt.task
+        update_id = hashlib.sha256(f"{client_id}:{task.task_id}:{step.attempt}".encode()).hexdigest()[:32]
+        payload = seal(masked, task.job_public_key, UpdateBinding(task.job_id, task.round, client_id, update_id))
+        header = pb.UpdateHeader(
+            job_id=task.job_id, round=task.round, task_id=task.task_id, update_id=update_id,
+            # The example count travels inside the masked vector (as the client's weight), not here.
+            num_examples=1, total_size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+            codec=SECAGG_CODEC, envelope=ENVELOPE_SCHEME, metrics=attempt.metrics,
+        )
+        try:
+            self._call(lambda: upload(stub, self._md("Upload"), header, payload))
+            self.stats.bytes_up += len(payload)
+        except FedtuneError as e:
+            if isinstance(e, AuthError):
+                raise
+            log.warning("round %d: masked input not accepted: %s", task.round, e)

@@ -38,7 +38,20 @@ def task_message(info: TaskInfo) -> pb.Task:
         deadline_unix=info.deadline,
         max_update_bytes=info.max_update_bytes,
         job_public_key=info.job_public_key,
+        secagg=_secagg_task(info, spec),
+        privacy_json=json.dumps(spec["privacy"]) if spec.get("privacy") else "",
     )
+
+
+def _secagg_task(info: TaskInfo, spec: dict) -> pb.SecAggTask | None:  # type: ignore[type-arg]
+    sec = info.secagg
+    if sec is None or sec.phase != "advertise":
+        return None
+    return pb.SecAggTask(params=sec.params, index=sec.members.index(info.client_id), attempt=sec.attempt,
+                         weight_cap=spec["secure_aggregation"]["weight_cap"])
+
+
+PHASES = {pb.ADVERTISE: "advertise", pb.SHARE: "share", pb.UNMASK: "unmask"}
 
 
 class ClientServicer(pb_grpc.ClientServiceServicer):
@@ -65,9 +78,23 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         retry = float(self.co.presence.heartbeat_seconds)
         if decision.action == "train" and info is not None:
             return pb.HeartbeatReply(action=pb.HeartbeatReply.TRAIN, task=task_message(info))
+        if decision.action == "secagg":
+            return pb.HeartbeatReply(action=pb.HeartbeatReply.SECAGG, secagg=pb.SecAggStep.FromString(decision.step))
         if decision.action == "stop":
             return pb.HeartbeatReply(action=pb.HeartbeatReply.STOP, message=decision.message)
+        if decision.retry_after is not None:
+            retry = decision.retry_after
         return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=retry, message=decision.message)
+
+    @unary
+    def SecAgg(self, request: pb.SecAggMessage, context: grpc.ServicerContext) -> pb.SecAggAck:
+        client = self._client(context)
+        phase = PHASES.get(request.phase)
+        if phase is None:
+            raise InvalidInput("secure-aggregation message has no valid phase (masked inputs go through Upload)")
+        fresh = self.co.secagg_message(client, request.job_id, request.round, request.attempt, phase,
+                                       request.payload, request.signature, list(request.shares))
+        return pb.SecAggAck(duplicate=not fresh)
 
     @streaming
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:

@@ -16,16 +16,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.presence import Presence
 from fedtune.coordinator.publish import publish_adapter
-from fedtune.coordinator.state import CoordinatorState, Job, Round, Update
+from fedtune.coordinator.secure_round import RoundAbandoned, SecureRound
+from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
+from fedtune.privacy import RdpAccountant, add_gaussian_noise, clip_update
 from fedtune.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -36,12 +40,15 @@ TERMINAL = ("finished", "failed", "cancelled")
 
 @dataclass(frozen=True)
 class Decision:
-    """What a polling client is told: wait, train (with its task id and round) or stop."""
+    """What a polling client is told: wait, train (with its task id and round), a secure-aggregation
+    step (``step``: a serialized SecAggStep), or stop."""
 
-    action: str  # wait, train, stop
+    action: str  # wait, train, secagg, stop
     round: int = 0
     task_id: str = ""
     message: str = ""
+    step: bytes = b""
+    retry_after: float | None = None
 
 
 class RoundEngine:
@@ -68,6 +75,12 @@ class RoundEngine:
         self.spec = JobSpec.model_validate_json(job.spec_json)
         self.codec = get_codec(self.spec.codec)
         self.strategy = get_strategy(self.spec.aggregation.strategy)
+        initial = bytes_to_tensors(store.read(job.initial_adapter))
+        self.schema = {k: tuple(v.shape) for k, v in initial.items()}
+        self.secure = (SecureRound(job_id, self.spec, state, store, keys, self.schema)
+                       if self.spec.secure_aggregation else None)
+        self.accountant = (RdpAccountant.from_dict(json.loads(job.privacy_json)) if job.privacy_json
+                           else RdpAccountant())
         self._ready_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,10 +120,31 @@ class RoundEngine:
             return Decision("wait", message="waiting for the next round")
         if client_id not in rnd.cohort:
             return Decision("wait", message=f"not in the cohort of round {rnd.round}")
+        task_id = self.state.task_for(self.job_id, rnd.round, client_id) or ""
+        if self.secure is not None:
+            return self._poll_secure(rnd, client_id, task_id)
         if self.state.has_update(self.job_id, rnd.round, client_id):
             return Decision("wait", message=f"update for round {rnd.round} received")
-        task_id = self.state.task_for(self.job_id, rnd.round, client_id)
-        return Decision("train", round=rnd.round, task_id=task_id or "")
+        return Decision("train", round=rnd.round, task_id=task_id)
+
+    def _poll_secure(self, rnd: Round, client_id: str, task_id: str) -> Decision:
+        sec = self.state.secagg_round(self.job_id, rnd.round)
+        # Protocol steps come quickly one after another: poll fast while one is running.
+        fast = 0.3
+        if sec is None or sec.phase == "abandoned" or client_id not in sec.members:
+            return Decision("wait", message="secure aggregation is being set up", retry_after=fast)
+        idx = sec.members.index(client_id)
+        if sec.phase == "advertise":
+            if idx in {i for i, _, _ in self.state.secagg_messages(self.job_id, rnd.round, sec.attempt, "advertise")}:
+                return Decision("wait", message="trained; waiting for the cohort", retry_after=fast)
+            return Decision("train", round=rnd.round, task_id=task_id)
+        answered = (self.state.has_update(self.job_id, rnd.round, client_id) if sec.phase == "mask" else
+                    any(i == idx for i, _, _ in self.state.secagg_messages(self.job_id, rnd.round, sec.attempt,
+                                                                           sec.phase)))
+        step = self.state.secagg_outbox(self.job_id, rnd.round, sec.attempt, sec.phase, idx)
+        if answered or step is None:
+            return Decision("wait", message=f"secure aggregation: {sec.phase}", retry_after=fast)
+        return Decision("secagg", round=rnd.round, task_id=task_id, step=step)
 
     # ------------------------------------------------------------------ the state machine
     def tick(self) -> bool:
@@ -124,6 +158,8 @@ class RoundEngine:
             rnd = self.state.find_round(self.job_id, job.current_round)
             if rnd is None:
                 self._maybe_open(job)
+            elif rnd.state == "open" and self.secure is not None:
+                self._secure_step(job, rnd)
             elif rnd.state == "open":
                 self._maybe_close(job, rnd)
             elif rnd.state == "closing":
@@ -151,8 +187,36 @@ class RoundEngine:
         cohort = sorted(random.sample(live, min(len(live), self.spec.clients_per_round)))
         deadline = now + self.spec.round_deadline_seconds
         self.state.open_round(self.job_id, job.current_round, cohort, self._global_in(job), deadline)
+        if self.secure is not None:
+            self.secure.start(job.current_round, cohort)
         self._ready_since = None
         log.info("job %s round %d opened with %d clients", self.job_id, job.current_round, len(cohort))
+
+    def _secure_step(self, job: Job, rnd: Round) -> None:
+        assert self.secure is not None and self.spec.secure_aggregation is not None
+        sec = self.state.secagg_round(self.job_id, rnd.round)
+        if sec is None or sec.phase == "abandoned":  # a crash between opening the round and fixing its parameters
+            self.secure.start(rnd.round, list(rnd.cohort))
+            return
+        try:
+            done = self.secure.tick(sec)
+        except RoundAbandoned as e:
+            self._abandon(sec, str(e))
+            return
+        if done:
+            self.state.set_round_state(self.job_id, rnd.round, "closing")
+            self._aggregate_and_publish(job, self.state.round(self.job_id, rnd.round))
+
+    def _abandon(self, sec: SecAggRound, reason: str) -> None:
+        assert self.spec.secure_aggregation is not None
+        if sec.attempt >= self.spec.secure_aggregation.max_attempts:
+            self.state.set_job_state(self.job_id, "failed", f"round {sec.round}: secure aggregation failed "
+                                     f"{sec.attempt} times; last: {reason}")
+            log.error("job %s failed: round %d could not be aggregated securely: %s", self.job_id, sec.round, reason)
+            return
+        self.state.abandon_round(self.job_id, sec.round)
+        log.warning("job %s round %d attempt %d abandoned (%s); reopening with a new cohort", self.job_id,
+                    sec.round, sec.attempt, reason)
 
     def _maybe_close(self, job: Job, rnd: Round) -> None:
         done = {u.client_id for u in self.state.updates(self.job_id, rnd.round)}
@@ -172,6 +236,13 @@ class RoundEngine:
                 self.job_id, rnd.round, len(done), self.spec.min_clients, len(fresh),
             )
 
+    def _private_mean(self, sums: dict[str, torch.Tensor], planned: int) -> dict[str, torch.Tensor]:
+        """DP-FedAvg: Gaussian noise once on the sum of clipped updates, then the planned cohort size
+        as a fixed denominator (so one client changes the mean by at most clip_norm / planned)."""
+        assert self.spec.privacy is not None
+        noised = add_gaussian_noise(sums, self.spec.privacy.noise_multiplier, self.spec.privacy.clip_norm)
+        return {k: v / planned for k, v in noised.items()}
+
     def _open(self, u: Update) -> bytes:
         return self.keys.open_update(self.store.read(u.sha256), UpdateBinding(u.job_id, u.round, u.client_id, u.update_id))
 
@@ -179,8 +250,26 @@ class RoundEngine:
         t0 = time.perf_counter()
         updates = self.state.updates(self.job_id, rnd.round)
         global_in = bytes_to_tensors(self.store.read(rnd.global_in))
-        deltas = [WeightedDelta(self.codec.decode(bytes_to_tensors(self._open(u))), u.num_examples) for u in updates]
-        avg = self.strategy.aggregate(deltas)
+        privacy = self.spec.privacy
+        if self.secure is not None:
+            sec = self.state.secagg_round(self.job_id, rnd.round)
+            assert sec is not None
+            try:
+                sums, weight, _ = self.secure.aggregate(sec)
+            except RoundAbandoned as e:
+                self.state.set_round_state(self.job_id, rnd.round, "open")
+                self._abandon(sec, str(e))
+                return
+            avg = self._private_mean(sums, len(rnd.cohort)) if privacy else {k: v / weight for k, v in sums.items()}
+        elif privacy is not None:
+            clipped = [clip_update(self.codec.decode(bytes_to_tensors(self._open(u))), privacy.clip_norm)[0]
+                       for u in updates]
+            sums = {k: torch.stack([c[k] for c in clipped]).sum(0) for k in global_in}
+            avg = self._private_mean(sums, len(rnd.cohort))
+        else:
+            deltas = [WeightedDelta(self.codec.decode(bytes_to_tensors(self._open(u))), u.num_examples)
+                      for u in updates]
+            avg = self.strategy.aggregate(deltas)
         new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}
         global_out = self.store.put_bytes(tensors_to_bytes(new_global))
         examples = sum(u.num_examples for u in updates)
@@ -199,6 +288,15 @@ class RoundEngine:
                 metrics[f"client_{key}_max"] = max(values)
         if all(math.isfinite(loss) for loss, _ in losses):
             metrics["train_loss"] = sum(loss * n for loss, n in losses) / max(examples, 1)
+        privacy_json = None
+        if privacy is not None:
+            enrolled = max(len(self.state.clients(self.job_id)), 1)
+            rate = privacy.sample_rate or min(1.0, len(rnd.cohort) / enrolled)
+            accountant = RdpAccountant.from_dict(self.accountant.to_dict())
+            accountant.step(noise_multiplier=privacy.noise_multiplier, sample_rate=rate)
+            metrics["epsilon"] = accountant.epsilon(privacy.delta)
+            metrics["dp_delta"] = privacy.delta
+            privacy_json = json.dumps(accountant.to_dict())
         t1 = time.perf_counter()
         metrics.update(self.evaluator.evaluate(job, new_global))
         t2 = time.perf_counter()
@@ -220,8 +318,11 @@ class RoundEngine:
         metrics["publish_seconds"] = time.perf_counter() - t2
         last = rnd.round >= self.spec.rounds
         self.state.close_round(
-            self.job_id, rnd.round, global_out, metrics, str(path), json.dumps(manifest), last=last
+            self.job_id, rnd.round, global_out, metrics, str(path), json.dumps(manifest), last=last,
+            privacy_json=privacy_json,
         )
+        if privacy_json is not None:
+            self.accountant = RdpAccountant.from_dict(json.loads(privacy_json))
         log.info("job %s round %d published at %s (%d contributors)", self.job_id, rnd.round, path, len(updates))
         if last:
             self.evaluator.release(self.job_id)

@@ -20,7 +20,8 @@ from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
-from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, Update
+from fedtune.coordinator.secure_round import join_shares
+from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
 from fedtune.coordinator.validation import validate_update
 from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
@@ -31,6 +32,9 @@ from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFa
 from fedtune.hashing import model_dir_hash
 from fedtune.models import is_preset, load_causal_lm, resolve_base
 from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, tensors_to_bytes
+from fedtune.secagg import EncryptedShare, MaskedInput, SecAggParams, UnmaskShares
+from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
+from fedtune.secagg.adverts import verify_advert
 from fedtune.spec import JobSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ class TaskInfo:
     deadline: float
     max_update_bytes: int
     job_public_key: bytes
+    secagg: SecAggRound | None = None
+    client_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,8 @@ class Coordinator:
         size = self.store.size(rnd.global_in)
         adapter = FileEntry("adapter_model.safetensors", rnd.global_in, size)
         info = TaskInfo(job, rnd.round, decision.task_id, self.state.job_files(job.job_id), adapter,
-                        rnd.deadline, self.max_update_bytes(job), self.keys.job_public_key(job.job_id))
+                        rnd.deadline, self.max_update_bytes(job), self.keys.job_public_key(job.job_id),
+                        self.state.secagg_round(job.job_id, rnd.round), client.client_id)
         return decision, info
 
     def max_update_bytes(self, job: Job) -> int:
@@ -252,8 +259,9 @@ class Coordinator:
         spec = self.spec(job.job_id)
         if inc.envelope != ENVELOPE_SCHEME:
             raise InvalidInput(f"update envelope {inc.envelope!r} is not {ENVELOPE_SCHEME!r}")
-        if inc.codec != spec.codec:
-            raise InvalidInput(f"update codec {inc.codec!r} is not the job's codec {spec.codec!r}")
+        wanted_codec = SECAGG_CODEC if spec.secure_aggregation is not None else spec.codec
+        if inc.codec != wanted_codec:
+            raise InvalidInput(f"update codec {inc.codec!r} is not the job's codec {wanted_codec!r}")
         if inc.num_examples <= 0:
             raise InvalidInput("update must report a positive example count")
         for key, value in inc.metrics.items():
@@ -261,8 +269,11 @@ class Coordinator:
                 raise InvalidInput(f"metric {key!r} is not a finite number")
         binding = UpdateBinding(inc.job_id, inc.round, client.client_id, inc.update_id)
         plain = self.keys.open_update(inc.payload, binding)
-        wire = bytes_to_tensors(plain)
-        validate_update(wire, self._schema(job), get_codec(spec.codec), spec.aggregation.max_update_norm)
+        if spec.secure_aggregation is not None:
+            self._check_masked_input(client, inc, plain)
+        else:
+            wire = bytes_to_tensors(plain)
+            validate_update(wire, self._schema(job), get_codec(spec.codec), spec.aggregation.max_update_norm)
         # The envelope is what is stored: updates stay encrypted at rest until aggregation.
         sha = self.store.put_bytes(inc.payload)
         fresh = self.state.add_update(Update(
@@ -274,6 +285,64 @@ class Coordinator:
             log.info("job %s round %d: update %s from %s accepted (%d bytes, %d examples)",
                      inc.job_id, inc.round, inc.update_id, client.client_id, len(inc.payload), inc.num_examples)
         return fresh
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secagg_member(self, client: Client, job_id: str, rnd: int, attempt: int, phase: str) -> tuple[SecAggRound, int]:
+        """The attempt and this client's index, when the client may speak in ``phase`` now."""
+        if job_id != client.job_id:
+            raise PreconditionFailed(f"client {client.client_id} is not enrolled in job {job_id!r}")
+        job = self.state.job(job_id)
+        sec = self.state.secagg_round(job_id, rnd)
+        if sec is None or rnd != job.current_round or sec.attempt != attempt or sec.phase != phase:
+            raise PreconditionFailed(f"round {rnd} attempt {attempt} of job {job_id} is not in its {phase} phase")
+        if client.client_id not in sec.members:
+            raise PreconditionFailed(f"client {client.client_id} is not in the cohort of round {rnd}")
+        return sec, sec.members.index(client.client_id)
+
+    def secagg_message(self, client: Client, job_id: str, rnd: int, attempt: int, phase: str, payload: bytes,
+                       signature: bytes, shares: list[bytes]) -> bool:
+        """Checks and durably stores one protocol message. Returns False for a repeat."""
+        sec, idx = self._secagg_member(client, job_id, rnd, attempt, phase)
+        params = SecAggParams.from_bytes(sec.params)
+        neighbours = params.graph[idx]
+        if phase == "advertise":
+            advert = verify_advert(payload, signature, client.sign_public_key)
+            if advert.client_index != idx or advert.round_id != params.round_id:
+                raise InvalidInput(f"key advert is for participant {advert.client_index} of another round or index")
+        elif phase == "share":
+            if len(shares) > len(neighbours):
+                raise InvalidInput(f"{len(shares)} shares sent, participant {idx} has {len(neighbours)} neighbours")
+            for raw in shares:
+                share = EncryptedShare.from_bytes(raw)
+                if share.sender != idx:
+                    raise InvalidInput(f"share claims sender {share.sender}, the caller is participant {idx}")
+                if share.receiver not in neighbours:
+                    raise InvalidInput(f"share for unknown participant {share.receiver} (not a neighbour of {idx})")
+            payload = join_shares(shares)
+        elif phase == "unmask":
+            answer = UnmaskShares.from_bytes(payload)
+            if answer.sender != idx:
+                raise InvalidInput(f"unmask shares claim sender {answer.sender}, the caller is participant {idx}")
+            unknown = sorted((set(answer.b_shares) | set(answer.sk_shares)) - set(neighbours))
+            if unknown:
+                raise InvalidInput(f"unmask shares for unknown participant {unknown[0]} (not a neighbour of {idx})")
+        else:
+            raise InvalidInput(f"no {phase!r} message in secure aggregation")
+        return self.state.add_secagg_message(job_id, rnd, attempt, phase, idx, payload, signature)
+
+    def _check_masked_input(self, client: Client, inc: IncomingUpdate, plain: bytes) -> None:
+        sec = self.state.secagg_round(inc.job_id, inc.round)
+        if sec is None or sec.phase != "mask" or client.client_id not in sec.members:
+            raise PreconditionFailed(f"round {inc.round} of job {inc.job_id} is not taking masked inputs")
+        idx = sec.members.index(client.client_id)
+        if self.state.secagg_outbox(inc.job_id, inc.round, sec.attempt, "mask", idx) is None:
+            raise PreconditionFailed(f"participant {idx} did not share keys in time for round {inc.round}")
+        masked = MaskedInput.from_bytes(plain)
+        params = SecAggParams.from_bytes(sec.params)
+        if masked.sender != idx:
+            raise InvalidInput(f"masked input claims sender {masked.sender}, the caller is participant {idx}")
+        if len(masked.vector) != params.vector_len:
+            raise InvalidInput(f"masked vector has length {len(masked.vector)}, expected {params.vector_len}")
 
     # ------------------------------------------------------------------ adapters
     def adapter_dir(self, job_id: str, rnd: int) -> tuple[int, Path, dict]:

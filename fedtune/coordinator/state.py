@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   job_id TEXT PRIMARY KEY, name TEXT NOT NULL, spec_json TEXT NOT NULL, state TEXT NOT NULL,
   current_round INTEGER NOT NULL, base_model TEXT NOT NULL, base_hash TEXT NOT NULL,
   initial_adapter TEXT NOT NULL, peft_config_json TEXT NOT NULL, base_eval_json TEXT,
-  message TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+  message TEXT NOT NULL DEFAULT '', created REAL NOT NULL, privacy_json TEXT);
 CREATE TABLE IF NOT EXISTS job_files (
   job_id TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
   PRIMARY KEY (job_id, path));
@@ -49,6 +49,16 @@ CREATE TABLE IF NOT EXISTS updates (
   task_id TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL, num_examples INTEGER NOT NULL,
   metrics_json TEXT NOT NULL, codec TEXT NOT NULL, received REAL NOT NULL,
   UNIQUE (job_id, round, client_id));
+CREATE TABLE IF NOT EXISTS secagg_rounds (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, params BLOB NOT NULL,
+  members_json TEXT NOT NULL, phase TEXT NOT NULL, deadline REAL NOT NULL, PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS secagg_inbox (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, phase TEXT NOT NULL,
+  sender INTEGER NOT NULL, payload BLOB NOT NULL, signature BLOB NOT NULL, received REAL NOT NULL,
+  PRIMARY KEY (job_id, round, attempt, phase, sender));
+CREATE TABLE IF NOT EXISTS secagg_outbox (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, phase TEXT NOT NULL,
+  receiver INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (job_id, round, attempt, phase, receiver));
 CREATE TABLE IF NOT EXISTS published (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, path TEXT NOT NULL, manifest_json TEXT NOT NULL,
   PRIMARY KEY (job_id, round));
@@ -83,6 +93,7 @@ class Job:
     base_eval_json: str | None
     message: str
     created: float
+    privacy_json: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,19 @@ class Client:
     joined: float
     sign_public_key: bytes = b""
     kx_public_key: bytes = b""
+
+
+@dataclass(frozen=True)
+class SecAggRound:
+    """The current secure-aggregation attempt of a round."""
+
+    job_id: str
+    round: int
+    attempt: int
+    params: bytes
+    members: tuple[str, ...]  # client id of each index
+    phase: str  # advertise, share, mask, unmask, abandoned
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -209,9 +233,9 @@ class CoordinatorState:
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, name, spec_json, "running", 1, base_model, base_hash, initial_adapter,
-                 peft_config_json, None, "", now),
+                 peft_config_json, None, "", now, None),
             )
             db.executemany(
                 "INSERT INTO job_files VALUES (?,?,?,?)",
@@ -489,10 +513,12 @@ class CoordinatorState:
 
     # ---------------------------------------------------------------- closing rounds
     def close_round(self, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
-                    path: str, manifest_json: str, last: bool) -> None:
+                    path: str, manifest_json: str, last: bool, privacy_json: str | None = None) -> None:
         """Publishes a round in one transaction: the new global, its metrics, the published
-        adapter and the job's next round (or its end) all land together or not at all."""
+        adapter, the privacy accountant and the job's next round (or its end) all land together."""
         with self._tx() as db:
+            if privacy_json is not None:
+                db.execute("UPDATE jobs SET privacy_json=? WHERE job_id=?", (privacy_json, job_id))
             db.execute(
                 "UPDATE rounds SET state='published', global_out=?, metrics_json=?, closed=? WHERE job_id=? AND round=?",
                 (global_out, json.dumps(metrics), time.time(), job_id, rnd),
@@ -511,3 +537,85 @@ class CoordinatorState:
             else:
                 rows = self._db.execute("SELECT * FROM published ORDER BY job_id, round").fetchall()
         return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    # ---------------------------------------------------------------- secure aggregation
+    def secagg_round(self, job_id: str, rnd: int) -> SecAggRound | None:
+        """The secure-aggregation state of a round, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM secagg_rounds WHERE job_id=? AND round=?", (job_id, rnd)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        return SecAggRound(d["job_id"], d["round"], d["attempt"], bytes(d["params"]),
+                           tuple(json.loads(d["members_json"])), d["phase"], d["deadline"])
+
+    def start_secagg(self, job_id: str, rnd: int, params: bytes, members: list[str], deadline: float) -> SecAggRound:
+        """Records the parameters of a new attempt at a round (the attempt counter goes up)."""
+        with self._tx() as db:
+            prev = db.execute("SELECT attempt FROM secagg_rounds WHERE job_id=? AND round=?", (job_id, rnd)).fetchone()
+            attempt = (prev[0] + 1) if prev else 1
+            db.execute("INSERT OR REPLACE INTO secagg_rounds VALUES (?,?,?,?,?,?,?)",
+                       (job_id, rnd, attempt, params, json.dumps(members), "advertise", deadline))
+        found = self.secagg_round(job_id, rnd)
+        assert found is not None
+        return found
+
+    def set_secagg_phase(self, job_id: str, rnd: int, phase: str, deadline: float,
+                         outbox: dict[int, bytes]) -> None:
+        """Moves an attempt to its next phase and stores what each participant is sent, together."""
+        with self._tx() as db:
+            attempt = db.execute("SELECT attempt FROM secagg_rounds WHERE job_id=? AND round=?",
+                                 (job_id, rnd)).fetchone()[0]
+            db.executemany("INSERT OR REPLACE INTO secagg_outbox VALUES (?,?,?,?,?,?)",
+                           [(job_id, rnd, attempt, phase, i, payload) for i, payload in outbox.items()])
+            db.execute("UPDATE secagg_rounds SET phase=?, deadline=? WHERE job_id=? AND round=?",
+                       (phase, deadline, job_id, rnd))
+
+    def secagg_outbox(self, job_id: str, rnd: int, attempt: int, phase: str, receiver: int) -> bytes | None:
+        """What a participant is sent in a phase, if anything."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM secagg_outbox WHERE job_id=? AND round=? AND attempt=? AND phase=? AND receiver=?",
+                (job_id, rnd, attempt, phase, receiver)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def add_secagg_message(self, job_id: str, rnd: int, attempt: int, phase: str, sender: int, payload: bytes,
+                           signature: bytes = b"") -> bool:
+        """Stores one participant's message for a phase. Returns False for a repeat (nothing changes).
+
+        Raises:
+            PreconditionFailed: the attempt is not in that phase any more, or the sender sent something else.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT attempt, phase FROM secagg_rounds WHERE job_id=? AND round=?",
+                             (job_id, rnd)).fetchone()
+            if row is None or row["attempt"] != attempt or row["phase"] != phase:
+                raise PreconditionFailed(f"round {rnd} attempt {attempt} of job {job_id} is not in phase {phase}")
+            prior = db.execute(
+                "SELECT payload FROM secagg_inbox WHERE job_id=? AND round=? AND attempt=? AND phase=? AND sender=?",
+                (job_id, rnd, attempt, phase, sender)).fetchone()
+            if prior is not None:
+                if bytes(prior[0]) != payload:
+                    raise PreconditionFailed(f"participant {sender} already sent a different {phase} message")
+                return False
+            db.execute("INSERT INTO secagg_inbox VALUES (?,?,?,?,?,?,?,?)",
+                       (job_id, rnd, attempt, phase, sender, payload, signature, time.time()))
+        return True
+
+    def secagg_messages(self, job_id: str, rnd: int, attempt: int, phase: str) -> list[tuple[int, bytes, bytes]]:
+        """(sender, payload, signature) of a phase, by sender index."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sender, payload, signature FROM secagg_inbox WHERE job_id=? AND round=? AND attempt=? "
+                "AND phase=? ORDER BY sender", (job_id, rnd, attempt, phase)).fetchall()
+        return [(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def abandon_round(self, job_id: str, rnd: int) -> None:
+        """Drops an attempt whose sum cannot be recovered: the round reopens with a new cohort.
+
+        Its masked inputs are deleted with it: without the attempt's masks they are noise.
+        """
+        with self._tx() as db:
+            db.execute("UPDATE secagg_rounds SET phase='abandoned' WHERE job_id=? AND round=?", (job_id, rnd))
+            for table in ("updates", "tasks", "rounds"):
+                db.execute(f"DELETE FROM {table} WHERE job_id=? AND round=?", (job_id, rnd))

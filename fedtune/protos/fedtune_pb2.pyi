@@ -7,6 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SecAggPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_PHASE_UNSPECIFIED: _ClassVar[SecAggPhase]
+    ADVERTISE: _ClassVar[SecAggPhase]
+    SHARE: _ClassVar[SecAggPhase]
+    MASK: _ClassVar[SecAggPhase]
+    UNMASK: _ClassVar[SecAggPhase]
+SECAGG_PHASE_UNSPECIFIED: SecAggPhase
+ADVERTISE: SecAggPhase
+SHARE: SecAggPhase
+MASK: SecAggPhase
+UNMASK: SecAggPhase
+
 class JoinRequest(_message.Message):
     __slots__ = ("token", "client_name", "agent_version", "device", "sign_public_key", "kx_public_key")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -50,7 +63,7 @@ class FileRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes", "job_public_key")
+    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes", "job_public_key", "secagg", "privacy_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +75,8 @@ class Task(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     JOB_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     task_id: str
@@ -73,29 +88,101 @@ class Task(_message.Message):
     deadline_unix: float
     max_update_bytes: int
     job_public_key: bytes
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., job_public_key: _Optional[bytes] = ...) -> None: ...
+    secagg: SecAggTask
+    privacy_json: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., job_public_key: _Optional[bytes] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ..., privacy_json: _Optional[str] = ...) -> None: ...
+
+class SecAggTask(_message.Message):
+    __slots__ = ("params", "index", "attempt", "weight_cap")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    params: bytes
+    index: int
+    attempt: int
+    weight_cap: int
+    def __init__(self, params: _Optional[bytes] = ..., index: _Optional[int] = ..., attempt: _Optional[int] = ..., weight_cap: _Optional[int] = ...) -> None: ...
+
+class SignedAdvert(_message.Message):
+    __slots__ = ("advert", "signature", "sign_public_key")
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGN_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    advert: bytes
+    signature: bytes
+    sign_public_key: bytes
+    def __init__(self, advert: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., sign_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggStep(_message.Message):
+    __slots__ = ("job_id", "round", "attempt", "phase", "adverts", "shares", "unmask_request", "task_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ADVERTS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    attempt: int
+    phase: SecAggPhase
+    adverts: _containers.RepeatedCompositeFieldContainer[SignedAdvert]
+    shares: _containers.RepeatedScalarFieldContainer[bytes]
+    unmask_request: bytes
+    task_id: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., adverts: _Optional[_Iterable[_Union[SignedAdvert, _Mapping]]] = ..., shares: _Optional[_Iterable[bytes]] = ..., unmask_request: _Optional[bytes] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class SecAggMessage(_message.Message):
+    __slots__ = ("job_id", "round", "attempt", "phase", "payload", "signature", "shares")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    attempt: int
+    phase: SecAggPhase
+    payload: bytes
+    signature: bytes
+    shares: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[SecAggPhase, str]] = ..., payload: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., shares: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SecAggAck(_message.Message):
+    __slots__ = ("duplicate",)
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("action", "task", "retry_after_seconds", "message")
+    __slots__ = ("action", "task", "retry_after_seconds", "message", "secagg")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[HeartbeatReply.Action]
         WAIT: _ClassVar[HeartbeatReply.Action]
         TRAIN: _ClassVar[HeartbeatReply.Action]
         STOP: _ClassVar[HeartbeatReply.Action]
+        SECAGG: _ClassVar[HeartbeatReply.Action]
     ACTION_UNSPECIFIED: HeartbeatReply.Action
     WAIT: HeartbeatReply.Action
     TRAIN: HeartbeatReply.Action
     STOP: HeartbeatReply.Action
+    SECAGG: HeartbeatReply.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     action: HeartbeatReply.Action
     task: Task
     retry_after_seconds: float
     message: str
-    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    secagg: SecAggStep
+    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("sha256", "offset")

@@ -60,6 +60,11 @@ class ClientServiceStub:
                 request_serializer=fedtune__pb2.UploadMessage.SerializeToString,
                 response_deserializer=fedtune__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/fedtune.v1.ClientService/SecAgg',
+                request_serializer=fedtune__pb2.SecAggMessage.SerializeToString,
+                response_deserializer=fedtune__pb2.SecAggAck.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -99,6 +104,14 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """One step of the secure-aggregation protocol (key advert, encrypted shares, unmask shares).
+        Masked inputs travel through Upload like any update.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedtune__pb2.UploadMessage.FromString,
                     response_serializer=fedtune__pb2.UploadReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=fedtune__pb2.SecAggMessage.FromString,
+                    response_serializer=fedtune__pb2.SecAggAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,6 +255,33 @@ class ClientService:
             '/fedtune.v1.ClientService/Upload',
             fedtune__pb2.UploadMessage.SerializeToString,
             fedtune__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.ClientService/SecAgg',
+            fedtune__pb2.SecAggMessage.SerializeToString,
+            fedtune__pb2.SecAggAck.FromString,
             options,
             channel_credentials,
             insecure,
