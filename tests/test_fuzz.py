@@ -131,13 +131,13 @@ def test_malformed_protobuf_bytes(world, raw: bytes, method: str) -> None:  # ty
     md = None if method == "Join" else c1.md(method)
     if method == "Upload":
         call = c1.channel.stream_unary(path, request_serializer=None, response_deserializer=None)
-        fn = lambda: call(iter([raw]), metadata=md, timeout=10)  # noqa: E731
+        fn = lambda: call(iter([raw]), metadata=md, timeout=10)
     elif method == "Download":
         stream = c1.channel.unary_stream(path, request_serializer=None, response_deserializer=None)
-        fn = lambda: list(stream(raw, metadata=md, timeout=10))  # noqa: E731
+        fn = lambda: list(stream(raw, metadata=md, timeout=10))
     else:
         unary = c1.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-        fn = lambda: unary(raw, metadata=md, timeout=10)  # noqa: E731
+        fn = lambda: unary(raw, metadata=md, timeout=10)
     try:
         fn()
     except grpc.RpcError as e:

@@ -255,3 +255,33 @@ def test_coordinator_killed_mid_round_resumes_without_losing_or_doubling_updates
     assert set(accepted) <= set(round2) and len(round2) == 2
     assert [n for (n,) in per_client] == [3, 3]
     assert "unreachable" in cluster.log("client-0.log") + cluster.log("client-1.log")
+
+
+def test_agents_aggregate_securely_with_differential_privacy(coordinator, admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    spec = make_spec(eval_file, steps=5, rounds=2, clients=4, min_clients=3, cohort_wait=60) + (
+        "secure_aggregation: {degree: 2, threshold: 2, clip: 0.5, phase_seconds: 30}\n"
+        "privacy: {clip_norm: 0.5, noise_multiplier: 0.8, delta: 1.0e-5}\n")
+    job = admin.create_job(spec)
+    agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
+                    "--data", str(clients[i]), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
+                    log=tmp_path / f"c{i}.log") for i in range(4)]
+    try:
+        for i, a in enumerate(agents):
+            assert _wait_exit(a) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    state = coordinator.coordinator.state
+    assert state.job(job).state == "finished"
+    rounds = state.rounds(job)
+    assert [r.metrics["contributors"] for r in rounds] == [4, 4]
+    # The accountant's epsilon grows round over round, and is in each published manifest.
+    eps = [r.metrics["epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1]
+    manifest = json.loads(state.published(job)[-1][3])
+    assert manifest["metrics"]["epsilon"] == pytest.approx(eps[1])
+    # Every stored update is a sealed masked vector: no plain delta ever reached the coordinator.
+    for u in state.updates(job, 2):
+        assert u.codec == "secagg"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -52,24 +53,34 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     assert again.round(job, 1).cohort == ("c1",)
 
 
-def test_tokens_are_hashed_scoped_counted_and_expire(tmp_path: Path) -> None:
+def _keys() -> tuple[bytes, bytes]:
+    return os.urandom(32), os.urandom(32)
+
+
+def test_tokens_are_hashed_scoped_counted_revocable_and_expire(tmp_path: Path) -> None:
     st, job = _state(tmp_path)
-    token, _ = st.add_token(job, uses=2, ttl_seconds=60)
+    token, _, token_id = st.add_token(job, uses=2, ttl_seconds=60)
     raw = sqlite3.connect(tmp_path / "state.db").execute("SELECT token_hash FROM tokens").fetchall()
     assert all(token not in row[0] for row in raw)
-    c1, s1 = st.join(token, "a", "cpu")
-    st.join(token, "b", "cpu")
+    c1 = st.join(token, "a", "cpu", *_keys())
+    st.join(token, "b", "cpu", *_keys())
     with pytest.raises(AuthError, match="no uses left"):
-        st.join(token, "c", "cpu")
-    assert st.authenticate(s1).client_id == c1.client_id
+        st.join(token, "c", "cpu", *_keys())
+    assert st.client(c1.client_id).job_id == job
     with pytest.raises(AuthError):
-        st.authenticate("fts_forged")
-    short, _ = st.add_token(job, uses=1, ttl_seconds=0.01)
+        st.client("client-forged")
+    # Revoking the token locks out the clients enrolled with it.
+    assert st.revoke_token(token_id) == (token_id, 2)
+    with pytest.raises(AuthError, match="revoked"):
+        st.client(c1.client_id)
+    short, _, _ = st.add_token(job, uses=1, ttl_seconds=0.01)
     time.sleep(0.05)
     with pytest.raises(AuthError, match="expired"):
-        st.join(short, "d", "cpu")
+        st.join(short, "d", "cpu", *_keys())
     with pytest.raises(NotFound):
         st.add_token("job-missing", 1, 60)
+    with pytest.raises(NotFound):
+        st.revoke_token("nope")
 
 
 def test_foreign_database_is_refused(tmp_path: Path) -> None:
