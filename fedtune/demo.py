@@ -77,7 +77,7 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def run_demo(out: Path | None, n_clients: int, rounds: int) -> None:
+def run_demo(out: Path | None, n_clients: int, rounds: int, secure: bool = False) -> None:
     """Runs the demo; raises FedtuneError when something does not work."""
     keep = out is not None
     root = out.resolve() if out is not None else Path(tempfile.mkdtemp(prefix="fedtune-demo-"))
@@ -101,11 +101,19 @@ def run_demo(out: Path | None, n_clients: int, rounds: int) -> None:
     try:
         address = wait_for_coordinator(coordinator_dir, coord, operator_tls)
         admin = AdminClient(address, (coordinator_dir / "admin.token").read_text().strip(), operator_tls)
-        spec = DEMO_SPEC.format(rounds=rounds, clients=n_clients, min_clients=max(1, n_clients - 1),
+        if secure and n_clients < 3:
+            raise FedtuneError("--secure needs at least 3 clients")
+        # SecAgg+ wants every cohort to hold the graph's degree: wait for all clients then.
+        min_clients = n_clients if secure else max(1, n_clients - 1)
+        spec = DEMO_SPEC.format(rounds=rounds, clients=n_clients, min_clients=min_clients,
                                 eval_data=json.dumps(str(eval_file)))
+        if secure:
+            degree = min(8, (n_clients - 1) // 2 * 2)  # even, below min_clients
+            spec += f"secure_aggregation: {{degree: {degree}, threshold: {degree // 2 + 1}, clip: 0.5}}\n"
         status = admin.call("CreateJob", pb.CreateJobRequest(spec_yaml=spec))
         job_id = status.job_id  # type: ignore[attr-defined]
-        print(f"coordinator {address} (mTLS, updates sealed to the job's X25519 key), job {job_id}", flush=True)
+        mode = "SecAgg+: the coordinator sees only sums" if secure else "updates sealed to the job's X25519 key"
+        print(f"coordinator {address} (mTLS, {mode}), job {job_id}", flush=True)
         for i, data in enumerate(client_files):
             token = admin.call("CreateToken", pb.CreateTokenRequest(job_id=job_id, uses=1)).token  # type: ignore[attr-defined]
             procs.append(_spawn(

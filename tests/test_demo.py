@@ -29,3 +29,10 @@ def test_demo_runs_rounds_and_publishes_a_better_adapter(tmp_path: Path) -> None
     # Each client got its own private data.
     files = sorted((out / "data").glob("client_*.jsonl"))
     assert len(files) == 2 and files[0].read_text() != files[1].read_text()
+
+
+def test_secure_demo_publishes_under_secure_aggregation(tmp_path: Path) -> None:
+    proc = fedtune_cmd("demo", "--clients", "3", "--rounds", "1", "--secure", "--out", str(tmp_path / "d"), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "SecAgg+" in proc.stdout
+    assert re.search(r"^\s+1\s+3/3\s", proc.stdout, re.M)

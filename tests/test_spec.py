@@ -36,6 +36,14 @@ def test_empty_spec_gets_defaults() -> None:
         ("aggregation: {strategy: krum}", "job spec: aggregation.strategy:"),
         ("codec: int3", "job spec: codec:"),
         ("- a list", "job spec must be a YAML mapping"),
+        ("secure_aggregation: {degree: 3, threshold: 2}", "degree (3) must be even"),
+        ("secure_aggregation: {degree: 4, threshold: 5}", "threshold (5) is larger than degree (4)"),
+        ("secure_aggregation: {degree: 4, threshold: 2}", "must be more than degree/2"),
+        ("secure_aggregation: {degree: 4, threshold: 3}\nmin_clients: 3",
+         "secure_aggregation.degree (4) must be below min_clients (3)"),
+        ("secure_aggregation: {degree: 2, threshold: 2}\ncodec: fp16", "codec fp16 is not additive"),
+        ("privacy: {delta: 2}", "job spec: privacy.delta:"),
+        ("privacy: {noise_multiplier: -1}", "job spec: privacy.noise_multiplier:"),
         ("a: [", "job spec is not valid YAML"),
     ],
 )
@@ -44,6 +52,13 @@ def test_bad_specs_name_the_problem(text: str, message: str) -> None:
         parse_spec(text)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_secure_and_private_specs_that_work_are_accepted() -> None:
+    spec = parse_spec("clients_per_round: 10\nmin_clients: 9\nsecure_aggregation: {degree: 8, threshold: 5}\n"
+                      "privacy: {clip_norm: 0.5, noise_multiplier: 1.1}")
+    assert spec.secure_aggregation is not None and spec.secure_aggregation.threshold == 5
+    assert spec.privacy is not None and spec.privacy.delta == 1e-5
 
 
 def test_relative_paths_resolve_against_the_spec_dir(tmp_path: Path) -> None:

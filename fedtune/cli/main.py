@@ -53,11 +53,12 @@ def demo(
     out: Annotated[Path | None, typer.Option("--out", help="Keep state, logs and adapters here.")] = None,
     clients: Annotated[int, typer.Option("--clients", min=1, max=32, help="Client agents to start.")] = 3,
     rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Rounds to run.")] = 3,
+    secure: Annotated[bool, typer.Option("--secure", help="Aggregate with SecAgg+ (the coordinator sees only sums).")] = False,
 ) -> None:
     """The whole system on this machine: a coordinator and client processes on loopback, tiny model."""
     from fedtune.demo import run_demo
 
-    run_demo(out, clients, rounds)
+    run_demo(out, clients, rounds, secure)
 
 
 def _setup_logging() -> None:
