@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -36,19 +37,27 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
-from fedtune.coordinator.strategies import FedAvg, WeightedDelta  # noqa: E402
-from fedtune.data import load_jsonl, tokenize, write_synthetic_federation  # noqa: E402
-from fedtune.demo import wait_for_coordinator  # noqa: E402
-from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset  # noqa: E402
-from fedtune.peft_io import adapter_state, build_peft_model, load_adapter_state  # noqa: E402
-from fedtune.report import human_bytes  # noqa: E402
-from fedtune.training import train_adapter  # noqa: E402
+from fedtune.client.channel import INSECURE, ClientTls
+from fedtune.coordinator.strategies import FedAvg, WeightedDelta
+from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
+from fedtune.demo import wait_for_coordinator
+from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
+from fedtune.peft_io import adapter_state, build_peft_model, load_adapter_state
+from fedtune.report import human_bytes
+from fedtune.training import train_adapter
 
-LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+LORA_R = 8
+LORA_ALPHA = 16.0
+LORA_DROPOUT = 0.0
+LORA_TARGETS = ["q_proj", "v_proj"]
 SEED = 0
+# Share of the machine's CPU taken by other processes above which a phase's timings are flagged. On an
+# idle machine a few percent still shows up here: kernel threads (page reclaim, DAMON) work for us too.
+OTHER_LOAD_WARN = 0.15
 # Marks a work dir as this script's, so a rerun may delete it without touching anything else.
 WORK_MARKER = ".round_overhead-work"
 
@@ -68,6 +77,7 @@ eval_data: {eval_data}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clients", type=int, default=4, help="client agent processes")
@@ -87,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of the in-process baseline (default: usable cores)")
     p.add_argument("--client-threads", type=int, default=1, help="OMP_NUM_THREADS of each client process")
+    p.add_argument("--coordinator-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the coordinator (default: torch's own choice, one per core)")
+    p.add_argument("--transport", choices=["mtls", "insecure"], default="mtls",
+                   help="mtls: trial certificates from `fedtune certs init`, as the demo and a deployment run; "
+                        "insecure: plaintext loopback gRPC")
     p.add_argument("--timeout", type=float, default=1800, help="give up on the federated run after this many s")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "round_overhead")
     p.add_argument("--keep-work", action="store_true",
@@ -94,8 +109,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# ---------------------------------------------------------------------------------------- cpu accounting
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process on this machine has used (user, system, irq, steal) since boot."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes now (those that have exited count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total
+
+
+class CpuWatch:
+    """CPU used by processes that are not ours during a phase: other load skews the timings."""
+
+    def __init__(self) -> None:
+        self.wall, self.machine, self.own = time.time(), machine_cpu_seconds(), own_cpu_seconds()
+
+    def done(self) -> dict[str, float]:
+        machine, own = machine_cpu_seconds() - self.machine, own_cpu_seconds() - self.own
+        return {"wall_seconds": time.time() - self.wall, "machine_cpu_seconds": machine, "own_cpu_seconds": own,
+                "other_cpu_seconds": max(0.0, machine - own)}
+
+
 # ---------------------------------------------------------------------------------------- setup
 def fresh_work_dir(out: Path) -> Path:
+    """An empty OUT/work; only a work dir this script made is ever deleted."""
     work = out / "work"
     if work.exists():
         if not (work / WORK_MARKER).exists():
@@ -139,8 +193,8 @@ def run_baseline(args: argparse.Namespace, model_dir: Path, client_files: list[P
     device = torch.device("cpu")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
-    model = build_peft_model(load_causal_lm(model_dir, device), r=LORA["r"], alpha=LORA["alpha"],
-                             dropout=LORA["dropout"], target_modules=LORA["target_modules"], seed=SEED)
+    model = build_peft_model(load_causal_lm(model_dir, device), r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT,
+                             target_modules=LORA_TARGETS, seed=SEED)
     data = [tokenize(load_jsonl(f), tokenizer, args.max_seq_len) for f in client_files]
     load_seconds = time.perf_counter() - t0
     global_state = adapter_state(model)
@@ -172,17 +226,51 @@ def run_baseline(args: argparse.Namespace, model_dir: Path, client_files: list[P
 
 
 # ---------------------------------------------------------------------------------------- federation
-def _env(threads: int | None) -> dict[str, str]:
+def _env(threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 
-def _cli(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, cwd=REPO,
-                          env=_env(None), timeout=600)
+class Transport:
+    """CLI flags for each participant: mTLS with trial certificates, or plaintext loopback."""
+
+    def __init__(self, kind: str, cert_dir: Path, client_names: list[str]) -> None:
+        self.kind, self.dir = kind, cert_dir
+        if kind == "mtls":
+            _cli("certs", "init", "--out", str(cert_dir), "--client", "operator",
+                 *[a for name in client_names for a in ("--client", name)])
+
+    def coordinator(self) -> list[str]:
+        if self.kind == "insecure":
+            return ["--insecure"]
+        return ["--tls-cert", str(self.dir / "server.pem"), "--tls-key", str(self.dir / "server.key"),
+                "--client-ca", str(self.dir / "ca.pem")]
+
+    def client(self, name: str) -> list[str]:
+        if self.kind == "insecure":
+            return ["--insecure"]
+        return ["--ca-cert", str(self.dir / "ca.pem"), "--client-cert", str(self.dir / f"{name}.pem"),
+                "--client-key", str(self.dir / f"{name}.key")]
+
+    def operator_env(self) -> dict[str, str]:
+        """The admin commands read their certificates from the environment (plaintext is detected)."""
+        if self.kind == "insecure":
+            return {}
+        return {"FEDTUNE_CA_CERT": str(self.dir / "ca.pem"), "FEDTUNE_CLIENT_CERT": str(self.dir / "operator.pem"),
+                "FEDTUNE_CLIENT_KEY": str(self.dir / "operator.key")}
+
+    def operator_tls(self) -> ClientTls:
+        if self.kind == "insecure":
+            return INSECURE
+        return ClientTls(self.dir / "ca.pem", self.dir / "operator.pem", self.dir / "operator.key")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "fedtune", *args], check=False, capture_output=True, text=True,
+                          cwd=REPO, env=_env(None, env), timeout=600)
     if proc.returncode != 0:
         raise SystemExit(f"fedtune {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc.stdout.strip()
@@ -203,34 +291,39 @@ def run_federation(args: argparse.Namespace, work: Path, model_dir: Path, client
     logs = work / "logs"
     logs.mkdir()
     coord_dir = work / "coordinator"
+    names = [f"client-{i}" for i in range(len(client_files))]
+    transport = Transport(args.transport, work / "certs", names)
+    admin_env = transport.operator_env()
     procs: list[subprocess.Popen[bytes]] = []
-    coord = _spawn(["coordinator", "start", "--state-dir", str(coord_dir), "--port", "0"],
-                   logs / "coordinator.log", None)
+    coord = _spawn(["coordinator", "start", "--state-dir", str(coord_dir), "--port", "0", *transport.coordinator()],
+                   logs / "coordinator.log", args.coordinator_threads)
     procs.append(coord)
     try:
-        address = wait_for_coordinator(coord_dir, coord)
+        address = wait_for_coordinator(coord_dir, coord, transport.operator_tls())
         spec = work / "spec.yaml"
         spec.write_text(SPEC.format(
-            base=json.dumps(str(model_dir)), r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
-            targets=json.dumps(LORA["target_modules"]), steps=args.steps, batch_size=args.batch_size,
+            base=json.dumps(str(model_dir)), r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT,
+            targets=json.dumps(LORA_TARGETS), steps=args.steps, batch_size=args.batch_size,
             max_seq_len=args.max_seq_len, seed=SEED, rounds=args.rounds, clients=args.clients,
             eval_data=json.dumps(str(eval_file)) if eval_file else "null"))
         t0 = time.time()
-        job = _cli("job", "create", str(spec), "--state-dir", str(coord_dir))
+        job = _cli("job", "create", str(spec), "--state-dir", str(coord_dir), env=admin_env)
         create_seconds = time.time() - t0
         print(f"job {job} created in {create_seconds:.1f}s on {address}", flush=True)
         spawned = time.time()
         clients = []
-        for i, data in enumerate(client_files):
-            token = _cli("token", "create", "--job", job, "--state-dir", str(coord_dir))
+        for name, data in zip(names, client_files):
+            token = _cli("token", "create", "--job", job, "--state-dir", str(coord_dir), env=admin_env)
             clients.append(_spawn(["client", "run", "--coordinator", address, "--token", token, "--data", str(data),
-                                   "--state-dir", str(work / "clients" / f"client-{i}"), "--name", f"client-{i}",
-                                   "--no-progress", "--device", "cpu"], logs / f"client-{i}.log",
+                                   "--state-dir", str(work / "clients" / name), "--name", name, "--no-progress",
+                                   "--device", "cpu", *transport.client(name)], logs / f"{name}.log",
                                   args.client_threads))
         procs.extend(clients)
         # Clients exit 0 when the coordinator tells them the job is over.
         deadline = time.time() + args.timeout
+        peak_rss = 0
         while any(c.poll() is None for c in clients):
+            peak_rss = max(peak_rss, rss_bytes([p.pid for p in procs]))
             for i, c in enumerate(clients):
                 if c.poll() not in (None, 0):
                     raise SystemExit(f"client-{i} exited {c.returncode}:\n{_tail(logs / f'client-{i}.log')}")
@@ -239,11 +332,13 @@ def run_federation(args: argparse.Namespace, work: Path, model_dir: Path, client
             if time.time() > deadline:
                 raise SystemExit(f"federated run did not finish in {args.timeout:.0f}s; logs in {logs}")
             time.sleep(1.0)
-        status = json.loads(_cli("job", "status", job, "--state-dir", str(coord_dir), "--format", "json"))
+        status = json.loads(_cli("job", "status", job, "--state-dir", str(coord_dir), "--format", "json",
+                                 env=admin_env))
         if status["state"] != "finished":
             raise SystemExit(f"job {job} ended {status['state']}: {status['message']}")
         stored = read_state(coord_dir / "state.db", job)
         stored.update(job=job, status=status, create_seconds=create_seconds, clients_spawned=spawned,
+                      memory={"peak_rss_sum_bytes": peak_rss},
                       client_logs=[parse_client_log(logs / f"client-{i}.log") for i in range(len(clients))])
         return stored
     finally:
@@ -259,6 +354,7 @@ def run_federation(args: argparse.Namespace, work: Path, model_dir: Path, client
 
 
 def read_state(db_path: Path, job: str) -> dict[str, Any]:
+    """Rounds, updates, tasks and client names of a job, read from the coordinator's SQLite (read-only)."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
@@ -354,19 +450,21 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
+    """The markdown report: setup line, per-round table, critical-path table, setup and load notes."""
     rows, model, base, cfg = result["rounds"], result["model"], result["baseline"], result["config"]
     lines = [
-        f"Model: Llama, {model['params'] / 1e6:.1f} M params ({model['layers']} layers, hidden {model['hidden']}, "
+        (f"Model: Llama, {model['params'] / 1e6:.1f} M params ({model['layers']} layers, hidden {model['hidden']}, "
         f"{model['heads']} heads, intermediate {model['intermediate']}, vocab {model['vocab_size']}), fp32 on CPU, "
-        f"{human_bytes(model['dir_bytes'])} on disk. LoRA r={LORA['r']} on {'+'.join(LORA['target_modules'])}: "
+        f"{human_bytes(model['dir_bytes'])} on disk. LoRA r={LORA_R} on {'+'.join(LORA_TARGETS)}: "
         f"{base['adapter_params']:,} params = {human_bytes(base['adapter_bytes_fp32'])} fp32 "
-        f"({result['update_bytes']:,} bytes as a safetensors update).",
-        f"{cfg['clients']} client processes x {cfg['client_threads']} thread, {cfg['steps']} steps x batch "
+        f"({result['update_bytes']:,} bytes per update on the wire)."),
+        (f"{cfg['clients']} client processes x {cfg['client_threads']} thread over {cfg['transport']} gRPC on "
+         f"loopback, {cfg['steps']} steps x batch "
         f"{cfg['batch_size']} x max_seq_len {cfg['max_seq_len']} per round; coordinator eval on "
-        f"{cfg['eval_examples']} examples. Baseline: one process, {base['threads']} threads, clients trained in turn.",
+        f"{cfg['eval_examples']} examples. Baseline: one process, {base['threads']} threads, clients trained in turn."),
         "",
-        "| round | wall s | max client train s | overhead s | client fetch s (max) | aggregate s | eval s "
-        "| publish s | up / client | down / client | in-process baseline s | wall / baseline |",
+        ("| round | wall s | max client train s | overhead s | client fetch s (max) | aggregate s | eval s "
+        "| publish s | up / client | down / client | in-process baseline s | wall / baseline |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -380,8 +478,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Critical path (the client whose update arrived last), seconds:",
         "",
-        "| round | wait for task | fetch (+load) | train | pack | upload | close detect | aggregate | eval "
-        "| publish | unaccounted | gap before round |",
+        ("| round | wait for task (poll) | fetch (+load) | train | pack | upload | close detect | aggregate | eval "
+        "| publish | unaccounted | gap before round |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -393,13 +491,39 @@ def render(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines += [
         "",
-        f"One-time setup, not in any round: job create {s['job_create_seconds']:.1f}s; clients spawned -> round 1 "
-        f"opened {s['spawn_to_round1_seconds']:.1f}s; baseline model load + tokenize {base['load_seconds']:.1f}s.",
+        (f"One-time setup, not in any round: job create {s['job_create_seconds']:.1f}s; clients spawned -> round 1 "
+        f"opened {s['spawn_to_round1_seconds']:.1f}s; baseline model load + tokenize {base['load_seconds']:.1f}s."),
     ]
+    mem = result["memory"]
+    lines.append(f"Memory: coordinator + clients peaked at {human_bytes(mem['peak_rss_sum_bytes'])} resident "
+                 f"together (sampled each second); largest single process {human_bytes(mem['largest_child_peak_rss_bytes'])}"
+                 f"; this process (baseline) {human_bytes(mem['benchmark_peak_rss_bytes'])}.")
+    cores = result["machine"]["usable_cpus"]
+    for phase, c in result["cpu"].items():
+        lines.append(f"CPU during the {phase} phase: {c['own_cpu_seconds']:.0f}s ours, "
+                     f"{c['other_cpu_seconds']:.0f}s by other processes, over {c['wall_seconds']:.0f}s wall "
+                     f"on {cores} cores.")
+        share = c["other_cpu_seconds"] / max(c["wall_seconds"] * cores, 1e-9)
+        if share > OTHER_LOAD_WARN:
+            lines.append(f"**Warning: other processes took {share:.0%} of the machine during the {phase} phase; "
+                         "its timings are skewed. Rerun on an idle machine.**")
     return "\n".join(lines)
 
 
+def source() -> dict[str, Any]:
+    """The fedtune commit measured, and whether fedtune/ had local changes."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "fedtune"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"repo": str(REPO), "commit": None}
+    return {"repo": str(REPO), "commit": commit, "fedtune_dirty": bool(dirty)}
+
+
 def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal:")), 0)
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -408,7 +532,9 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Builds the model and data, runs the baseline, then the federation, and reports."""
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()
     out = args.out.resolve()
     work = fresh_work_dir(out)
     started = time.time()
@@ -417,16 +543,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {model['params'] / 1e6:.1f} M params in {model_dir}", flush=True)
     client_files, eval_file = write_synthetic_federation(work / "data", args.clients, args.examples_per_client,
                                                          max(args.eval_examples, 1))
+    watch = CpuWatch()
     baseline = run_baseline(args, model_dir, client_files)
+    cpu = {"baseline": watch.done()}
+    watch = CpuWatch()
     fed = run_federation(args, work, model_dir, client_files, eval_file if args.eval_examples > 0 else None)
+    cpu["federated"] = watch.done()
     rows = summarize(fed, baseline)
     result = {
         "benchmark": "round_overhead",
         "date": datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
+        "source": source(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "lora": LORA,
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
         "model": model,
         "update_bytes": fed["updates"][0]["size"],
         "setup": {"job_create_seconds": fed["create_seconds"],
@@ -434,6 +565,10 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": rows,
         "baseline": baseline,
         "history": fed["status"]["history"],
+        "cpu": cpu,
+        "memory": {**fed["memory"], "largest_child_peak_rss_bytes":
+                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                   "benchmark_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         "total_seconds": time.time() - started,
     }
     table = render(result)

@@ -35,4 +35,4 @@ def test_secure_demo_publishes_under_secure_aggregation(tmp_path: Path) -> None:
     proc = fedtune_cmd("demo", "--clients", "3", "--rounds", "1", "--secure", "--out", str(tmp_path / "d"), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "SecAgg+" in proc.stdout
-    assert re.search(r"^\s+1\s+3/3\s", proc.stdout, re.M)
+    assert re.search(r"^\s+1\s+3/3\s", proc.stdout, re.MULTILINE)
