@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 _MAX_KEYS_SHOWN = 3
 
 
-def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
+def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str],
+                layers: list[int] | None = None, layers_pattern: str | None = None) -> LoraConfig:
     """Makes the LoRA config that every participant of a job must share.
 
     Args:
@@ -46,6 +47,8 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str])
         alpha: LoRA scaling numerator (the update is scaled by `alpha / r`).
         dropout: Dropout on the LoRA input, in [0, 1).
         target_modules: Module name suffixes to adapt, e.g. `["q_proj", "v_proj"]`.
+        layers: Only these decoder blocks (offsite tuning adapts the first and last blocks only).
+        layers_pattern: Name of the block list in module paths ("layers", "h"), with ``layers``.
 
     Returns:
         A causal-LM `LoraConfig` without bias training.
@@ -68,6 +71,8 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str])
         lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int in peft, used as any number
         lora_dropout=dropout,
         target_modules=list(target_modules),
+        layers_to_transform=list(layers) if layers is not None else None,
+        layers_pattern=layers_pattern if layers is not None else None,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )
@@ -81,6 +86,8 @@ def build_peft_model(
     dropout: float,
     target_modules: list[str],
     seed: int = 0,
+    layers: list[int] | None = None,
+    layers_pattern: str | None = None,
 ) -> PeftModel:
     """Wraps a base model with a freshly initialised LoRA adapter.
 
@@ -102,7 +109,7 @@ def build_peft_model(
     Raises:
         InvalidInput: The config is invalid or no module matches `target_modules`.
     """
-    config = lora_config(r, alpha, dropout, target_modules)
+    config = lora_config(r, alpha, dropout, target_modules, layers, layers_pattern)
     # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG
     # (manual_seed seeds CUDA too, hence its device in the fork).
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []

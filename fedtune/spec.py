@@ -6,6 +6,7 @@ key (``job spec: peft.r: Input should be greater than 0``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -64,10 +65,13 @@ class AggregationSpec(_Strict):
 class SecureAggregationSpec(_Strict):
     """SecAgg+ (Bell et al. 2020): the coordinator learns only the cohort's sum."""
 
-    # Neighbours per client in the masking graph (even; below min_clients).
-    degree: int = Field(4, ge=2)
-    # Shares needed to rebuild a dropped client's mask key; more than degree/2 (see fedtune.secagg).
-    threshold: int = Field(3, ge=2)
+    # Neighbours per client in the masking graph (even; below min_clients). Null: chosen per cohort
+    # so that any `dropout_tolerance` of it may drop (see auto_degree).
+    degree: int | None = Field(None, ge=2)
+    # Shares needed to rebuild a dropped client's mask key; more than degree/2. Null: degree/2 + 1.
+    threshold: int | None = Field(None, ge=2)
+    # With an automatic degree: the fraction of a cohort that may drop without losing the round.
+    dropout_tolerance: float = Field(0.1, ge=0, lt=0.5)
     # Each element of a delta is clipped to [-clip, clip] before fixed-point encoding.
     clip: float = Field(1.0, gt=0)
     # A client's weight is min(examples, weight_cap) / weight_cap; the sum of weights travels masked too.
@@ -79,14 +83,35 @@ class SecureAggregationSpec(_Strict):
 
     @model_validator(mode="after")
     def _works(self) -> SecureAggregationSpec:
+        if self.threshold is not None and self.degree is None:
+            raise ValueError("threshold needs an explicit degree")
+        if self.degree is None:
+            return self
         if self.degree % 2:
             raise ValueError(f"degree ({self.degree}) must be even")
-        if self.threshold > self.degree:
-            raise ValueError(f"threshold ({self.threshold}) is larger than degree ({self.degree})")
-        if self.threshold <= self.degree // 2:
-            raise ValueError(f"threshold ({self.threshold}) must be more than degree/2 ({self.degree // 2}), or the "
+        threshold = self.threshold if self.threshold is not None else self.degree // 2 + 1
+        if threshold > self.degree:
+            raise ValueError(f"threshold ({threshold}) is larger than degree ({self.degree})")
+        if threshold <= self.degree // 2:
+            raise ValueError(f"threshold ({threshold}) must be more than degree/2 ({self.degree // 2}), or the "
                              "coordinator could rebuild both masks of one client")
         return self
+
+    def graph_for(self, n: int) -> tuple[int, int]:
+        """(degree, threshold) for a cohort of ``n``.
+
+        Automatic: threshold = degree/2 + 1 (the least that keeps 2*threshold > degree) and the
+        smallest even degree >= 2 with degree - threshold >= ceil(dropout_tolerance * n), so any
+        such share of the cohort may drop, even all in one neighbourhood; capped below n.
+        """
+        if self.degree is not None:
+            return self.degree, self.threshold if self.threshold is not None else self.degree // 2 + 1
+        need = math.ceil(self.dropout_tolerance * n)
+        degree = 2
+        while degree - (degree // 2 + 1) < need:
+            degree += 2
+        degree = min(degree, (n - 1) // 2 * 2)
+        return degree, degree // 2 + 1
 
 
 class PrivacySpec(_Strict):
@@ -99,16 +124,43 @@ class PrivacySpec(_Strict):
     sample_rate: float | None = Field(None, gt=0, le=1)
 
 
+class OffsiteSpec(_Strict):
+    """Offsite tuning (Xiao et al. 2023): clients get an emulator, never the full weights."""
+
+    # The first and last blocks are the adapter clients tune; a subset of the middle is kept.
+    adapter_layers: tuple[int, int] = (2, 2)
+    keep: float | None = Field(None, gt=0, le=1)
+    keep_layers: int | None = Field(None, ge=1)
+    # A prebuilt emulator (`fedtune emulator build`); otherwise one is built at job creation.
+    emulator: str | None = None
+    distill_data: str | None = None
+    distill_steps: int = Field(0, ge=0)
+    prune: str | None = None
+    quantize: Literal["int8", "nf4"] | None = None
+
+    @model_validator(mode="after")
+    def _one_size(self) -> OffsiteSpec:
+        if self.adapter_layers[0] < 0 or self.adapter_layers[1] < 0 or sum(self.adapter_layers) < 1:
+            raise ValueError(f"adapter_layers {list(self.adapter_layers)} must be two counts, at least one block in all")
+        if self.keep is not None and self.keep_layers is not None:
+            raise ValueError("set only one of offsite.keep and offsite.keep_layers")
+        return self
+
+
 class JobSpec(_Strict):
     """A federated tuning job."""
 
     name: str = Field("job", min_length=1, max_length=128)
     base_model: str = Field("tiny-llama", min_length=1)
-    mode: Literal["federated"] = "federated"
+    mode: Literal["federated", "offsite"] = "federated"
+    offsite: OffsiteSpec | None = None
+    # Clients load the base (or emulator) quantized with bitsandbytes and train LoRA on top (QLoRA).
+    client_quantization: Literal["nf4", "int8"] | None = None
     peft: PeftSpec = Field(default_factory=lambda: PeftSpec.model_validate({}))
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec.model_validate({}))
-    codec: Literal["fp32", "fp16"] = "fp32"
+    # fp32, fp16, bf16, int8 or topk:FRACTION (fedtune.compression.codecs)
+    codec: str = "fp32"
     rounds: int = Field(3, gt=0, le=100000)
     clients_per_round: int = Field(3, gt=0)
     min_clients: int = Field(2, gt=0)
@@ -125,12 +177,25 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"min_clients ({self.min_clients}) is larger than clients_per_round ({self.clients_per_round})"
             )
+        if self.offsite is not None and self.offsite.quantize and self.client_quantization:
+            raise ValueError("offsite.quantize and client_quantization both quantize the model clients get; "
+                             "set one")
+        if self.mode == "federated" and self.offsite is not None:
+            raise ValueError("offsite settings are given but mode is federated; set mode: offsite")
+        from fedtune.compression.codecs import get_codec
+
+        try:
+            codec = get_codec(self.codec)
+        except InvalidInput as e:
+            raise ValueError(f"codec: {e}") from None
         sa = self.secure_aggregation
         if sa is not None:
-            if self.codec != "fp32":
+            if not codec.additive:
                 raise ValueError(f"codec {self.codec} is not additive: secure aggregation encodes fp32 deltas "
                                  "in fixed point itself; use codec: fp32")
-            if sa.degree >= self.min_clients:
+            if self.min_clients < 3:
+                raise ValueError(f"secure aggregation needs min_clients of at least 3, got {self.min_clients}")
+            if sa.degree is not None and sa.degree >= self.min_clients:
                 raise ValueError(f"secure_aggregation.degree ({sa.degree}) must be below min_clients "
                                  f"({self.min_clients}): every cohort needs that many neighbours per client")
         return self
@@ -139,7 +204,7 @@ class JobSpec(_Strict):
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"job spec: {loc}: {msg}" if loc else f"job spec: {msg}"
@@ -169,9 +234,17 @@ def parse_spec(text: str, *, base_dir: Path | None = None) -> JobSpec:
     except ValidationError as e:
         raise InvalidInput(_describe(e)) from e
     if base_dir is not None:
-        updates: dict[str, str] = {}
+        updates: dict[str, object] = {}
         if spec.eval_data and not Path(spec.eval_data).is_absolute():
             updates["eval_data"] = str((base_dir / spec.eval_data).resolve())
+        if spec.offsite is not None:
+            off: dict[str, str] = {}
+            for key in ("emulator", "distill_data"):
+                value = getattr(spec.offsite, key)
+                if value and not Path(value).is_absolute():
+                    off[key] = str((base_dir / value).resolve())
+            if off:
+                updates["offsite"] = spec.offsite.model_copy(update=off)  # type: ignore[assignment]
         local_base = base_dir / spec.base_model
         if not Path(spec.base_model).is_absolute() and local_base.is_dir():
             updates["base_model"] = str(local_base.resolve())
@@ -191,7 +264,12 @@ name: my-job
 # A built-in preset (tiny-llama), a local model directory, or a hub id that
 # transformers' AutoModelForCausalLM loads.
 base_model: {base}
-mode: federated            # offsite (emulator) mode comes with fedtune.compression
+mode: federated            # or offsite: clients get an emulator, never the full weights
+# offsite:                 # with mode: offsite
+#   adapter_layers: [2, 2] # first and last blocks clients tune (LoRA on them)
+#   keep: 0.5              # fraction of the middle blocks the emulator keeps
+#   quantize: null         # int8 or nf4 for the emulator's frozen middle
+# client_quantization: nf4 # QLoRA: clients load the base/emulator in nf4 or int8
 peft:
   method: lora
   r: 8
@@ -207,7 +285,7 @@ training:                  # each client's local training, per round
 aggregation:
   strategy: fedavg         # weighted by each client's example count
   max_update_norm: null    # reject updates with a larger L2 norm
-codec: fp32                # fp32 or fp16 updates on the wire
+codec: fp32                # fp32, fp16, bf16, int8, topk:0.05 (with error feedback on clients)
 rounds: 3
 clients_per_round: 3
 min_clients: 2             # a round closes at its deadline with at least this many updates
@@ -215,8 +293,7 @@ round_deadline_seconds: 600
 cohort_wait_seconds: 10    # with min_clients connected, wait this long for clients_per_round
 eval_data: null            # JSONL on the coordinator, evaluated after every round
 # secure_aggregation:      # SecAgg+: the coordinator sees only the cohort's sum
-#   degree: 4              # neighbours per client (even, below min_clients)
-#   threshold: 3           # shares to rebuild a dropped client's masks (> degree/2)
+#   dropout_tolerance: 0.1 # share of a cohort that may drop (sets degree and threshold)
 #   clip: 1.0              # per-element range of a delta in fixed point
 # privacy:                 # client-level central DP (clip, Gaussian noise on the sum)
 #   clip_norm: 1.0

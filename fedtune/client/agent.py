@@ -26,6 +26,7 @@ from fedtune.client.channel import ClientTls, is_tls_failure, is_transient, open
 from fedtune.client.secure import SecureParticipant
 from fedtune.client.transfer import BlobCache, materialize, upload
 from fedtune.compression.codecs import get_codec
+from fedtune.compression.feedback import ErrorFeedback
 from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
 from fedtune.crypto.envelope import UpdateBinding, seal
 from fedtune.crypto.keys import load_or_create, raw_public_bytes
@@ -240,6 +241,12 @@ class ClientAgent:
         trained = adapter_state(loaded.model)
         codec = get_codec(training.get("codec", "fp32"))
         delta = {k: trained[k] - global_state[k] for k in global_state}
+        feedback = None
+        if not codec.additive:
+            # What a lossy codec leaves out this round is carried into the next (error feedback),
+            # kept in the state dir so a restart does not lose it.
+            feedback = ErrorFeedback(self.state_dir / "feedback" / f"{task.job_id}.safetensors")
+            delta = feedback.apply(delta)
         privacy = json.loads(task.privacy_json) if task.privacy_json else None
         if privacy is not None:
             delta, norm = clip_update(delta, float(privacy["clip_norm"]))
@@ -255,7 +262,10 @@ class ClientAgent:
             return
         # Same key for every retry of this task, across restarts too: the coordinator stores it once.
         update_id = hashlib.sha256(f"{client_id}:{task.task_id}".encode()).hexdigest()[:32]
-        plain = tensors_to_bytes(codec.encode(delta), metadata={"codec": codec.name})
+        wire = codec.encode(delta)
+        if feedback is not None:
+            feedback.update(codec.decode(wire, {k: tuple(v.shape) for k, v in delta.items()}), delta)
+        plain = tensors_to_bytes(wire, metadata={"codec": codec.name})
         payload = seal(plain, task.job_public_key, UpdateBinding(task.job_id, task.round, client_id, update_id))
         pack_seconds = time.perf_counter() - t1
         header = pb.UpdateHeader(

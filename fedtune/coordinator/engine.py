@@ -262,12 +262,12 @@ class RoundEngine:
                 return
             avg = self._private_mean(sums, len(rnd.cohort)) if privacy else {k: v / weight for k, v in sums.items()}
         elif privacy is not None:
-            clipped = [clip_update(self.codec.decode(bytes_to_tensors(self._open(u))), privacy.clip_norm)[0]
+            clipped = [clip_update(self.codec.decode(bytes_to_tensors(self._open(u)), self.schema), privacy.clip_norm)[0]
                        for u in updates]
             sums = {k: torch.stack([c[k] for c in clipped]).sum(0) for k in global_in}
             avg = self._private_mean(sums, len(rnd.cohort))
         else:
-            deltas = [WeightedDelta(self.codec.decode(bytes_to_tensors(self._open(u))), u.num_examples)
+            deltas = [WeightedDelta(self.codec.decode(bytes_to_tensors(self._open(u)), self.schema), u.num_examples)
                       for u in updates]
             avg = self.strategy.aggregate(deltas)
         new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}

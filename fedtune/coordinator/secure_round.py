@@ -67,7 +67,8 @@ class SecureRound:
         n = len(cohort)
         round_id = hashlib.sha256(b"fedtune-secagg" + self.job_id.encode() + rnd.to_bytes(4, "big")
                                   + os.urandom(16)).digest()
-        params = SecAggParams(n_clients=n, degree=self.sa.degree, threshold=self.sa.threshold, clip=self.sa.clip,
+        degree, threshold = self.sa.graph_for(n)
+        params = SecAggParams(n_clients=n, degree=degree, threshold=threshold, clip=self.sa.clip,
                               scale=max_scale(self.sa.clip, n), vector_len=vector_len(self.schema), round_id=round_id)
         deadline = time.time() + self.spec.round_deadline_seconds
         return self.state.start_secagg(self.job_id, rnd, params.to_bytes(), cohort, deadline)
@@ -87,7 +88,8 @@ class SecureRound:
         if not (expected <= got or now >= sec.deadline):
             return False
         count = len(got & expected)
-        need = max(self.spec.min_clients if sec.phase == "advertise" else self.sa.threshold, self.sa.threshold)
+        threshold = SecAggParams.from_bytes(sec.params).threshold
+        need = max(self.spec.min_clients if sec.phase == "advertise" else threshold, threshold)
         if count < need:
             raise RoundAbandoned(f"{sec.phase} phase ended with {count} participants, {need} needed")
         if sec.phase == "unmask":
@@ -97,9 +99,9 @@ class SecureRound:
             outbox = self._outbox(sec, self._replay(sec), nxt)
         except PreconditionFailed as e:
             raise RoundAbandoned(str(e)) from e
-        if len(outbox) < self.sa.threshold:
+        if len(outbox) < threshold:
             raise RoundAbandoned(f"only {len(outbox)} participants can take part in the {nxt} phase, "
-                                 f"{self.sa.threshold} needed")
+                                 f"{threshold} needed")
         self.state.set_secagg_phase(self.job_id, sec.round, nxt, now + self.sa.phase_seconds, outbox)
         log.info("job %s round %d attempt %d: %s -> %s (%d participants)", self.job_id, sec.round, sec.attempt,
                  sec.phase, nxt, len(outbox))

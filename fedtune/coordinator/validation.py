@@ -19,26 +19,16 @@ def validate_update(
     Args:
         wire: Tensors as received.
         schema: Tensor name -> shape of the job's adapter.
-        codec: The job's codec.
+        codec: The job's codec; its ``check`` knows which wire tensors each adapter tensor becomes.
         max_norm: Optional bound on the L2 norm of the whole delta.
 
     Raises:
         InvalidInput: naming the first tensor that is missing, unexpected, of the wrong shape or
-            dtype, or not finite, or the norm when it is over the bound.
+            dtype, otherwise not in the codec's format, or not finite, or the norm when it is over
+            the bound.
     """
-    missing = sorted(set(schema) - set(wire))
-    if missing:
-        raise InvalidInput(f"update lacks tensor {missing[0]!r} ({len(missing)} missing)")
-    extra = sorted(set(wire) - set(schema))
-    if extra:
-        raise InvalidInput(f"update has unexpected tensor {extra[0]!r}")
-    for name, tensor in wire.items():
-        if tuple(tensor.shape) != schema[name]:
-            raise InvalidInput(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {schema[name]}")
-        want = codec.wire_dtype(name)
-        if tensor.dtype != want:
-            raise InvalidInput(f"tensor {name!r} has dtype {tensor.dtype}, codec {codec.name} sends {want}")
-    delta = codec.decode(wire)
+    codec.check(wire, schema)
+    delta = codec.decode(wire, schema)
     sq = 0.0
     for name, tensor in delta.items():
         if not torch.isfinite(tensor).all():
