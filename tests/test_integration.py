@@ -312,3 +312,22 @@ def test_agents_send_compressed_updates_with_error_feedback(coordinator, admin, 
     for i in range(2):
         assert (tmp_path / f"c{i}" / "feedback" / f"{job}.safetensors").exists()
     assert state.rounds(job)[-1].metrics["eval_loss"] < json.loads(state.job(job).base_eval_json)["eval_loss"]
+
+
+def test_a_qlora_agent_trains_on_an_nf4_base(coordinator, admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    job = admin.create_job(make_spec(eval_file, steps=20, rounds=1, clients=1).replace(
+        "rounds: 1", "rounds: 1\nclient_quantization: nf4"))
+    agent = spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
+                  "--data", str(clients[0]), "--state-dir", str(tmp_path / "c"), "--no-progress", "--insecure",
+                  log=tmp_path / "c.log")
+    try:
+        assert _wait_exit(agent) == 0, (tmp_path / "c.log").read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    state = coordinator.coordinator.state
+    (rnd,) = state.rounds(job)
+    assert rnd.metrics["contributors"] == 1
+    # Trained on the 4-bit base, evaluated on the full-precision one: the adapter still helps.
+    assert rnd.metrics["eval_loss"] < json.loads(state.job(job).base_eval_json)["eval_loss"]

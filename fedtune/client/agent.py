@@ -206,7 +206,14 @@ class ClientAgent:
         model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files],
                                 self.state_dir / "models" / task.base_model_hash[:16])
         tokenizer = load_tokenizer(model_dir)
-        base = load_causal_lm(model_dir, self.device)
+        quantize = training.get("client_quantization")
+        if quantize:
+            # QLoRA: the frozen base in nf4/int8 (bitsandbytes), LoRA in full precision on top.
+            from fedtune.quantization import load_quantized_causal_lm
+
+            base = load_quantized_causal_lm(model_dir, self.device, quantize)
+        else:
+            base = load_causal_lm(model_dir, self.device)
         peft_cfg = json.loads(task.peft_config_json)
         model = build_peft_model(base, r=peft_cfg["r"], alpha=peft_cfg["alpha"], dropout=peft_cfg["dropout"],
                                  target_modules=peft_cfg["target_modules"])
