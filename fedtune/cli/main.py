@@ -65,7 +65,7 @@ def _setup_logging() -> None:
     level = os.environ.get("FEDTUNE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # peft 0.21 calls a transformers 5 API that is only renamed; users cannot act on it.

@@ -207,7 +207,12 @@ class ClientAgent:
                                 self.state_dir / "models" / task.base_model_hash[:16])
         tokenizer = load_tokenizer(model_dir)
         quantize = training.get("client_quantization")
-        if quantize:
+        if (model_dir / "emulator.json").exists():
+            # Offsite job: an emulator (possibly with a quantized middle), never the full model.
+            from fedtune.compression.emulator_storage import load_emulator
+
+            base = load_emulator(model_dir, self.device)
+        elif quantize:
             # QLoRA: the frozen base in nf4/int8 (bitsandbytes), LoRA in full precision on top.
             from fedtune.quantization import load_quantized_causal_lm
 
@@ -216,7 +221,8 @@ class ClientAgent:
             base = load_causal_lm(model_dir, self.device)
         peft_cfg = json.loads(task.peft_config_json)
         model = build_peft_model(base, r=peft_cfg["r"], alpha=peft_cfg["alpha"], dropout=peft_cfg["dropout"],
-                                 target_modules=peft_cfg["target_modules"])
+                                 target_modules=peft_cfg["target_modules"],
+                                 layers=peft_cfg.get("layers_to_transform"), layers_pattern=peft_cfg.get("layers_pattern"))
         tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
         if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
             raise InvalidInput(f"{self.data_path}: no example has response tokens within max_seq_len "

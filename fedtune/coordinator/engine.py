@@ -21,6 +21,7 @@ import torch
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
+from fedtune.coordinator.offsite import plan_for
 from fedtune.coordinator.presence import Presence
 from fedtune.coordinator.publish import publish_adapter
 from fedtune.coordinator.secure_round import RoundAbandoned, SecureRound
@@ -302,18 +303,27 @@ class RoundEngine:
         t2 = time.perf_counter()
         metrics["aggregate_seconds"] = t1 - t0
         metrics["eval_seconds"] = t2 - t1
+        plan = plan_for(job.emulator_dir)
+        published = plan.to_full(new_global) if plan else new_global
+        extra: dict[str, object] = {"offsite": plan.summary()} if plan else {}
+        if privacy is not None:
+            extra["privacy"] = {**privacy.model_dump(mode="json"), "epsilon": metrics["epsilon"],
+                                "accountant": "rdp-subsampled-gaussian"}
         path, manifest = publish_adapter(
             self.adapters_root,
             job_id=self.job_id,
             job_name=job.name,
             rnd=rnd.round,
-            state=new_global,
+            state=published,
             peft=self.spec.peft,
             base_model=job.base_model,
             base_hash=job.base_hash,
             metrics=metrics,
             contributors=len(updates),
             signer=self.keys.signing_key,
+            layers=plan.full_layers if plan else None,
+            layers_pattern=plan.layers_pattern if plan else None,
+            extra=extra,
         )
         metrics["publish_seconds"] = time.perf_counter() - t2
         last = rnd.round >= self.spec.rounds

@@ -1,4 +1,9 @@
-"""Evaluates a job's global adapter plugged into its base model, on the job's eval data."""
+"""Evaluates a job's global adapter on the job's eval data.
+
+For a federated job: the adapter plugged into the base. For an offsite job, Offsite-Tuning's
+columns: the full model zero-shot, the emulator with the adapter, and the plug-in (the full model
+with the adapter mapped onto its blocks), each as loss and perplexity.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fedtune.compression.emulator_storage import load_emulator
+from fedtune.coordinator.offsite import OffsitePlan, plan_for
 from fedtune.coordinator.state import Job
 from fedtune.data import load_jsonl, tokenize
 from fedtune.models import load_causal_lm, load_tokenizer
@@ -24,14 +31,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Loaded:
-    model: Any  # a peft.PeftModel over the frozen base
+    full: Any  # a peft.PeftModel over the frozen base
+    emulator: Any | None  # offsite jobs: a peft.PeftModel over the emulator
+    plan: OffsitePlan | None
     tokenized: list[dict[str, list[int]]]
     pad_id: int
     batch_size: int
+    zero_shot: float | None = None
+
+
+def _metrics(prefix: str, loss: float) -> dict[str, float]:
+    return {f"{prefix}eval_loss": loss, f"{prefix}eval_ppl": math.exp(min(loss, 50.0))}
 
 
 class Evaluator:
-    """Keeps one evaluation model per job (loaded on first use) and returns eval metrics."""
+    """Keeps one evaluation model (two for offsite jobs) per job, loaded on first use."""
 
     def __init__(self, base_dir: Callable[[Job], Path], device: torch.device | None = None) -> None:
         self.base_dir = base_dir
@@ -45,37 +59,51 @@ class Evaluator:
             return None
         if job.job_id not in self._loaded:
             base_dir = self.base_dir(job)
+            plan = plan_for(job.emulator_dir)
             tokenizer = load_tokenizer(base_dir)
-            base = load_causal_lm(base_dir, self.device)
-            model = build_peft_model(
-                base, r=spec.peft.r, alpha=spec.peft.alpha, dropout=spec.peft.dropout,
-                target_modules=spec.peft.target_modules,
-            )
+            lora: dict[str, Any] = {"r": spec.peft.r, "alpha": spec.peft.alpha, "dropout": spec.peft.dropout,
+                    "target_modules": spec.peft.target_modules}
+            full = build_peft_model(load_causal_lm(base_dir, self.device), **lora,
+                                    layers=plan.full_layers if plan else None,
+                                    layers_pattern=plan.layers_pattern if plan else None)
+            emulator = None
+            if plan is not None:
+                emulator = build_peft_model(load_emulator(plan.emulator_dir, self.device), **lora,
+                                            layers=plan.emulator_layers, layers_pattern=plan.layers_pattern)
             tokenized = tokenize(load_jsonl(Path(spec.eval_data)), tokenizer, spec.training.max_seq_len)
-            self._loaded[job.job_id] = _Loaded(model, tokenized, tokenizer.pad_token_id, spec.training.batch_size)
+            self._loaded[job.job_id] = _Loaded(full, emulator, plan, tokenized, tokenizer.pad_token_id,
+                                               spec.training.batch_size)
         return self._loaded[job.job_id]
 
-    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        """Eval loss and perplexity of base + adapter (the bare base when ``adapter`` is None).
+    def _loss(self, loaded: _Loaded, model: Any) -> float:
+        return evaluate_loss(model, loaded.tokenized, pad_id=loaded.pad_id, batch_size=loaded.batch_size,
+                             device=self.device)
 
-        Returns an empty dict when the job has no eval data.
+    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        """Eval metrics of the adapter (of the bare base when ``adapter`` is None).
+
+        Returns ``eval_loss``/``eval_ppl`` (base + adapter; for offsite jobs the plug-in), and for
+        offsite jobs also ``emulator_eval_*`` and ``zero_shot_eval_*``; empty without eval data.
         """
         with self._lock:
             loaded = self._load(job)
             if loaded is None:
                 return {}
-            model = loaded.model
+            if loaded.zero_shot is None:
+                with loaded.full.disable_adapter():
+                    loaded.zero_shot = self._loss(loaded, loaded.full)
             if adapter is None:
-                with model.disable_adapter():
-                    loss = evaluate_loss(model, loaded.tokenized, pad_id=loaded.pad_id,
-                                         batch_size=loaded.batch_size, device=self.device)
-            else:
-                load_adapter_state(model, adapter)
-                loss = evaluate_loss(model, loaded.tokenized, pad_id=loaded.pad_id,
-                                     batch_size=loaded.batch_size, device=self.device)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+                return _metrics("", loaded.zero_shot)
+            out = _metrics("zero_shot_", loaded.zero_shot) if loaded.plan else {}
+            plugged = loaded.plan.to_full(adapter) if loaded.plan else adapter
+            load_adapter_state(loaded.full, plugged)
+            out |= _metrics("", self._loss(loaded, loaded.full))
+            if loaded.plan is not None and loaded.emulator is not None:
+                load_adapter_state(loaded.emulator, adapter)
+                out |= _metrics("emulator_", self._loss(loaded, loaded.emulator))
+        return out
 
     def release(self, job_id: str) -> None:
-        """Frees a finished job's evaluation model."""
+        """Frees a finished job's evaluation models."""
         with self._lock:
             self._loaded.pop(job_id, None)

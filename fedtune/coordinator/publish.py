@@ -34,6 +34,9 @@ def publish_adapter(
     metrics: dict[str, float],
     contributors: int,
     signer: Ed25519PrivateKey | None = None,
+    layers: list[int] | None = None,
+    layers_pattern: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Writes ``root/JOB/round-N`` atomically and returns its path and manifest.
 
@@ -44,7 +47,8 @@ def publish_adapter(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout, target_modules=peft.target_modules)
+    cfg = lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout, target_modules=peft.target_modules,
+                      layers=layers, layers_pattern=layers_pattern)
     save_adapter_dir(cfg, state, tmp, base_model_name_or_path=base_model)
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest: dict[str, Any] = {
@@ -60,6 +64,7 @@ def publish_adapter(
         "files": files,
         "created": time.time(),
         "fedtune_version": __version__,
+        **(extra or {}),
     }
     if signer is not None:
         manifest = sign_manifest(manifest, signer)

@@ -18,7 +18,9 @@ import torch
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
+from fedtune.compression.emulator_storage import load_emulator
 from fedtune.coordinator.keyring import KeyRing
+from fedtune.coordinator.offsite import prepare_emulator
 from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
 from fedtune.coordinator.secure_round import join_shares
 from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, SecAggRound, Update
@@ -125,19 +127,26 @@ class Coordinator:
         # What consumers pass to from_pretrained: the directory for presets and local models,
         # the hub id otherwise.
         base_model = str(base_dir) if is_preset(spec.base_model) or Path(spec.base_model).is_dir() else spec.base_model
-        model = load_causal_lm(base_dir, torch.device("cpu"))
+        plan = prepare_emulator(spec, base_dir, self.state_dir / "emulators") if spec.mode == "offsite" else None
+        # Offsite: clients get the emulator, and LoRA goes on its adapter blocks only.
+        client_dir = plan.emulator_dir if plan is not None else base_dir
+        model = load_emulator(client_dir, torch.device("cpu")) if plan else load_causal_lm(base_dir, torch.device("cpu"))
+        peft_cfg: dict[str, object] = spec.peft.model_dump(mode="json")
+        if plan is not None:
+            peft_cfg |= {"layers_to_transform": plan.emulator_layers, "layers_pattern": plan.layers_pattern}
         try:
             peft_model = build_peft_model(
                 model, r=spec.peft.r, alpha=spec.peft.alpha, dropout=spec.peft.dropout,
                 target_modules=spec.peft.target_modules, seed=spec.training.seed,
+                layers=plan.emulator_layers if plan else None, layers_pattern=plan.layers_pattern if plan else None,
             )
         except (ValueError, InvalidInput) as e:
             raise InvalidInput(f"job spec: peft.target_modules {spec.peft.target_modules}: {str(e).splitlines()[0]}") from e
         initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
         del peft_model, model
         files = []
-        for p in sorted(base_dir.rglob("*")):
-            rel = p.relative_to(base_dir)
+        for p in sorted(client_dir.rglob("*")):
+            rel = p.relative_to(client_dir)
             if p.is_file() and not any(part.startswith(".") for part in rel.parts):
                 files.append(FileEntry(str(rel), self.store.put_file(p), p.stat().st_size))
         job = self.state.add_job(
@@ -147,7 +156,8 @@ class Coordinator:
             base_hash=model_dir_hash(base_dir),
             files=files,
             initial_adapter=initial,
-            peft_config_json=spec.peft.model_dump_json(),
+            peft_config_json=json.dumps(peft_cfg),
+            emulator_dir=str(plan.emulator_dir) if plan else None,
         )
         self.keys.job_key(job.job_id)
         log.info("job %s created: %s on %s", job.job_id, spec.name, base_model)

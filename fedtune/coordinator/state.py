@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   job_id TEXT PRIMARY KEY, name TEXT NOT NULL, spec_json TEXT NOT NULL, state TEXT NOT NULL,
   current_round INTEGER NOT NULL, base_model TEXT NOT NULL, base_hash TEXT NOT NULL,
   initial_adapter TEXT NOT NULL, peft_config_json TEXT NOT NULL, base_eval_json TEXT,
-  message TEXT NOT NULL DEFAULT '', created REAL NOT NULL, privacy_json TEXT);
+  message TEXT NOT NULL DEFAULT '', created REAL NOT NULL, privacy_json TEXT, emulator_dir TEXT);
 CREATE TABLE IF NOT EXISTS job_files (
   job_id TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
   PRIMARY KEY (job_id, path));
@@ -94,6 +94,7 @@ class Job:
     message: str
     created: float
     privacy_json: str | None = None
+    emulator_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,15 +228,16 @@ class CoordinatorState:
         files: list[FileEntry],
         initial_adapter: str,
         peft_config_json: str,
+        emulator_dir: str | None = None,
     ) -> Job:
         """Creates a job in state ``running`` at round 1."""
         job_id = "job-" + secrets.token_hex(4)
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, name, spec_json, "running", 1, base_model, base_hash, initial_adapter,
-                 peft_config_json, None, "", now, None),
+                 peft_config_json, None, "", now, None, emulator_dir),
             )
             db.executemany(
                 "INSERT INTO job_files VALUES (?,?,?,?)",

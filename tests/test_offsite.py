@@ -1,0 +1,118 @@
+"""Offsite jobs end to end: clients train on an emulator and never receive the full weights; the
+published adapter plugs into the full model with plain peft."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fedtune.hashing import file_sha256
+from fedtune.models import load_tokenizer, materialize_preset
+from tests.conftest import Admin, make_spec, spawn
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def base6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-block Llama with the tiny preset's tokenizer: enough blocks to drop some."""
+    root = tmp_path_factory.mktemp("base6")
+    tok = load_tokenizer(materialize_preset("tiny-llama", root / "tiny"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root / "model"
+
+
+def _offsite_spec(base: Path, eval_file: Path, extra: str = "") -> str:
+    return (make_spec(eval_file, steps=8, rounds=1, clients=2).replace("base_model: tiny-llama", f"base_model: {base}")
+            + "mode: offsite\noffsite: {adapter_layers: [1, 1], keep: 0.5" + extra + "}\n")
+
+
+def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
+        coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    job = admin.create_job(_offsite_spec(base6, eval_file))
+    agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
+                    "--data", str(clients[i]), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
+                    log=tmp_path / f"c{i}.log") for i in range(2)]
+    try:
+        for i, a in enumerate(agents):
+            assert a.wait(timeout=240) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    state = coordinator.coordinator.state
+    assert state.job(job).state == "finished"
+
+    # What each client downloaded: emulator files and adapters only, never a file of the full model.
+    base_hashes = {file_sha256(p) for p in base6.iterdir() if p.suffix == ".safetensors"}
+    base_bytes = sum(p.stat().st_size for p in base6.iterdir() if p.suffix == ".safetensors")
+    emulator_files = {f.sha256 for f in state.job_files(job)}
+    for i in range(2):
+        cache = [p for p in (tmp_path / f"c{i}" / "cache").iterdir() if p.is_file()]
+        got = {p.name for p in cache}
+        assert not got & base_hashes
+        adapters = got - emulator_files
+        assert all(state.job_may_serve(job, sha) for sha in adapters)
+        weights = sum(p.stat().st_size for p in cache if p.name in emulator_files and p.stat().st_size > 100_000)
+        assert weights < base_bytes
+
+    # Offsite-Tuning's columns are in the round metrics.
+    (rnd,) = state.rounds(job)
+    for key in ("zero_shot_eval_loss", "emulator_eval_loss", "eval_loss"):
+        assert key in rnd.metrics
+    assert rnd.metrics["eval_loss"] < rnd.metrics["zero_shot_eval_loss"]
+
+    # The published adapter targets the full model's first and last blocks and loads with plain peft.
+    path = Path(state.published(job)[0][2])
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [0, 5]
+    manifest = json.loads((path / "fedtune.json").read_text())
+    assert manifest["offsite"]["n_layers_full"] == 6 and manifest["offsite"]["n_layers"] < 6
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    base = AutoModelForCausalLM.from_pretrained(manifest["base_model"])
+    with torch.no_grad():
+        before = base(ids).logits
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest["base_model"]), str(path))
+    with torch.no_grad():
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-5)
+    lora_blocks = {int(k.split(".layers.")[1].split(".")[0]) for k, _ in tuned.named_parameters() if "lora_A" in k}
+    assert lora_blocks == {0, 5}
+
+
+def test_an_emulator_of_another_base_is_refused(coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.compression.emulator import build_emulator
+
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(base6)
+    torch.nn.init.normal_(model.lm_head.weight)
+    model.save_pretrained(other)
+    load_tokenizer(base6).save_pretrained(other)
+    build_emulator(other, tmp_path / "emu", bottom=1, top=1, keep=0.5)
+    _, eval_file = fed_data
+    with pytest.raises(grpc.RpcError) as info:
+        admin.create_job(_offsite_spec(base6, eval_file, f", emulator: {tmp_path / 'emu'}"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "another base model" in info.value.details()
+    assert coordinator.coordinator.state.jobs() == []
+
+
+def test_a_base_too_small_for_the_adapter_is_refused(coordinator, admin: Admin, base6: Path, fed_data) -> None:  # type: ignore[no-untyped-def]
+    _, eval_file = fed_data
+    spec = _offsite_spec(base6, eval_file).replace("adapter_layers: [1, 1]", "adapter_layers: [3, 3]")
+    with pytest.raises(grpc.RpcError) as info:
+        admin.create_job(spec)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert coordinator.coordinator.state.jobs() == []
