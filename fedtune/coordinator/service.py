@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from fedtune.compression.codecs import get_codec
+from fedtune.compression.emulator_storage import load_emulator
 from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
-from fedtune.compression.emulator_storage import load_emulator
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.offsite import prepare_emulator
 from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
