@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from fedtune import __version__
-from fedtune.cli import adapters_cmd, certs_cmd, client_cmd, coordinator_cmd, job_cmd, token_cmd
+from fedtune.cli import adapters_cmd, certs_cmd, client_cmd, coordinator_cmd, emulator_cmd, job_cmd, token_cmd
 from fedtune.errors import ExitCode, FedtuneError
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.add_typer(token_cmd.app, name="token")
 app.add_typer(client_cmd.app, name="client")
 app.add_typer(adapters_cmd.app, name="adapters")
 app.add_typer(certs_cmd.app, name="certs")
+app.add_typer(emulator_cmd.app, name="emulator")
 
 
 def _version(value: bool) -> None:
