@@ -118,7 +118,8 @@ class RoundEngine:
             return Decision("stop", message=f"job {self.job_id} is {job.state}")
         rnd = self.state.find_round(self.job_id, job.current_round)
         if rnd is None or rnd.state != "open":
-            return Decision("wait", message="waiting for the next round")
+            # Between rounds the next task is imminent: poll faster than the heartbeat.
+            return Decision("wait", message="waiting for the next round", retry_after=0.3)
         if client_id not in rnd.cohort:
             return Decision("wait", message=f"not in the cohort of round {rnd.round}")
         task_id = self.state.task_for(self.job_id, rnd.round, client_id) or ""

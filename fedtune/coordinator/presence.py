@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 from fedtune.coordinator.state import Client
 
-DEFAULT_HEARTBEAT_SECONDS = 2
+# Clients poll for tasks at this interval, so it bounds how long a new round waits to be noticed.
+DEFAULT_HEARTBEAT_SECONDS = 1
 # A client missing this many heartbeats in a row is treated as gone.
-MISSED_HEARTBEATS = 4
+MISSED_HEARTBEATS = 6
 
 
 class Presence:
