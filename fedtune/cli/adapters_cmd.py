@@ -14,17 +14,10 @@ import grpc
 import typer
 
 from fedtune.adapters import verify_adapter_dir
-from fedtune.cli.admin_client import AdminClient
+from fedtune.cli.admin_client import AdminClient, admin_command
 from fedtune.cli.options import (
-    AdminToken,
-    CaCert,
-    ClientCert,
-    ClientKey,
-    Coordinator,
     Format,
     FormatOpt,
-    Insecure,
-    StateDir,
 )
 from fedtune.errors import InvalidInput, from_rpc_error
 from fedtune.protos import fedtune_pb2 as pb
@@ -33,20 +26,14 @@ app = typer.Typer(help="Published adapters: list, pull, verify.", no_args_is_hel
 
 
 @app.command("list")
+@admin_command
 def list_adapters(
     job: Annotated[str | None, typer.Option("--job", help="Only this job's adapters.")] = None,
-    coordinator: Coordinator = None,
-    state_dir: StateDir = None,
-    admin_token: AdminToken = None,
-    ca_cert: CaCert = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-    insecure: Insecure = False,
+    *,
+    client: AdminClient,
     fmt: FormatOpt = Format.text,
 ) -> None:
     """Every published adapter with its round, contributors and eval loss."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
-                                      insecure)
     reply = client.call("ListAdapters", pb.ListAdaptersRequest(job_id=job or ""))
     rows = []
     for a in reply.adapters:  # type: ignore[attr-defined]
@@ -63,21 +50,15 @@ def list_adapters(
 
 
 @app.command("pull")
+@admin_command
 def pull(
     job: Annotated[str, typer.Argument(help="Job id.")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the adapter into.")],
     rnd: Annotated[int, typer.Option("--round", min=0, help="Round to pull (default: the latest).")] = 0,
-    coordinator: Coordinator = None,
-    state_dir: StateDir = None,
-    admin_token: AdminToken = None,
-    ca_cert: CaCert = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-    insecure: Insecure = False,
+    *,
+    client: AdminClient,
 ) -> None:
     """Download a published adapter, verify its files, and write it to OUT."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
-                                      insecure)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -75,3 +80,35 @@ class AdminClient:
     def close(self) -> None:
         """Closes the channel."""
         self.channel.close()
+
+
+_CONNECTION_PARAMS = ("coordinator", "state_dir", "admin_token", "ca_cert", "client_cert", "client_key", "insecure")
+
+
+def admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Gives a CLI command the connection options (--coordinator, --state-dir, --admin-token and
+    the TLS files) and calls it with ``client``, an :class:`AdminClient` built from them."""
+    from fedtune.cli import options
+
+    annotations = {
+        "coordinator": options.Coordinator, "state_dir": options.StateDir, "admin_token": options.AdminToken,
+        "ca_cert": options.CaCert, "client_cert": options.ClientCert, "client_key": options.ClientKey,
+        "insecure": options.Insecure,
+    }
+    hints = typing.get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
+           if p.name != "client"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotations[name],
+                               default=False if name == "insecure" else None) for name in _CONNECTION_PARAMS]
+    # Keyword-only parameters must follow the command's own; typer reads order for --help only.
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        conn = {name: kwargs.pop(name) for name in _CONNECTION_PARAMS}
+        return fn(client=AdminClient.from_options(**conn), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__
+    return wrapper

@@ -8,17 +8,10 @@ from typing import Annotated
 
 import typer
 
-from fedtune.cli.admin_client import AdminClient
+from fedtune.cli.admin_client import AdminClient, admin_command
 from fedtune.cli.options import (
-    AdminToken,
-    CaCert,
-    ClientCert,
-    ClientKey,
-    Coordinator,
     Format,
     FormatOpt,
-    Insecure,
-    StateDir,
 )
 from fedtune.errors import InvalidInput
 from fedtune.protos import fedtune_pb2 as pb
@@ -35,15 +28,11 @@ def init(base: Annotated[str, typer.Option("--base", help="Base model: preset, l
 
 
 @app.command("create")
+@admin_command
 def create(
     spec_file: Annotated[Path, typer.Argument(help="Job spec YAML.")],
-    coordinator: Coordinator = None,
-    state_dir: StateDir = None,
-    admin_token: AdminToken = None,
-    ca_cert: CaCert = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-    insecure: Insecure = False,
+    *,
+    client: AdminClient,
 ) -> None:
     """Validate SPEC and create the job; prints the job id alone."""
     if not spec_file.is_file():
@@ -51,8 +40,6 @@ def create(
     # Validate here first (the coordinator validates again): errors reach the user without a round trip,
     # and relative paths are made absolute against the spec's directory.
     spec = parse_spec(spec_file.read_text(), base_dir=spec_file.resolve().parent)
-    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
-                                      insecure)
     status = client.call("CreateJob", pb.CreateJobRequest(spec_yaml=spec_to_yaml(spec)))
     typer.echo(status.job_id)  # type: ignore[attr-defined]
 
@@ -79,20 +66,14 @@ def _print_status(status: pb.JobStatus) -> None:
 
 
 @app.command("status")
+@admin_command
 def status(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
-    coordinator: Coordinator = None,
-    state_dir: StateDir = None,
-    admin_token: AdminToken = None,
-    ca_cert: CaCert = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-    insecure: Insecure = False,
+    *,
+    client: AdminClient,
     fmt: FormatOpt = Format.text,
 ) -> None:
     """State, current round, clients and metrics of a job."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
-                                      insecure)
     st = client.call("GetJob", pb.GetJobRequest(job_id=job_id))
     if fmt == Format.json:
         typer.echo(json.dumps(status_dict(st), indent=2))
@@ -101,19 +82,13 @@ def status(
 
 
 @app.command("list")
+@admin_command
 def list_jobs(
-    coordinator: Coordinator = None,
-    state_dir: StateDir = None,
-    admin_token: AdminToken = None,
-    ca_cert: CaCert = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-    insecure: Insecure = False,
+    *,
+    client: AdminClient,
     fmt: FormatOpt = Format.text,
 ) -> None:
     """All jobs of a coordinator."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
-                                      insecure)
     reply = client.call("ListJobs", pb.ListJobsRequest())
     jobs = reply.jobs  # type: ignore[attr-defined]
     if fmt == Format.json:
@@ -124,18 +99,12 @@ def list_jobs(
 
 
 @app.command("cancel")
+@admin_command
 def cancel(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
-    coordinator: Coordinator = None,
-    state_dir: StateDir = None,
-    admin_token: AdminToken = None,
-    ca_cert: CaCert = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-    insecure: Insecure = False,
+    *,
+    client: AdminClient,
 ) -> None:
     """Cancel a job (its published adapters stay)."""
-    client = AdminClient.from_options(coordinator, state_dir, admin_token, ca_cert, client_cert, client_key,
-                                      insecure)
     st = client.call("CancelJob", pb.GetJobRequest(job_id=job_id))
     typer.echo(f"{st.job_id} {st.state}")  # type: ignore[attr-defined]
