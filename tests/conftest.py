@@ -111,3 +111,44 @@ def spawn(*args: str, log: Path, env: dict[str, str] | None = None) -> subproces
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "fedtune", *args], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op torch thread for tiny models: several threads on a busy 2-core machine spin
+    waiting for each other and run many times slower (one is also the fastest when idle)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_training_setup(tmp_path_factory: pytest.TempPathFactory, n_clients: int, max_seq_len: int):  # type: ignore[no-untyped-def]
+    """(preset dir, pad id, tokenized train examples of all clients, tokenized held-out examples)."""
+    from fedtune.data import load_jsonl, tokenize
+    from fedtune.models import TINY_PRESET, load_tokenizer, materialize_preset
+
+    preset = materialize_preset(TINY_PRESET, tmp_path_factory.mktemp("preset"))
+    tokenizer = load_tokenizer(preset)
+    clients, eval_path = write_synthetic_federation(tmp_path_factory.mktemp("data"), n_clients=n_clients)
+    train = [item for path in clients for item in tokenize(load_jsonl(path), tokenizer, max_seq_len=max_seq_len)]
+    held_out = tokenize(load_jsonl(eval_path), tokenizer, max_seq_len=max_seq_len)
+    return preset, tokenizer.pad_token_id, train, held_out
+
+
+def run_agents(coordinator: RunningCoordinator, admin: Admin, job: str, data: list[Path], tmp_path: Path,
+               timeout: float = 240) -> None:
+    """Runs one plaintext client agent process per data file against an in-process coordinator
+    until the job ends; fails with an agent's log when one exits non-zero."""
+    agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
+                    "--data", str(path), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
+                    log=tmp_path / f"c{i}.log") for i, path in enumerate(data)]
+    try:
+        for i, a in enumerate(agents):
+            assert a.wait(timeout=timeout) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()

@@ -48,12 +48,8 @@ LAYER_MAP = [0, 1, 4, 5]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Several intra-op threads on a busy 2-core machine make tiny models many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
 
 
 def _models(vocab: int, tokens: dict[str, int]) -> dict[str, nn.Module]:

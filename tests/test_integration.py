@@ -23,7 +23,7 @@ from fedtune.crypto.envelope import UpdateBinding
 from fedtune.demo import wait_for_coordinator
 from fedtune.errors import InvalidInput
 from fedtune.peft_io import bytes_to_tensors
-from tests.conftest import fedtune_cmd, make_spec, spawn, wait_until
+from tests.conftest import fedtune_cmd, make_spec, run_agents, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -263,16 +263,7 @@ def test_agents_aggregate_securely_with_differential_privacy(coordinator, admin,
         "secure_aggregation: {degree: 2, threshold: 2, clip: 0.5, phase_seconds: 30}\n"
         "privacy: {clip_norm: 0.5, noise_multiplier: 0.8, delta: 1.0e-5}\n")
     job = admin.create_job(spec)
-    agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
-                    "--data", str(clients[i]), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
-                    log=tmp_path / f"c{i}.log") for i in range(4)]
-    try:
-        for i, a in enumerate(agents):
-            assert _wait_exit(a) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
+    run_agents(coordinator, admin, job, clients[:4], tmp_path)
     state = coordinator.coordinator.state
     assert state.job(job).state == "finished"
     rounds = state.rounds(job)
@@ -293,16 +284,7 @@ def test_agents_send_compressed_updates_with_error_feedback(coordinator, admin, 
         coordinator.coordinator.state.job(admin.create_job(make_spec())).initial_adapter))
     job = admin.create_job(make_spec(eval_file, steps=5, rounds=2, clients=2).replace(
         "rounds: 2", "rounds: 2\ncodec: topk:0.1"))
-    agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
-                    "--data", str(clients[i]), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
-                    log=tmp_path / f"c{i}.log") for i in range(2)]
-    try:
-        for i, a in enumerate(agents):
-            assert _wait_exit(a) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
+    run_agents(coordinator, admin, job, clients[:2], tmp_path)
     state = coordinator.coordinator.state
     assert state.job(job).state == "finished"
     for r in state.rounds(job):
@@ -318,14 +300,7 @@ def test_a_qlora_agent_trains_on_an_nf4_base(coordinator, admin, fed_data, tmp_p
     clients, eval_file = fed_data
     job = admin.create_job(make_spec(eval_file, steps=20, rounds=1, clients=1).replace(
         "rounds: 1", "rounds: 1\nclient_quantization: nf4"))
-    agent = spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
-                  "--data", str(clients[0]), "--state-dir", str(tmp_path / "c"), "--no-progress", "--insecure",
-                  log=tmp_path / "c.log")
-    try:
-        assert _wait_exit(agent) == 0, (tmp_path / "c.log").read_text()[-3000:]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
+    run_agents(coordinator, admin, job, clients[:1], tmp_path)
     state = coordinator.coordinator.state
     (rnd,) = state.rounds(job)
     assert rnd.metrics["contributors"] == 1

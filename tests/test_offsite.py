@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fedtune.hashing import file_sha256
 from fedtune.models import load_tokenizer, materialize_preset
-from tests.conftest import Admin, make_spec, spawn
+from tests.conftest import Admin, make_spec, run_agents
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +42,7 @@ def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
         coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     clients, eval_file = fed_data
     job = admin.create_job(_offsite_spec(base6, eval_file))
-    agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
-                    "--data", str(clients[i]), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
-                    log=tmp_path / f"c{i}.log") for i in range(2)]
-    try:
-        for i, a in enumerate(agents):
-            assert a.wait(timeout=240) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
+    run_agents(coordinator, admin, job, clients[:2], tmp_path)
     state = coordinator.coordinator.state
     assert state.job(job).state == "finished"
 

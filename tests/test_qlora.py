@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from fedtune import quantization
-from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
 from fedtune.errors import InvalidInput
-from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
+from fedtune.models import load_causal_lm
 from fedtune.peft_io import build_peft_model
 from fedtune.quantization import guard_cpu_linear4bit, load_quantized_causal_lm
 from fedtune.training import evaluate_loss, train_adapter
+from tests.conftest import tiny_training_setup
 
 CPU = torch.device("cpu")
 BNB_LINEAR = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
@@ -27,22 +27,13 @@ DECODER_LINEARS = 14
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Several intra-op threads on a busy 2-core machine make tiny models many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory):
-    preset = materialize_preset(TINY_PRESET, tmp_path_factory.mktemp("preset"))
-    tokenizer = load_tokenizer(preset)
-    clients, eval_path = write_synthetic_federation(tmp_path_factory.mktemp("data"), n_clients=2)
-    train = [item for path in clients for item in tokenize(load_jsonl(path), tokenizer, max_seq_len=48)]
-    held_out = tokenize(load_jsonl(eval_path), tokenizer, max_seq_len=48)
-    return preset, tokenizer.pad_token_id, train, held_out
+def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return tiny_training_setup(tmp_path_factory, n_clients=2, max_seq_len=48)
 
 
 def _lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtune.data import collate, load_jsonl, tokenize, write_synthetic_federation
+from fedtune.data import collate
 from fedtune.errors import InvalidInput
-from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
+from fedtune.models import load_causal_lm
 from fedtune.peft_io import adapter_state, build_peft_model
 from fedtune.training import TrainResult, evaluate_loss, train_adapter
+from tests.conftest import tiny_training_setup
 
 CPU = torch.device("cpu")
 # A randomly initialised base has near-uniform outputs; adapting lm_head lets LoRA move them.
@@ -21,23 +22,13 @@ TARGETS = ["q_proj", "v_proj", "lm_head"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # With more than one intra-op thread, a tiny model on a busy 2-core machine slows down tenfold
-    # or more (threads spin waiting for each other); one thread is also the fastest when idle.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory):
-    preset = materialize_preset(TINY_PRESET, tmp_path_factory.mktemp("preset"))
-    tokenizer = load_tokenizer(preset)
-    clients, eval_path = write_synthetic_federation(tmp_path_factory.mktemp("data"), n_clients=3)
-    train = [item for path in clients for item in tokenize(load_jsonl(path), tokenizer, max_seq_len=64)]
-    held_out = tokenize(load_jsonl(eval_path), tokenizer, max_seq_len=64)
-    return preset, tokenizer.pad_token_id, train, held_out
+def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return tiny_training_setup(tmp_path_factory, n_clients=3, max_seq_len=64)
 
 
 def _model(preset: Path):
