@@ -62,11 +62,31 @@ def demo(
     run_demo(out, clients, rounds, secure)
 
 
+@app.command("simulate")
+def simulate(
+    config: Annotated[Path, typer.Option("--config", help="Job spec YAML.")],
+    clients: Annotated[int, typer.Option("--clients", min=1, help="Virtual clients.")],
+    partition: Annotated[str, typer.Option("--partition", help="iid, dirichlet:ALPHA or by-key:FIELD.")] = "iid",
+    data: Annotated[Path | None, typer.Option("--data", help="JSONL to partition (default: synthetic).")] = None,
+    client_resources: Annotated[str, typer.Option("--client-resources", help="Per virtual client: cpus=..,gpus=..")]
+    = "cpus=0.25",
+    out: Annotated[Path | None, typer.Option("--out", help="Keep state, data and adapters here.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster.")] = None,
+) -> None:
+    """Many virtual clients on Ray, through the same code path as real agents."""
+    from fedtune.errors import InvalidInput
+    from fedtune.simulation.runner import ClientResources, simulate as run_simulation
+
+    if not config.is_file():
+        raise InvalidInput(f"job spec {config} does not exist")
+    run_simulation(config, clients, partition, data, ClientResources.parse(client_resources), out, ray_address)
+
+
 def _setup_logging() -> None:
     level = os.environ.get("FEDTUNE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes"):
+    for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # peft 0.21 calls a transformers 5 API that is only renamed; users cannot act on it.

@@ -91,6 +91,7 @@ class ClientAgent:
         self._examples: list[Example] = []
         self._lock: IO[str] | None = None
         self._finished_tasks: set[str] = set()
+        self._tasks_done = 0
         self._client_id = ""
         self._secure: SecureParticipant | None = None
         self.sign_key: Ed25519PrivateKey | None = None
@@ -119,6 +120,18 @@ class ClientAgent:
         """Signed metadata for one call (fresh each time: the signature covers the time)."""
         assert self.sign_key is not None
         return sign_request(self.sign_key, _SVC + method, self._client_id)
+
+    def enroll(self) -> str:
+        """Joins (or reuses this state dir's identity) without running; returns the client id."""
+        self._lock_state_dir()
+        channel = open_channel(self.address, self.tls)
+        try:
+            return self._identity(pb_grpc.ClientServiceStub(channel))["client_id"]
+        finally:
+            channel.close()
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
 
     def _identity(self, stub: pb_grpc.ClientServiceStub) -> dict[str, str]:
         # Long-term keys: Ed25519 signs every request, X25519 is the client's agreement key.
@@ -162,8 +175,14 @@ class ClientAgent:
                 time.sleep(delay * (0.8 + 0.4 * random.random()))
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
-    def run(self) -> AgentStats:
-        """Runs until the job ends. Raises FedtuneError for what the user must fix."""
+    def run(self, max_tasks: int | None = None, idle_seconds: float | None = None) -> AgentStats:
+        """Runs until the job ends. Raises FedtuneError for what the user must fix.
+
+        Args:
+            max_tasks: Return after this many tasks have run to their end (a simulation's virtual
+                client does one round and goes dormant).
+            idle_seconds: With ``max_tasks``, also return after this long without anything to do.
+        """
         # Validate the whole private data file before anything touches the network.
         self._examples = load_jsonl(self.data_path)
         self._lock_state_dir()
@@ -172,7 +191,10 @@ class ClientAgent:
             stub = pb_grpc.ClientServiceStub(channel)
             ident = self._identity(stub)
             client_id = self._client_id = ident["client_id"]
-            while True:
+            idle_since = time.monotonic()
+            while max_tasks is None or self._tasks_done < max_tasks:
+                if idle_seconds is not None and time.monotonic() - idle_since > idle_seconds:
+                    break
                 reply = self._call(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=client_id),
                                                           metadata=self._md("Heartbeat"), timeout=RPC_TIMEOUT_SECONDS))
                 if reply.action == pb.HeartbeatReply.STOP:
@@ -180,11 +202,14 @@ class ClientAgent:
                     return self.stats
                 if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
                     self._run_task(stub, client_id, reply.task)
+                    idle_since = time.monotonic()
                     continue
                 if reply.action == pb.HeartbeatReply.SECAGG:
                     self._secure_step(stub, client_id, reply.secagg)
+                    idle_since = time.monotonic()
                     continue
                 time.sleep(max(0.2, min(reply.retry_after_seconds or 1.0, 10.0)))
+            return self.stats
         finally:
             channel.close()
             if self._lock is not None:
@@ -288,6 +313,7 @@ class ClientAgent:
             metrics={**metrics, "pack_seconds": pack_seconds},
         )
         t2 = time.perf_counter()
+        self._tasks_done += 1
         try:
             reply = self._call(lambda: upload(stub, self._md("Upload"), header, payload))
         except FedtuneError as e:
@@ -324,6 +350,7 @@ class ClientAgent:
             self._send_secagg(stub, message)
             if step.phase == pb.UNMASK:
                 self.stats.rounds.append(step.round)
+                self._tasks_done += 1
             return
         assert masked is not None
         task = attempt.task

@@ -1,0 +1,178 @@
+"""Runs a job with N virtual clients on Ray, through the same code path as real agents.
+
+A real coordinator serves on loopback; each virtual client is a client agent (same training,
+packing, envelope and, when the job says so, SecAgg+ code) run as a Ray task only while it is in
+a round's cohort, then it goes dormant: a dormant client costs a state dir, not a process.
+Concurrency is bounded by the resources each task asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.client.agent import ClientAgent
+from fedtune.client.channel import INSECURE
+from fedtune.coordinator.server import start
+from fedtune.data import write_synthetic_federation
+from fedtune.errors import FedtuneError, InvalidInput
+from fedtune.report import HEADER, round_row
+from fedtune.simulation.partition import partition, write_partitions
+from fedtune.spec import parse_spec, spec_to_yaml
+
+log = logging.getLogger(__name__)
+
+# A virtual client that has had nothing to do for this long gives its slot back.
+IDLE_SECONDS = 30.0
+SIMULATION_TIMEOUT_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class ClientResources:
+    """What each virtual client's Ray task reserves."""
+
+    cpus: float = 0.25
+    gpus: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> ClientResources:
+        """``cpus=0.5,gpus=0`` -> ClientResources."""
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = part.partition("=")
+            if key not in ("cpus", "gpus"):
+                raise InvalidInput(f"--client-resources: unknown resource {key!r} (use cpus=..,gpus=..)")
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise InvalidInput(f"--client-resources: {key} must be a number, got {value!r}") from None
+            if values[key] < 0:
+                raise InvalidInput(f"--client-resources: {key} must not be negative")
+        return cls(**values)
+
+
+def _virtual_client(address: str, data: str, state_dir: str) -> dict[str, Any]:
+    agent = ClientAgent(address, None, Path(data), Path(state_dir), INSECURE, device="auto",
+                        name=Path(state_dir).name, progress=False)
+    stats = agent.run(max_tasks=1, idle_seconds=IDLE_SECONDS)
+    return {"rounds": stats.rounds, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down}
+
+
+def _init_ray(ray_address: str | None, scratch: Path) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise InvalidInput("fedtune simulate needs Ray: pip install 'fedtune[ray]'") from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray_address:
+        try:
+            ray.init(address=ray_address, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError here
+            raise InvalidInput(f"cannot join the Ray cluster at {ray_address}: {e}") from e
+    else:
+        # A small-machine local Ray: no dashboard, our own short temp dir (Ray's socket paths are
+        # length-limited), and the driver's logs only.
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=str(scratch),
+                 log_to_driver=False)
+    return ray
+
+
+def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | None = None,
+             resources: ClientResources | None = None, out: Path | None = None,
+             ray_address: str | None = None) -> list[dict[str, Any]]:
+    """Runs the job in ``config`` with ``n_clients`` virtual clients; prints the per-round table.
+
+    Returns:
+        The published rounds' metrics.
+    """
+    resources = resources or ClientResources()
+    # The per-round table is the output; the coordinator's per-update log lines would bury it.
+    logging.getLogger("fedtune.coordinator").setLevel(logging.WARNING)
+    spec = parse_spec(config.read_text(), base_dir=config.resolve().parent)
+    root = out.resolve() if out else Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
+    scratch = Path(tempfile.mkdtemp(prefix="ftray-", dir="/tmp"))
+    try:
+        if data is None:
+            pool, eval_file = write_synthetic_federation(root / "pool", 5, examples_per_client=max(
+                64, math.ceil(16 * n_clients / 5)))
+            data = root / "pool" / "all.jsonl"
+            data.write_text("".join(p.read_text() for p in pool))
+            if not spec.eval_data:
+                spec = spec.model_copy(update={"eval_data": str(eval_file)})
+        files = write_partitions(partition(data, n_clients, scheme), root / "clients-data")
+        running = start(root / "coordinator", "127.0.0.1", 0, insecure=True)
+        try:
+            co = running.coordinator
+            job = co.create_job(spec_to_yaml(spec)).job_id
+            ids = []
+            for i, path in enumerate(files):
+                token, _, _ = co.state.add_token(job, 1, 3600)
+                agent = ClientAgent(running.address, token, path, root / "clients" / f"v{i}", INSECURE,
+                                    device="cpu", name=f"v{i}", progress=False)
+                ids.append(agent.enroll())
+            print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {running.address}",
+                  flush=True)
+            ray = _init_ray(ray_address, scratch)
+            try:
+                return _drive(ray, running, job, ids, files, root, resources)
+            finally:
+                ray.shutdown()
+        finally:
+            running.stop(grace=1.0)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if out is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], root: Path,
+           resources: ClientResources) -> list[dict[str, Any]]:
+    co = running.coordinator
+    remote = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(_virtual_client)
+    index = {cid: i for i, cid in enumerate(ids)}
+    tasks: dict[Any, str] = {}
+    launched: set[tuple[str, int, int]] = set()
+    shown, started = 0, time.time()
+    print(HEADER, flush=True)
+    while True:
+        # Virtual clients are always available: the engine samples its cohort among all of them.
+        for cid in ids:
+            co.presence.touch(cid)
+        state = co.state.job(job)
+        for r in co.state.rounds(job):
+            if r.state == "published" and r.round > shown:
+                print(round_row(r.round, r.metrics), flush=True)
+                shown = r.round
+        if state.state in ("finished", "failed", "cancelled"):
+            if state.state != "finished":
+                raise FedtuneError(f"job {job} {state.state}: {state.message}")
+            return [r.metrics for r in co.state.rounds(job)]
+        rnd = co.state.find_round(job, state.current_round)
+        if rnd is not None and rnd.state == "open":
+            sec = co.state.secagg_round(job, rnd.round)
+            attempt = sec.attempt if sec else 0
+            for cid in rnd.cohort:
+                key = (cid, rnd.round, attempt)
+                if key not in launched and cid not in tasks.values() and not co.state.has_update(job, rnd.round, cid):
+                    i = index[cid]
+                    tasks[remote.remote(running.address, str(files[i]), str(root / "clients" / f"v{i}"))] = cid
+                    launched.add(key)
+        if tasks:
+            done, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=0.5)
+            for ref in done:
+                cid = tasks.pop(ref)
+                try:
+                    ray.get(ref, timeout=10)
+                except Exception as e:  # noqa: BLE001 - a failed virtual client is a dropout, as a real one
+                    log.warning("virtual client %s failed: %s", cid, e)
+        else:
+            time.sleep(0.3)
+        if time.time() - started > SIMULATION_TIMEOUT_SECONDS:
+            raise FedtuneError(f"simulation did not finish within {SIMULATION_TIMEOUT_SECONDS:.0f}s")

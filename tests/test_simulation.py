@@ -1,0 +1,85 @@
+"""`fedtune simulate`: partitions, and a 100-client federation on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fedtune.data import write_synthetic_federation
+from fedtune.errors import ExitCode, InvalidInput
+from fedtune.simulation.partition import partition
+from fedtune.simulation.runner import ClientResources
+from tests.conftest import fedtune_cmd
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    files, _ = write_synthetic_federation(tmp_path_factory.mktemp("pool"), 5, examples_per_client=40)
+    out = files[0].parent / "all.jsonl"
+    out.write_text("".join(f.read_text() for f in files))
+    return out
+
+
+def test_iid_partition_is_even_and_complete(pool: Path) -> None:
+    shares = partition(pool, 7, "iid")
+    assert sum(len(s) for s in shares) == 200
+    assert max(len(s) for s in shares) - min(len(s) for s in shares) <= 1
+
+
+def test_dirichlet_partition_skews_tasks(pool: Path) -> None:
+    def task_mix(shares):  # type: ignore[no-untyped-def]
+        return [Counter(r["prompt"].split()[0] for r in s).most_common(1)[0][1] / len(s) for s in shares]
+
+    skewed = task_mix(partition(pool, 5, "dirichlet:0.1", seed=1))
+    even = task_mix(partition(pool, 5, "iid", seed=1))
+    assert sum(skewed) / 5 > sum(even) / 5 + 0.2
+    assert all(len(s) > 0 for s in partition(pool, 50, "dirichlet:0.05"))
+
+
+def test_by_key_partition_and_bad_requests(pool: Path, tmp_path: Path) -> None:
+    keyed = tmp_path / "keyed.jsonl"
+    keyed.write_text("".join(json.dumps({"prompt": f"q{i % 6}", "response": "a"}) + "\n" for i in range(12)))
+    shares = partition(keyed, 3, "by-key:prompt")
+    assert [len(s) for s in shares] == [4, 4, 4]
+    with pytest.raises(InvalidInput, match="fewer than the 7 clients"):
+        partition(keyed, 7, "by-key:prompt")
+    with pytest.raises(InvalidInput, match="only 200 examples"):
+        partition(pool, 201, "iid")
+    with pytest.raises(InvalidInput, match="unknown partition"):
+        partition(pool, 3, "zipf")
+    with pytest.raises(InvalidInput, match="ALPHA must be positive"):
+        partition(pool, 3, "dirichlet:0")
+    assert ClientResources.parse("cpus=0.5,gpus=0") == ClientResources(0.5, 0.0)
+    with pytest.raises(InvalidInput, match="unknown resource"):
+        ClientResources.parse("tpus=1")
+
+
+@pytest.mark.integration
+def test_a_100_client_simulation_completes_on_ray(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: sim\nbase_model: tiny-llama\npeft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj, lm_head]}\n"
+        "training: {steps: 4, lr: 0.005, batch_size: 8, max_seq_len: 48}\nrounds: 2\nclients_per_round: 8\n"
+        "min_clients: 8\nround_deadline_seconds: 300\ncohort_wait_seconds: 0\n")
+    proc = fedtune_cmd("simulate", "--config", str(spec), "--clients", "100", "--partition", "dirichlet:0.5",
+                       "--out", str(tmp_path / "sim"), timeout=600,
+                       env={"RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\s+\d+\s+\d+/\d+\s", line)]
+    assert [r.split()[:2] for r in rows] == [["1", "8/8"], ["2", "8/8"]]
+    adapters = list((tmp_path / "sim" / "coordinator" / "adapters").glob("*/round-2/adapter_model.safetensors"))
+    assert len(adapters) == 1
+    # Only cohort members ever ran: the other virtual clients never downloaded anything.
+    ran = [d for d in (tmp_path / "sim" / "clients").iterdir() if any((d / "cache").glob("*"))]
+    assert 8 <= len(ran) <= 16
+
+
+def test_too_many_clients_for_the_data_is_named(tmp_path: Path, pool: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("rounds: 1\n")
+    proc = fedtune_cmd("simulate", "--config", str(spec), "--clients", "500", "--data", str(pool))
+    assert proc.returncode == ExitCode.BAD_INPUT and "only 200 examples" in proc.stderr
