@@ -75,7 +75,8 @@ def simulate(
 ) -> None:
     """Many virtual clients on Ray, through the same code path as real agents."""
     from fedtune.errors import InvalidInput
-    from fedtune.simulation.runner import ClientResources, simulate as run_simulation
+    from fedtune.simulation.runner import ClientResources
+    from fedtune.simulation.runner import simulate as run_simulation
 
     if not config.is_file():
         raise InvalidInput(f"job spec {config} does not exist")

@@ -74,7 +74,7 @@ def _init_ray(ray_address: str | None, scratch: Path) -> Any:
     if ray_address:
         try:
             ray.init(address=ray_address, log_to_driver=False)
-        except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError here
+        except Exception as e:
             raise InvalidInput(f"cannot join the Ray cluster at {ray_address}: {e}") from e
     else:
         # A small-machine local Ray: no dashboard, our own short temp dir (Ray's socket paths are
