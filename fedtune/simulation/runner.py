@@ -107,6 +107,8 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
             if not spec.eval_data:
                 spec = spec.model_copy(update={"eval_data": str(eval_file)})
         files = write_partitions(partition(data, n_clients, scheme), root / "clients-data")
+        # Ray first: an unreachable --ray-address fails before any job is created.
+        ray = _init_ray(ray_address, scratch)
         running = start(root / "coordinator", "127.0.0.1", 0, insecure=True)
         try:
             co = running.coordinator
@@ -119,13 +121,10 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
                 ids.append(agent.enroll())
             print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {running.address}",
                   flush=True)
-            ray = _init_ray(ray_address, scratch)
-            try:
-                return _drive(ray, running, job, ids, files, root, resources)
-            finally:
-                ray.shutdown()
+            return _drive(ray, running, job, ids, files, root, resources)
         finally:
             running.stop(grace=1.0)
+            ray.shutdown()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if out is None:
