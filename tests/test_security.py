@@ -157,4 +157,7 @@ def test_published_adapters_are_signed_by_the_coordinator(one_client_round, tmp_
     (_j, _r, path, _m) = running.coordinator.state.published(job)[0]
     manifest = json.loads((Path(path) / "fedtune.json").read_text())
     info = admin.stub.GetInfo(pb.GetInfoRequest(), metadata=admin.md)
+    # The copy the admin API lists is the signed text itself.
+    (listed,) = admin.stub.ListAdapters(pb.ListAdaptersRequest(job_id=job), metadata=admin.md).adapters
+    assert verify_manifest(json.loads(listed.manifest_json), base64.b64encode(info.signing_public_key).decode())
     assert verify_manifest(manifest, base64.b64encode(info.signing_public_key).decode())

@@ -23,7 +23,7 @@ from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.offsite import plan_for
 from fedtune.coordinator.presence import Presence
-from fedtune.coordinator.publish import publish_adapter
+from fedtune.coordinator.publish import MANIFEST, publish_adapter
 from fedtune.coordinator.secure_round import RoundAbandoned, SecureRound
 from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
@@ -126,7 +126,8 @@ class RoundEngine:
         if self.secure is not None:
             return self._poll_secure(rnd, client_id, task_id)
         if self.state.has_update(self.job_id, rnd.round, client_id):
-            return Decision("wait", message=f"update for round {rnd.round} received")
+            # The next task follows as soon as the cohort is in: poll fast.
+            return Decision("wait", message=f"update for round {rnd.round} received", retry_after=0.3)
         return Decision("train", round=rnd.round, task_id=task_id)
 
     def _poll_secure(self, rnd: Round, client_id: str, task_id: str) -> Decision:
@@ -310,7 +311,7 @@ class RoundEngine:
         if privacy is not None:
             extra["privacy"] = {**privacy.model_dump(mode="json"), "epsilon": metrics["epsilon"],
                                 "accountant": "rdp-subsampled-gaussian"}
-        path, manifest = publish_adapter(
+        path, _ = publish_adapter(
             self.adapters_root,
             job_id=self.job_id,
             job_name=job.name,
@@ -327,9 +328,11 @@ class RoundEngine:
             extra=extra,
         )
         metrics["publish_seconds"] = time.perf_counter() - t2
+        # Opened -> published, aggregation, evaluation and publication included.
+        metrics["seconds"] = time.time() - rnd.opened
         last = rnd.round >= self.spec.rounds
         self.state.close_round(
-            self.job_id, rnd.round, global_out, metrics, str(path), json.dumps(manifest), last=last,
+            self.job_id, rnd.round, global_out, metrics, str(path), (path / MANIFEST).read_text(), last=last,
             privacy_json=privacy_json,
         )
         if privacy_json is not None:

@@ -59,7 +59,7 @@ def publish_adapter(
         "base_model": base_model,
         "base_model_hash": base_hash,
         "peft": peft.model_dump(mode="json"),
-        "metrics": metrics,
+        "metrics": dict(metrics),  # a copy: the caller's dict keeps changing after signing
         "contributors": contributors,
         "files": files,
         "created": time.time(),
