@@ -102,3 +102,13 @@ def test_store_is_content_addressed(tmp_path: Path) -> None:
         store.read("0" * 64)
     with pytest.raises(NotFound):
         store.read("../../etc/passwd")
+
+
+def test_store_streams_files_in(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "blobs")
+    src = tmp_path / "weights.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    sha = store.put_file(src)
+    assert store.read(sha) == src.read_bytes()
+    assert store.put_file(src) == sha
+    assert not list((tmp_path / "blobs").glob(".tmp-*"))

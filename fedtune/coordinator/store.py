@@ -73,8 +73,30 @@ class ArtifactStore:
         return digest
 
     def put_file(self, source: Path) -> str:
-        """Stores a copy of a file and returns its sha256."""
-        return self.put_bytes(source.read_bytes())
+        """Stores a copy of a file and returns its sha256, streaming: a multi-GB base model file
+        is never held in memory."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                while block := src.read(CHUNK_SIZE):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = digest.hexdigest()
+            target = self.path(sha)
+            if target.is_file():
+                Path(tmp).unlink()
+                return sha
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return sha
 
     def read(self, sha256: str) -> bytes:
         """Whole blob as bytes."""
