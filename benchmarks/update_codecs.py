@@ -47,7 +47,13 @@ from fedtune.compression.feedback import ErrorFeedback
 from fedtune.coordinator.strategies import FedAvg, WeightedDelta
 from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
 from fedtune.models import load_causal_lm, load_tokenizer, materialize_preset
-from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, load_adapter_state, tensors_to_bytes
+from fedtune.peft_io import (
+    adapter_state,
+    build_peft_model,
+    bytes_to_tensors,
+    load_adapter_state,
+    tensors_to_bytes,
+)
 from fedtune.training import evaluate_loss, train_adapter
 
 log = logging.getLogger("codecs")
