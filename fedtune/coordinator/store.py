@@ -57,30 +57,22 @@ class ArtifactStore:
         digest = hashlib.sha256(data).hexdigest()
         if self.has(digest):
             return digest
-        target = self.path(digest)
-        target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
-        return digest
+        return self._write(iter([data]))
 
     def put_file(self, source: Path) -> str:
         """Stores a copy of a file and returns its sha256, streaming: a multi-GB base model file
         is never held in memory."""
+        with source.open("rb") as src:
+            return self._write(iter(lambda: src.read(CHUNK_SIZE), b""))
+
+    def _write(self, blocks: Iterator[bytes]) -> str:
+        """Writes blocks to a temp file while hashing, fsyncs, and renames it to its digest."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
         digest = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                while block := src.read(CHUNK_SIZE):
+            with os.fdopen(fd, "wb") as out:
+                for block in blocks:
                     digest.update(block)
                     out.write(block)
                 out.flush()
