@@ -147,6 +147,17 @@ class OffsiteSpec(_Strict):
         return self
 
 
+class ResourcesSpec(_Strict):
+    """What a job reserves on a Ray coordinator for its engine, aggregation and evaluation: its quota.
+
+    Jobs whose reservations do not fit wait in the queue (by priority, then age)."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    # Ray memory reservation for evaluation and aggregation; null: none.
+    memory_gb: float | None = Field(None, gt=0)
+
+
 class JobSpec(_Strict):
     """A federated tuning job."""
 
@@ -170,6 +181,9 @@ class JobSpec(_Strict):
     eval_data: str | None = None
     secure_aggregation: SecureAggregationSpec | None = None
     privacy: PrivacySpec | None = None
+    # Scheduling on a Ray coordinator: higher priority starts first; waiting raises it over time.
+    priority: int = Field(0, ge=-100, le=100)
+    resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec.model_validate({}))
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> JobSpec:
@@ -299,6 +313,11 @@ eval_data: null            # JSONL on the coordinator, evaluated after every rou
 #   clip_norm: 1.0
 #   noise_multiplier: 1.0
 #   delta: 1.0e-5
+priority: 0                # Ray coordinator: higher starts first (-100..100); waiting jobs age upwards
+resources:                 # Ray coordinator: the job's quota for its engine, aggregation, evaluation
+  cpus: 1
+  gpus: 0
+  memory_gb: null
 """
 
 

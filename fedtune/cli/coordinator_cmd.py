@@ -20,11 +20,19 @@ def start(
     client_ca: Annotated[Path | None, typer.Option(
         "--client-ca", help="Require client certificates signed by this CA (mTLS).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC (loopback trials only).")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Run jobs on this existing Ray cluster (HOST:PORT of its head).")] = None,
+    in_process: Annotated[bool, typer.Option(
+        "--in-process", help="Run jobs as threads in this process, without Ray, quotas or a queue.")] = False,
 ) -> None:
     """Serve the client API, the admin API and gRPC health until SIGTERM or Ctrl-C.
 
-    A restart on the same state dir resumes every job in the round it was in.
+    Jobs run as Ray actors, scheduled by priority and quota over one shared base: on the cluster
+    at --ray-address, else on a local Ray started for this process. Without Ray installed (or with
+    --in-process) they run as threads in this process. A restart on the same state dir resumes
+    every job in the round it was in.
     """
+    from fedtune.cluster.connect import ENABLE_HINT, ray_installed
     from fedtune.coordinator.server import serve_forever
     from fedtune.coordinator.tls import ServerTls
     from fedtune.errors import InvalidInput
@@ -35,5 +43,10 @@ def start(
         raise InvalidInput("--client-ca (mTLS) needs --tls-cert and --tls-key")
     if insecure and tls_cert is not None:
         raise InvalidInput("--insecure and --tls-cert contradict each other")
+    if in_process and ray_address:
+        raise InvalidInput("--in-process and --ray-address contradict each other")
     tls = ServerTls(tls_cert, tls_key, client_ca) if tls_cert is not None and tls_key is not None else None
-    serve_forever(state_dir.resolve(), host, port, tls, insecure)
+    use_ray = bool(ray_address) or (not in_process and ray_installed())
+    if not use_ray and not in_process:
+        print(f"Ray is not installed: jobs run in this process without quotas; {ENABLE_HINT}", flush=True)
+    serve_forever(state_dir.resolve(), host, port, tls, insecure, ray=use_ray, ray_address=ray_address)

@@ -47,6 +47,16 @@ def create(
 def _print_status(status: pb.JobStatus) -> None:
     typer.echo(f"job {status.job_id} ({status.name}): {status.state}, round {status.current_round}/{status.rounds}")
     typer.echo(f"base model: {status.base_model}")
+    sched = status.scheduling
+    if sched.backend:
+        quota = f"{sched.cpus:g} CPU" + (f", {sched.gpus:g} GPU" if sched.gpus else "") + (
+            f", {sched.memory_gb:g} GB" if sched.memory_gb else "")
+        line = f"scheduling: {sched.backend}, priority {sched.priority}, quota {quota}"
+        if sched.queue_position:
+            line += f"; queued, place {sched.queue_position}: {sched.reason}"
+        if sched.engine_restarts:
+            line += f"; engine restarted {sched.engine_restarts}x from its checkpoint"
+        typer.echo(line)
     if status.message:
         typer.echo(f"message: {status.message}")
     live = sum(c.connected for c in status.clients)
@@ -95,7 +105,8 @@ def list_jobs(
         typer.echo(json.dumps([status_dict(j) for j in jobs], indent=2))
         return
     for j in jobs:
-        typer.echo(f"{j.job_id}  {j.state:<9}  round {j.current_round}/{j.rounds}  {j.name}")
+        place = f" (place {j.scheduling.queue_position})" if j.scheduling.queue_position else ""
+        typer.echo(f"{j.job_id}  {j.state:<9}  round {j.current_round}/{j.rounds}  {j.name}{place}")
 
 
 @app.command("cancel")

@@ -89,6 +89,9 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "urllib3", "filelock", "httpx", "huggingface_hub", "bitsandbytes", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes 0.50 warns on every import that an optional kernels package is missing; its
+    # CPU path works without it, so the line only alarms users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # peft 0.21 calls a transformers 5 API that is only renamed; users cannot act on it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -14,6 +14,7 @@ from fedtune.coordinator.store import CHUNK_SIZE
 from fedtune.errors import InvalidInput
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+from fedtune.spec import JobSpec
 
 DEFAULT_TOKEN_TTL = 24 * 3600
 MAX_TOKEN_USES = 100000
@@ -49,7 +50,15 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             rounds=spec.rounds, history=history, clients=clients, message=job.message,
             base_model=job.base_model,
             base_metrics_json=job.base_eval_json or "{}",
+            scheduling=self._scheduling(job_id, spec),
         )
+
+    def _scheduling(self, job_id: str, spec: JobSpec) -> pb.Scheduling:
+        position, reason = self.co.queue_place(job_id)
+        res = spec.resources
+        return pb.Scheduling(priority=spec.priority, cpus=res.cpus, gpus=res.gpus, memory_gb=res.memory_gb or 0.0,
+                             queue_position=position, reason=reason, backend=self.co.backend_name,
+                             engine_restarts=self.co.state.engine_restarts(job_id))
 
     @unary
     def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.JobStatus:
@@ -75,7 +84,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         if uses > MAX_TOKEN_USES:
             raise InvalidInput(f"--uses {uses} is over the maximum of {MAX_TOKEN_USES}")
         job = self.co.state.job(request.job_id)
-        if job.state != "running":
+        if job.state not in ("running", "queued"):
             raise InvalidInput(f"job {job.job_id} is {job.state}: no new clients can join it")
         token, expires, tid = self.co.state.add_token(request.job_id, uses, request.ttl_seconds or DEFAULT_TOKEN_TTL)
         return pb.CreateTokenReply(token=token, expires_unix=expires, token_id=tid)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fedtune.compression.codecs import get_codec
-from fedtune.coordinator.evaluator import Evaluator
+from fedtune.coordinator.compute import Compute
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.offsite import plan_for
 from fedtune.coordinator.presence import Presence
@@ -27,10 +27,10 @@ from fedtune.coordinator.publish import MANIFEST, publish_adapter
 from fedtune.coordinator.secure_round import RoundAbandoned, SecureRound
 from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
-from fedtune.coordinator.strategies import WeightedDelta, get_strategy
+from fedtune.coordinator.strategies import get_strategy
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
-from fedtune.privacy import RdpAccountant, add_gaussian_noise, clip_update
+from fedtune.privacy import RdpAccountant, add_gaussian_noise
 from fedtune.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class RoundEngine:
         state: CoordinatorState,
         store: ArtifactStore,
         presence: Presence,
-        evaluator: Evaluator,
+        compute: Compute,
         adapters_root: Path,
         keys: KeyRing,
     ) -> None:
@@ -69,7 +69,7 @@ class RoundEngine:
         self.state = state
         self.store = store
         self.presence = presence
-        self.evaluator = evaluator
+        self.compute = compute
         self.adapters_root = adapters_root
         self.keys = keys
         job = state.job(job_id)
@@ -157,7 +157,7 @@ class RoundEngine:
             if job.state in TERMINAL:
                 return False
             if job.base_eval_json is None:
-                self.state.set_base_eval(self.job_id, self.evaluator.evaluate(job, None))
+                self.state.set_base_eval(self.job_id, self.compute.evaluate(job, None))
             rnd = self.state.find_round(self.job_id, job.current_round)
             if rnd is None:
                 self._maybe_open(job)
@@ -264,15 +264,12 @@ class RoundEngine:
                 self._abandon(sec, str(e))
                 return
             avg = self._private_mean(sums, len(rnd.cohort)) if privacy else {k: v / weight for k, v in sums.items()}
-        elif privacy is not None:
-            clipped = [clip_update(self.codec.decode(bytes_to_tensors(self._open(u)), self.schema), privacy.clip_norm)[0]
-                       for u in updates]
-            sums = {k: torch.stack([c[k] for c in clipped]).sum(0) for k in global_in}
-            avg = self._private_mean(sums, len(rnd.cohort))
         else:
-            deltas = [WeightedDelta(self.codec.decode(bytes_to_tensors(self._open(u)), self.schema), u.num_examples)
-                      for u in updates]
-            avg = self.strategy.aggregate(deltas)
+            plains = [self._open(u) for u in updates]
+            combined = self.compute.aggregate(plains, [u.num_examples for u in updates], self.codec.name,
+                                              self.schema, self.spec.aggregation.strategy,
+                                              privacy.clip_norm if privacy else None)
+            avg = self._private_mean(combined, len(rnd.cohort)) if privacy else combined
         new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}
         global_out = self.store.put_bytes(tensors_to_bytes(new_global))
         examples = sum(u.num_examples for u in updates)
@@ -301,7 +298,7 @@ class RoundEngine:
             metrics["dp_delta"] = privacy.delta
             privacy_json = json.dumps(accountant.to_dict())
         t1 = time.perf_counter()
-        metrics.update(self.evaluator.evaluate(job, new_global))
+        metrics.update(self.compute.evaluate(job, new_global))
         t2 = time.perf_counter()
         metrics["aggregate_seconds"] = t1 - t0
         metrics["eval_seconds"] = t2 - t1
@@ -339,5 +336,5 @@ class RoundEngine:
             self.accountant = RdpAccountant.from_dict(json.loads(privacy_json))
         log.info("job %s round %d published at %s (%d contributors)", self.job_id, rnd.round, path, len(updates))
         if last:
-            self.evaluator.release(self.job_id)
+            self.compute.release(self.job_id)
 

@@ -47,9 +47,12 @@ def _metrics(prefix: str, loss: float) -> dict[str, float]:
 class Evaluator:
     """Keeps one evaluation model (two for offsite jobs) per job, loaded on first use."""
 
-    def __init__(self, base_dir: Callable[[Job], Path], device: torch.device | None = None) -> None:
+    def __init__(self, base_dir: Callable[[Job], Path], device: torch.device | None = None,
+                 load_base: Callable[[Path, torch.device], Any] = load_causal_lm) -> None:
         self.base_dir = base_dir
         self.device = device or torch.device("cpu")
+        # How the frozen base is built: from its files, or (on Ray) over weights shared by all jobs.
+        self.load_base = load_base
         self._loaded: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
 
@@ -63,7 +66,7 @@ class Evaluator:
             tokenizer = load_tokenizer(base_dir)
             lora: dict[str, Any] = {"r": spec.peft.r, "alpha": spec.peft.alpha, "dropout": spec.peft.dropout,
                     "target_modules": spec.peft.target_modules}
-            full = build_peft_model(load_causal_lm(base_dir, self.device), **lora,
+            full = build_peft_model(self.load_base(base_dir, self.device), **lora,
                                     layers=plan.full_layers if plan else None,
                                     layers_pattern=plan.layers_pattern if plan else None)
             emulator = None

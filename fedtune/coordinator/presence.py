@@ -1,14 +1,17 @@
 """Which clients are connected: kept in memory, since it only matters while the process runs.
 
 After a coordinator restart every client counts as away until its next heartbeat, which agents
-send every few seconds.
+send every few seconds. When job engines run in other processes (Ray actors), heartbeats are also
+written, at most every half heartbeat per client, to a small SQLite file that those processes read.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from fedtune.coordinator.state import Client
 
@@ -21,20 +24,37 @@ MISSED_HEARTBEATS = 6
 class Presence:
     """Last heartbeat time of each client."""
 
-    def __init__(self, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
+    def __init__(self, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS, shared: Path | None = None) -> None:
         self.heartbeat_seconds = heartbeat_seconds
         self._seen: dict[str, float] = {}
+        self._written: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if shared is not None:
+            self._db = sqlite3.connect(shared, check_same_thread=False, isolation_level=None, timeout=5)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # Losing the last heartbeats in a crash costs nothing: clients send more.
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute("CREATE TABLE IF NOT EXISTS presence (client_id TEXT PRIMARY KEY, seen REAL NOT NULL)")
 
     def touch(self, client_id: str) -> None:
         """Records a heartbeat."""
+        now = time.time()
         with self._lock:
-            self._seen[client_id] = time.time()
+            self._seen[client_id] = now
+            if self._db is not None and now - self._written.get(client_id, 0.0) >= self.heartbeat_seconds / 2:
+                self._db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (client_id, now))
+                self._written[client_id] = now
 
     def last_seen(self, client_id: str) -> float | None:
         """When the client was last heard from, or None."""
         with self._lock:
-            return self._seen.get(client_id)
+            seen = self._seen.get(client_id)
+            if self._db is not None:
+                row = self._db.execute("SELECT seen FROM presence WHERE client_id=?", (client_id,)).fetchone()
+                if row is not None and (seen is None or row[0] > seen):
+                    seen = row[0]
+            return seen
 
     def is_live(self, client_id: str) -> bool:
         """Whether the client sent a heartbeat recently."""

@@ -89,10 +89,12 @@ class RunningCoordinator:
 
 
 def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: ServerTls | None = None,
-          insecure: bool = False, workers: int = 32) -> RunningCoordinator:
+          insecure: bool = False, workers: int = 32, ray: bool = False,
+          ray_address: str | None = None) -> RunningCoordinator:
     """Starts the service on ``host:port`` (port 0 picks a free one) over ``state_dir``.
 
-    TLS is required unless ``insecure`` is set explicitly.
+    TLS is required unless ``insecure`` is set explicitly. With ``ray`` (a local Ray) or
+    ``ray_address`` (an existing cluster), jobs run as Ray actors under the scheduler.
 
     Raises:
         InvalidInput: neither TLS files nor ``insecure`` were given.
@@ -131,6 +133,14 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
         coordinator.stop()
         lock.close()
         raise StateConflict(f"cannot listen on {host}:{port}: address in use or not available")
+    if ray or ray_address:
+        try:
+            coordinator.use_ray(ray_address)
+        except BaseException:
+            server.stop(0)
+            coordinator.stop()
+            lock.close()
+            raise
     server.start()
     coordinator.resume()
     for name in ("", "fedtune.v1.ClientService", "fedtune.v1.AdminService"):
@@ -144,11 +154,14 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     return RunningCoordinator(address, bound, server, coordinator, health_servicer, lock)
 
 
-def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, insecure: bool) -> None:
+def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, insecure: bool, *,
+                  ray: bool = False, ray_address: str | None = None) -> None:
     """Runs the coordinator until SIGTERM or SIGINT, then stops it with a grace period."""
-    running = start(state_dir, host, port, tls=tls, insecure=insecure)
+    running = start(state_dir, host, port, tls=tls, insecure=insecure, ray=ray, ray_address=ray_address)
     mode = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
-    print(f"fedtune coordinator listening on {running.address} ({mode}, state dir {state_dir})", flush=True)
+    jobs = (f"jobs as Ray actors on {ray_address}" if ray_address else "jobs as Ray actors on a local Ray" if ray
+            else "jobs in this process")
+    print(f"fedtune coordinator listening on {running.address} ({mode}, {jobs}, state dir {state_dir})", flush=True)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -12,11 +12,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.compression.codecs import get_codec
 from fedtune.compression.emulator_storage import load_emulator
+from fedtune.coordinator.compute import InProcessCompute
 from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
@@ -38,6 +40,9 @@ from fedtune.secagg import EncryptedShare, MaskedInput, SecAggParams, UnmaskShar
 from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
 from fedtune.secagg.adverts import verify_advert
 from fedtune.spec import JobSpec, parse_spec
+
+if TYPE_CHECKING:
+    from fedtune.cluster.jobs import RayBackend
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,11 @@ class IncomingUpdate:
 
 
 class Coordinator:
-    """Owns the state dir: SQLite state, blob store, published adapters and one engine per job."""
+    """Owns the state dir: SQLite state, blob store, published adapters and one engine per job.
+
+    Engines run as threads in this process, or, after :meth:`use_ray`, as Ray actors scheduled by
+    priority and quota (:mod:`fedtune.cluster.jobs`) on a local Ray or an existing cluster.
+    """
 
     def __init__(self, state_dir: Path, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
         self.state_dir = state_dir
@@ -88,26 +97,54 @@ class Coordinator:
         self.presence = Presence(heartbeat_seconds)
         self.keys = KeyRing(state_dir / "keys")
         self.evaluator = Evaluator(self.base_dir)
+        self.compute = InProcessCompute(self.evaluator)
         self.engines: dict[str, RoundEngine] = {}
         self._schemas: dict[str, dict[str, tuple[int, ...]]] = {}
+        self.ray: RayBackend | None = None
+
+    def use_ray(self, address: str | None) -> None:
+        """Runs jobs as Ray actors under the scheduler: on the cluster at ``address``, else a local Ray.
+
+        Call before :meth:`resume`. Raises what :func:`fedtune.cluster.connect.connect` raises.
+        """
+        from fedtune.cluster.jobs import RayBackend
+
+        # Engines in Ray actors read heartbeats from a file; in-process ones from memory.
+        self.presence = Presence(self.presence.heartbeat_seconds, shared=self.state_dir / "presence.db")
+        self.ray = RayBackend(self, address)
+
+    @property
+    def backend_name(self) -> str:
+        """``ray`` or ``in-process``."""
+        return "ray" if self.ray is not None else "in-process"
 
     # ------------------------------------------------------------------ lifecycle
     def resume(self) -> None:
-        """Starts an engine for every job that is still running (after a restart too)."""
+        """Starts an engine for every job that is still running or queued (after a restart too)."""
         for job in self.state.jobs():
             if job.state not in TERMINAL:
                 self._start_engine(job.job_id)
 
     def _start_engine(self, job_id: str) -> None:
-        engine = RoundEngine(job_id, self.state, self.store, self.presence, self.evaluator, self.adapters_root,
+        engine = RoundEngine(job_id, self.state, self.store, self.presence, self.compute, self.adapters_root,
                              self.keys)
         self.engines[job_id] = engine
-        engine.start()
+        if self.ray is not None:
+            # The actor drives the job; this copy only answers heartbeats from the shared state.
+            self.ray.submit(job_id)
+        else:
+            engine.start()
+
+    def queue_place(self, job_id: str) -> tuple[int, str]:
+        """(place in line, reason) for a queued job; (0, '') otherwise."""
+        return self.ray.queue_place(job_id) if self.ray is not None else (0, "")
 
     def stop(self) -> None:
-        """Stops every engine and closes the database."""
+        """Stops every engine (and Ray, when this process started it) and closes the database."""
         for engine in self.engines.values():
             engine.stop()
+        if self.ray is not None:
+            self.ray.stop()
         self.state.close()
 
     def base_dir(self, job: Job) -> Path:
@@ -158,6 +195,7 @@ class Coordinator:
             initial_adapter=initial,
             peft_config_json=json.dumps(peft_cfg),
             emulator_dir=str(plan.emulator_dir) if plan else None,
+            state="queued" if self.ray is not None else "running",
         )
         self.keys.job_key(job.job_id)
         log.info("job %s created: %s on %s", job.job_id, spec.name, base_model)
@@ -177,6 +215,8 @@ class Coordinator:
         if engine is not None:
             engine.stop()
         self.state.set_job_state(job_id, "cancelled", "cancelled by the operator")
+        if self.ray is not None:
+            self.ray.cancel(job_id)
         return self.state.job(job_id)
 
     # ------------------------------------------------------------------ clients
@@ -199,6 +239,9 @@ class Coordinator:
         if engine is None:
             job = self.state.job(client.job_id)
             return Decision("stop", message=f"job {job.job_id} is {job.state}"), None
+        if self.ray is not None and self.state.job(client.job_id).state == "queued":
+            place, reason = self.queue_place(client.job_id)
+            return Decision("wait", message=f"job queued (place {place}): {reason}", retry_after=2.0), None
         decision = engine.poll(client.client_id)
         if decision.action != "train":
             return decision, None

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS secagg_inbox (
 CREATE TABLE IF NOT EXISTS secagg_outbox (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, phase TEXT NOT NULL,
   receiver INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (job_id, round, attempt, phase, receiver));
+CREATE TABLE IF NOT EXISTS job_runtime (
+  job_id TEXT PRIMARY KEY, engine_restarts INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS published (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, path TEXT NOT NULL, manifest_json TEXT NOT NULL,
   PRIMARY KEY (job_id, round));
@@ -229,14 +231,15 @@ class CoordinatorState:
         initial_adapter: str,
         peft_config_json: str,
         emulator_dir: str | None = None,
+        state: str = "running",
     ) -> Job:
-        """Creates a job in state ``running`` at round 1."""
+        """Creates a job at round 1 in ``state`` (``running``, or ``queued`` for a scheduler)."""
         job_id = "job-" + secrets.token_hex(4)
         now = time.time()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, name, spec_json, "running", 1, base_model, base_hash, initial_adapter,
+                (job_id, name, spec_json, state, 1, base_model, base_hash, initial_adapter,
                  peft_config_json, None, "", now, None, emulator_dir),
             )
             db.executemany(
@@ -267,8 +270,21 @@ class CoordinatorState:
             ).fetchall()
         return [FileEntry(**dict(r)) for r in rows]
 
+    def count_engine_restart(self, job_id: str) -> int:
+        """Records that the job's engine was restarted after a crash; returns the new count."""
+        with self._tx() as db:
+            db.execute("INSERT INTO job_runtime VALUES (?, 1) ON CONFLICT(job_id) DO UPDATE SET "
+                       "engine_restarts=engine_restarts+1", (job_id,))
+            return int(db.execute("SELECT engine_restarts FROM job_runtime WHERE job_id=?", (job_id,)).fetchone()[0])
+
+    def engine_restarts(self, job_id: str) -> int:
+        """How many times the job's engine was restarted after a crash."""
+        with self._lock:
+            row = self._db.execute("SELECT engine_restarts FROM job_runtime WHERE job_id=?", (job_id,)).fetchone()
+        return int(row[0]) if row else 0
+
     def set_job_state(self, job_id: str, state: str, message: str = "") -> None:
-        """Moves a job to a new state (running, finished, failed, cancelled)."""
+        """Moves a job to a new state (queued, running, finished, failed, cancelled)."""
         with self._tx() as db:
             db.execute("UPDATE jobs SET state=?, message=? WHERE job_id=?", (state, message, job_id))
 
@@ -329,7 +345,7 @@ class CoordinatorState:
             if row["uses_left"] <= 0:
                 raise AuthError("enrollment token has no uses left")
             job = db.execute("SELECT state FROM jobs WHERE job_id=?", (row["job_id"],)).fetchone()
-            if job is None or job["state"] != "running":
+            if job is None or job["state"] not in ("running", "queued"):
                 raise PreconditionFailed(f"job {row['job_id']} is not running")
             if db.execute("SELECT 1 FROM clients WHERE sign_public_key=?", (sign_public_key,)).fetchone():
                 raise PreconditionFailed("this client key is already enrolled; reuse its identity")

@@ -298,7 +298,7 @@ class ClientSummary(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "name", "state", "current_round", "rounds", "history", "clients", "message", "base_model", "base_metrics_json")
+    __slots__ = ("job_id", "name", "state", "current_round", "rounds", "history", "clients", "message", "base_model", "base_metrics_json", "scheduling")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class JobStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -319,7 +320,28 @@ class JobStatus(_message.Message):
     message: str
     base_model: str
     base_metrics_json: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientSummary, _Mapping]]] = ..., message: _Optional[str] = ..., base_model: _Optional[str] = ..., base_metrics_json: _Optional[str] = ...) -> None: ...
+    scheduling: Scheduling
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientSummary, _Mapping]]] = ..., message: _Optional[str] = ..., base_model: _Optional[str] = ..., base_metrics_json: _Optional[str] = ..., scheduling: _Optional[_Union[Scheduling, _Mapping]] = ...) -> None: ...
+
+class Scheduling(_message.Message):
+    __slots__ = ("priority", "cpus", "gpus", "memory_gb", "queue_position", "reason", "backend", "engine_restarts")
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    priority: int
+    cpus: float
+    gpus: float
+    memory_gb: float
+    queue_position: int
+    reason: str
+    backend: str
+    engine_restarts: int
+    def __init__(self, priority: _Optional[int] = ..., cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., memory_gb: _Optional[float] = ..., queue_position: _Optional[int] = ..., reason: _Optional[str] = ..., backend: _Optional[str] = ..., engine_restarts: _Optional[int] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,293 @@
+"""Jobs on Ray: one engine actor per job, aggregation and evaluation as Ray tasks, one shared base.
+
+The coordinator process (the Ray driver) keeps the gRPC server, the SQLite state and the blob
+store. Each running job's :class:`RoundEngine` runs in its own actor on the coordinator's node and
+drives rounds through the same database; heartbeats are answered by the driver from that database.
+The state in SQLite is the engine's checkpoint: every step of a round is a transaction and can be
+repeated, so an actor that crashes is restarted by Ray (up to ``MAX_RESTARTS`` times) and resumes
+the round where it was, while the other jobs go on.
+
+Aggregation and evaluation run as Ray tasks with the job's quota (``resources:`` in the spec). The
+frozen base is put in the object store once per base and mapped read-only by every evaluation
+(:mod:`fedtune.cluster.shared_base`), so N jobs on one base hold one copy of its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedtune.cluster.connect import connect, this_node_resource
+from fedtune.cluster.scheduler import Demand, Waiting, plan
+from fedtune.coordinator.compute import Schema, combine_updates
+from fedtune.coordinator.engine import TERMINAL
+from fedtune.coordinator.state import Job
+from fedtune.spec import JobSpec
+
+if TYPE_CHECKING:
+    from fedtune.coordinator.service import Coordinator
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3
+SUPERVISE_SECONDS = 1.0
+# Jobs whose evaluation models one worker keeps (skeletons over the shared base: small).
+_WORKER_JOBS = 8
+# Pins actors and tasks to the coordinator's node (its state dir and files are local) without
+# taking a visible share of that node's custom resource.
+_PIN = 0.001
+
+
+def demand_of(spec: JobSpec) -> Demand:
+    """A job's quota."""
+    r = spec.resources
+    return Demand(r.cpus, r.gpus, r.memory_gb or 0.0)
+
+
+# ---------------------------------------------------------------------------------- in workers
+_evaluators: OrderedDict[str, Any] = OrderedDict()
+
+
+def _evaluate_task(job: Job, base_dir: str, arrays: dict[str, Any], adapter: dict[str, torch.Tensor] | None,
+                   use_gpu: bool) -> dict[str, float]:
+    """A Ray task: evaluates ``adapter`` on ``job``'s eval data over the shared base ``arrays``."""
+    from fedtune.cluster.shared_base import build_from_shared
+    from fedtune.coordinator.evaluator import Evaluator
+
+    device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    key = f"{job.job_id}:{device}"
+    evaluator = _evaluators.get(key)
+    if evaluator is None:
+        evaluator = Evaluator(lambda _job: Path(base_dir), device,
+                              load_base=lambda d, dev: build_from_shared(d, arrays, dev))
+        _evaluators[key] = evaluator
+        while len(_evaluators) > _WORKER_JOBS:
+            _evaluators.popitem(last=False)
+    _evaluators.move_to_end(key)
+    metrics: dict[str, float] = evaluator.evaluate(job, adapter)
+    return metrics
+
+
+class RayCompute:
+    """Runs a job's aggregation and evaluation as Ray tasks with the job's quota."""
+
+    def __init__(self, ray: Any, base_dir: str, base_ref: list[Any], spec: JobSpec, pin: str) -> None:
+        self.ray = ray
+        self.base_dir = base_dir
+        self.base_ref = base_ref  # a list, so Ray passes the reference on instead of resolving it here
+        res = spec.resources
+        options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": {pin: _PIN},
+                                   "max_retries": 2}
+        if res.memory_gb:
+            options["memory"] = int(res.memory_gb * 2**30)
+        self.use_gpu = res.gpus > 0
+        self._evaluate = ray.remote(_evaluate_task).options(**options)
+        self._aggregate = ray.remote(combine_updates).options(**options)
+
+    def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
+                  clip_norm: float | None) -> dict[str, torch.Tensor]:
+        result: dict[str, torch.Tensor] = self.ray.get(
+            self._aggregate.remote(plains, weights, codec, schema, strategy, clip_norm))
+        return result
+
+    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        result: dict[str, float] = self.ray.get(
+            self._evaluate.remote(job, self.base_dir, self.base_ref[0], adapter, self.use_gpu))
+        return result
+
+    def release(self, job_id: str) -> None:
+        """Workers drop a finished job's models on their own (least recently used first)."""
+
+
+class JobActor:
+    """The body of a job's engine actor (wrapped with ``ray.remote`` by :class:`RayBackend`)."""
+
+    def __init__(self, state_dir: str, job_id: str, base_dir: str, base_ref: list[Any], heartbeat_seconds: float,
+                 pin: str) -> None:
+        import ray
+
+        from fedtune.coordinator.engine import RoundEngine
+        from fedtune.coordinator.keyring import KeyRing
+        from fedtune.coordinator.presence import Presence
+        from fedtune.coordinator.state import CoordinatorState
+        from fedtune.coordinator.store import ArtifactStore
+
+        root = Path(state_dir)
+        self.state = CoordinatorState(root / "state.db")
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            restarts = self.state.count_engine_restart(job_id)
+            log.warning("job %s: engine restarted after a crash (%d so far); resuming from its last checkpoint",
+                        job_id, restarts)
+        spec = JobSpec.model_validate_json(self.state.job(job_id).spec_json)
+        compute = RayCompute(ray, base_dir, base_ref, spec, pin)
+        self.engine = RoundEngine(job_id, self.state, ArtifactStore(root / "blobs"),
+                                  Presence(heartbeat_seconds, shared=root / "presence.db"), compute,
+                                  root / "adapters", KeyRing(root / "keys"))
+        self.engine.start()
+
+    def pid(self) -> int:
+        """The actor's process id (tests kill it to check restarts)."""
+        return os.getpid()
+
+    def running(self) -> bool:
+        """Whether the engine thread is still driving the job."""
+        return self.engine._thread is not None and self.engine._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stops the engine after its current step."""
+        self.engine.stop()
+
+
+@dataclass
+class _Running:
+    actor: Any
+    demand: Demand
+    ping: Any = None
+    failures: int = 0
+
+
+class RayBackend:
+    """Schedules a coordinator's jobs onto Ray: quotas, queue, engine actors, restarts."""
+
+    name = "ray"
+
+    def __init__(self, co: Coordinator, address: str | None) -> None:
+        self.co = co
+        self.ray = connect(address, co.state_dir)
+        self.address = address
+        self.pin = this_node_resource(self.ray)
+        self._bases: dict[str, Any] = {}
+        self._running: dict[str, _Running] = {}
+        self._queue: dict[str, tuple[int, str]] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._actor_cls = self.ray.remote(JobActor)
+        self._thread = threading.Thread(target=self._supervise, name="ray-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ capacity and queue
+    def total(self) -> Demand:
+        """What the cluster has in all."""
+        r = self.ray.cluster_resources()
+        return Demand(float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0)), float(r.get("memory", 0.0)) / 2**30)
+
+    def queue_place(self, job_id: str) -> tuple[int, str]:
+        """(place in line, reason) while queued; (0, '') otherwise."""
+        with self._lock:
+            return self._queue.get(job_id, (0, ""))
+
+    def submit(self, job_id: str) -> None:
+        """Queues a job (new, or running before a restart) and schedules at once."""
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Starts the queued jobs that fit, in the scheduler's order; resumes running ones."""
+        with self._lock:
+            jobs = self.co.state.jobs()
+            for job in jobs:
+                if job.state == "running" and job.job_id not in self._running:
+                    self._start(job)  # running before a coordinator restart: its quota was granted
+            used = sum((r.demand for r in self._running.values()), Demand())
+            waiting = [Waiting(j.job_id, JobSpec.model_validate_json(j.spec_json).priority, j.created,
+                               demand_of(JobSpec.model_validate_json(j.spec_json)))
+                       for j in jobs if j.state == "queued"]
+            total = self.total()
+            decided = plan(waiting, total - used, total, time.time())
+            for job_id in decided.start:
+                self.co.state.set_job_state(job_id, "running")
+                self._start(self.co.state.job(job_id))
+                log.info("job %s started (its quota fits)", job_id)
+            self._queue = decided.queue
+
+    def _base_ref(self, job: Job) -> Any:
+        if job.base_hash not in self._bases:
+            from fedtune.cluster.shared_base import base_arrays
+
+            arrays = base_arrays(self.co.base_dir(job))
+            self._bases[job.base_hash] = self.ray.put(arrays)
+            del arrays
+            log.info("base %s put in the object store once for every job on it", job.base_hash[:12])
+        return self._bases[job.base_hash]
+
+    def _start(self, job: Job) -> None:
+        spec = JobSpec.model_validate_json(job.spec_json)
+        actor = self._actor_cls.options(
+            name=f"fedtune-engine-{job.job_id}", max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=0,
+            resources={self.pin: _PIN},
+        ).remote(str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
+                 self.co.presence.heartbeat_seconds, self.pin)
+        self._running[job.job_id] = _Running(actor, demand_of(spec))
+
+    def actor(self, job_id: str) -> Any:
+        """The job's engine actor handle."""
+        with self._lock:
+            return self._running[job_id].actor
+
+    # ------------------------------------------------------------------ supervision
+    def _supervise(self) -> None:
+        while not self._stop.wait(SUPERVISE_SECONDS):
+            try:
+                self._reap()
+                self.schedule()
+            except Exception:  # the supervisor must outlive any one bad step
+                log.exception("Ray scheduler step failed")
+
+    def _reap(self) -> None:
+        ray = self.ray
+        with self._lock:
+            for job_id, run in list(self._running.items()):
+                job = self.co.state.job(job_id)
+                if job.state in TERMINAL:
+                    self._release(job_id)
+                    continue
+                if run.ping is None:
+                    run.ping = run.actor.running.remote()
+                    continue
+                ready, _ = ray.wait([run.ping], timeout=0)
+                if not ready:
+                    continue
+                ping, run.ping = run.ping, None
+                try:
+                    ray.get(ping)
+                    run.failures = 0
+                except ray.exceptions.ActorUnavailableError:
+                    continue  # restarting: Ray brings it back and it resumes from the checkpoint
+                except ray.exceptions.RayActorError as e:
+                    # A call in flight when the actor crashed fails; calls made while Ray restarts it
+                    # wait for the restart. Two failures in a row: it is gone for good.
+                    run.failures += 1
+                    if run.failures < 2:
+                        continue
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    self.co.state.set_job_state(job_id, "failed", f"job engine actor died and was not restarted "
+                                                f"({self.co.state.engine_restarts(job_id)} restarts): {reason}")
+                    log.error("job %s failed: its engine actor died for good", job_id)
+                    self._release(job_id)
+
+    def _release(self, job_id: str) -> None:
+        run = self._running.pop(job_id, None)
+        if run is not None:
+            self.ray.kill(run.actor, no_restart=True)
+
+    def cancel(self, job_id: str) -> None:
+        """Stops a job's actor (the caller marks the job cancelled first)."""
+        with self._lock:
+            self._release(job_id)
+            self._queue.pop(job_id, None)
+
+    def stop(self) -> None:
+        """Stops scheduling and every engine actor; shuts Ray down."""
+        self._stop.set()
+        self._thread.join(5)
+        with self._lock:
+            for job_id in list(self._running):
+                self._release(job_id)
+        self.ray.shutdown()

@@ -1,0 +1,74 @@
+"""A frozen base model held once per node in Ray's object store and mapped read-only by every job.
+
+The driver puts the weights in the object store as numpy arrays; a worker that gets them receives
+read-only views of the node's shared memory (no copy), builds the model skeleton without
+initialising or touching its own weight memory, and points the parameters at those views. Four
+jobs on one base then cost one copy of the weights, not four.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from fedtune.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def base_arrays(base_dir: Path) -> dict[str, np.ndarray]:
+    """The base's weights as fp32 numpy arrays, keyed as in its safetensors files."""
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise InvalidInput(f"{base_dir} has no *.safetensors weights to share (only safetensors bases can be "
+                           "shared across jobs)")
+    arrays: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, tensor in load_file(f).items():
+            arrays[name] = tensor.to(torch.float32).numpy()
+    return arrays
+
+
+def build_from_shared(base_dir: Path, arrays: dict[str, np.ndarray], device: torch.device) -> PreTrainedModel:
+    """A causal LM whose frozen weights are ``arrays`` (read-only shared memory on CPU).
+
+    On CPU the parameters alias the arrays; on another device they are copied there.
+
+    Raises:
+        InvalidInput: the arrays do not cover the model's weights.
+    """
+    config = AutoConfig.from_pretrained(base_dir)
+    # no_init_weights: the skeleton's weight memory is allocated lazily and never written, so it
+    # never becomes resident before the shared arrays replace it.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with warnings.catch_warnings():
+        # The views are read-only by design: the base is frozen.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        state = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    tied = {name for name, _ in model.named_parameters()}
+    missing = [k for k in result.missing_keys if k in tied and _is_meta_or_unset(model, k, state)]
+    if missing:
+        raise InvalidInput(f"shared weights of {base_dir} lack {len(missing)} parameters, e.g. {missing[0]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device.type != "cpu":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        model = model.to(device=device, dtype=dtype)  # type: ignore[arg-type]
+    return model.eval()
+
+
+def _is_meta_or_unset(model: torch.nn.Module, name: str, state: dict[str, Any]) -> bool:
+    """Whether a parameter that was not in the state dict is still without a value after tying."""
+    param = model.get_parameter(name)
+    return not any(param.data_ptr() == t.data_ptr() for t in state.values())

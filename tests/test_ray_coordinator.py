@@ -1,0 +1,200 @@
+"""The coordinator on Ray: jobs as actors over one shared base, restarts, queue, existing clusters.
+
+One local Ray serves the module's in-process coordinator (starting Ray costs seconds); the
+external-cluster tests start their own `ray start --head` and coordinator processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fedtune.cli.admin_client import AdminClient
+from fedtune.client.channel import INSECURE
+from fedtune.coordinator.server import RunningCoordinator, start
+from fedtune.demo import wait_for_coordinator
+from fedtune.protos import fedtune_pb2 as pb
+from tests.conftest import Admin, fedtune_cmd, make_spec, spawn, wait_until
+
+pytest.importorskip("ray")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCoordinator]:
+    running = start(tmp_path_factory.mktemp("raycoord") / "state", "127.0.0.1", 0, insecure=True, ray=True)
+    yield running
+    running.stop(grace=1.0)
+
+
+@pytest.fixture(scope="module")
+def ray_admin(ray_coordinator: RunningCoordinator) -> Iterator[Admin]:
+    a = Admin(ray_coordinator)
+    yield a
+    a.channel.close()
+
+
+def _run_clients(running: RunningCoordinator, admin: Admin, jobs: list[str], data: list[Path], tmp_path: Path,
+                 while_running: Callable[[], None] | None = None) -> None:
+    """One client agent process per job (client i on data[i]) until every job ends."""
+    procs = [spawn("client", "run", "--coordinator", running.address, "--token", admin.token(job),
+                   "--data", str(data[i]), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
+                   log=tmp_path / f"c{i}.log") for i, job in enumerate(jobs)]
+    try:
+        if while_running is not None:
+            while_running()
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=300) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _spec(eval_data: Path, name: str, r: int, targets: str, *, rounds: int = 2, cpus: float = 0.5,
+          priority: int = 0) -> str:
+    spec = make_spec(eval_data, rounds=rounds, steps=4).replace("name: test", f"name: {name}")
+    spec = spec.replace("peft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+                        f"peft: {{r: {r}, alpha: {2 * r}, target_modules: [{targets}]}}")
+    return spec + f"priority: {priority}\nresources: {{cpus: {cpus}}}\n"
+
+
+def test_two_jobs_with_different_peft_share_one_base_and_both_publish(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
+        tmp_path: Path) -> None:
+    data, eval_file = fed_data
+    a = ray_admin.create_job(_spec(eval_file, "qv-r4", 4, "q_proj, v_proj"))
+    b = ray_admin.create_job(_spec(eval_file, "mlp-r8", 8, "gate_proj, up_proj, down_proj"))
+    backend = ray_coordinator.coordinator.ray
+    assert backend is not None
+    # Both run at once as actors, on one copy of the base in the object store.
+    status_a, status_b = ray_admin.job(a), ray_admin.job(b)
+    assert status_a.state == status_b.state == "running"
+    assert status_a.scheduling.backend == "ray" and status_a.scheduling.cpus == 0.5
+    assert len(backend._bases) == 1
+    import ray
+
+    pids = {ray.get(backend.actor(j).pid.remote()) for j in (a, b)}
+    assert os.getpid() not in pids and len(pids) == 2
+    _run_clients(ray_coordinator, ray_admin, [a, b], data, tmp_path)
+    for job, targets in ((a, {"q_proj", "v_proj"}), (b, {"gate_proj", "up_proj", "down_proj"})):
+        status = ray_admin.job(job)
+        assert status.state == "finished", status.message
+        assert [h.round for h in status.history] == [1, 2]
+        # Evaluated by Ray tasks over the shared base: the adapter improved the eval loss.
+        base_loss = json.loads(status.base_metrics_json)["eval_loss"]
+        assert json.loads(status.history[-1].metrics_json)["eval_loss"] < base_loss
+        adapter = Path(ray_coordinator.coordinator.state.published(job)[-1][2])
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert set(config["target_modules"]) == targets
+
+
+def test_killed_job_actor_restarts_from_its_checkpoint_while_the_other_job_finishes(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
+        tmp_path: Path) -> None:
+    data, eval_file = fed_data
+    victim = ray_admin.create_job(_spec(eval_file, "victim", 4, "q_proj, v_proj", rounds=3))
+    other = ray_admin.create_job(_spec(eval_file, "other", 4, "q_proj, v_proj", rounds=3))
+    backend = ray_coordinator.coordinator.ray
+    assert backend is not None
+    import ray
+
+    def kill_victim_after_round_1() -> None:
+        wait_until(lambda: len(ray_admin.job(victim).history) >= 1
+                   and ray_admin.job(victim).history[0].state == "published", timeout=240, what="round 1")
+        killed.append(ray.get(backend.actor(victim).pid.remote()))
+        os.kill(killed[0], signal.SIGKILL)
+
+    killed: list[int] = []
+    _run_clients(ray_coordinator, ray_admin, [victim, other], data, tmp_path, while_running=kill_victim_after_round_1)
+    for job in (victim, other):
+        status = ray_admin.job(job)
+        assert status.state == "finished", status.message
+        assert [h.round for h in status.history] == [1, 2, 3]
+        assert all(h.contributors == 1 for h in status.history)
+    assert ray_admin.job(victim).scheduling.engine_restarts == 1
+    assert ray_admin.job(other).scheduling.engine_restarts == 0
+
+
+def test_job_asking_for_more_than_the_cluster_has_is_queued_with_the_reason(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path]) -> None:
+    _, eval_file = fed_data
+    big = ray_admin.create_job(_spec(eval_file, "big", 4, "q_proj", cpus=64))
+    status = ray_admin.job(big)
+    assert status.state == "queued"
+    assert status.scheduling.queue_position >= 1
+    assert "needs 64 CPUs" in status.scheduling.reason and "in all" in status.scheduling.reason
+    # It blocks nobody: a job that fits starts at once.
+    small = ray_admin.create_job(_spec(eval_file, "small", 4, "q_proj", cpus=0.25))
+    assert ray_admin.job(small).state == "running"
+    for job in (big, small):
+        ray_admin.stub.CancelJob(pb.GetJobRequest(job_id=job), metadata=ray_admin.md)
+
+
+def test_unreachable_ray_address_fails_at_start_naming_it(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    proc = fedtune_cmd("coordinator", "start", "--state-dir", str(tmp_path / "s"), "--port", "0", "--insecure",
+                       "--ray-address", address, timeout=60)
+    assert proc.returncode == 5, proc.stderr
+    assert f"cannot reach the Ray cluster at {address}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_coordinator_joins_a_ray_head_started_separately(tmp_path: Path, fed_data: tuple[list[Path], Path]) -> None:
+    data, eval_file = fed_data
+    port = _free_port()
+    # Ray's socket paths are length-limited: a short temp dir of the head's own.
+    temp = Path(tempfile.mkdtemp(prefix="fth-", dir="/tmp"))
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.run([str(ray_bin), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                           "--num-cpus", "2", "--include-dashboard=false", "--temp-dir", str(temp),
+                           "--disable-usage-stats"], check=False, env=env, capture_output=True, text=True, timeout=120)
+    coord = None
+    try:
+        assert head.returncode == 0, head.stderr[-2000:]
+        state_dir = tmp_path / "coord"
+        coord = spawn("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", "--insecure",
+                      "--ray-address", f"127.0.0.1:{port}", log=tmp_path / "coord.log")
+        address = wait_for_coordinator(state_dir, coord, INSECURE, timeout=120)
+        admin = AdminClient(address, (state_dir / "admin.token").read_text().strip(), INSECURE)
+        job = admin.call("CreateJob", pb.CreateJobRequest(
+            spec_yaml=_spec(eval_file, "on-head", 4, "q_proj, v_proj", rounds=1))).job_id  # type: ignore[attr-defined]
+        token = admin.call("CreateToken", pb.CreateTokenRequest(job_id=job, uses=1)).token  # type: ignore[attr-defined]
+        client = spawn("client", "run", "--coordinator", address, "--token", token, "--data", str(data[0]),
+                       "--state-dir", str(tmp_path / "c0"), "--no-progress", "--insecure", log=tmp_path / "c0.log")
+        assert client.wait(timeout=300) == 0, (tmp_path / "c0.log").read_text()[-3000:]
+        status = admin.call("GetJob", pb.GetJobRequest(job_id=job))
+        assert status.state == "finished", status.message  # type: ignore[attr-defined]
+        assert status.scheduling.backend == "ray"  # type: ignore[attr-defined]
+        # The job's engine ran in the separately started cluster, which the coordinator did not start.
+        assert "on 127.0.0.1:" in (tmp_path / "coord.log").read_text()
+        logs = "".join(p.read_text(errors="replace") for p in temp.glob("session_*/logs/worker-*.out"))
+        assert "JobActor" in logs
+        assert not (state_dir / "ray").exists()
+    finally:
+        if coord is not None and coord.poll() is None:
+            coord.terminate()
+            coord.wait(30)
+        # Stop only this head (ray stop would stop every Ray of this user).
+        subprocess.run(["pkill", "-f", str(temp)], check=False)
+        time.sleep(1)
+        subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
