@@ -295,7 +295,8 @@ def run_federation(args: argparse.Namespace, work: Path, model_dir: Path, client
     transport = Transport(args.transport, work / "certs", names)
     admin_env = transport.operator_env()
     procs: list[subprocess.Popen[bytes]] = []
-    coord = _spawn(["coordinator", "start", "--state-dir", str(coord_dir), "--port", "0", *transport.coordinator()],
+    coord = _spawn(["coordinator", "start", "--state-dir", str(coord_dir), "--port", "0", "--in-process",
+                    *transport.coordinator()],
                    logs / "coordinator.log", args.coordinator_threads)
     procs.append(coord)
     try:

@@ -4,8 +4,10 @@ The coordinator process (the Ray driver) keeps the gRPC server, the SQLite state
 store. Each running job's :class:`RoundEngine` runs in its own actor on the coordinator's node and
 drives rounds through the same database; heartbeats are answered by the driver from that database.
 The state in SQLite is the engine's checkpoint: every step of a round is a transaction and can be
-repeated, so an actor that crashes is restarted by Ray (up to ``MAX_RESTARTS`` times) and resumes
-the round where it was, while the other jobs go on.
+repeated, so an actor that crashes is replaced by the scheduler (up to ``MAX_RESTARTS`` times) and
+the new one resumes the round where it was, while the other jobs go on. (The scheduler restarts it
+rather than Ray's ``max_restarts``, which refuses to vouch for constructor arguments that live in
+the object store, as the shared base's reference does.)
 
 Aggregation and evaluation run as Ray tasks with the job's quota (``resources:`` in the spec). The
 frozen base is put in the object store once per base and mapped read-only by every evaluation
@@ -122,10 +124,6 @@ class JobActor:
 
         root = Path(state_dir)
         self.state = CoordinatorState(root / "state.db")
-        if ray.get_runtime_context().was_current_actor_reconstructed:
-            restarts = self.state.count_engine_restart(job_id)
-            log.warning("job %s: engine restarted after a crash (%d so far); resuming from its last checkpoint",
-                        job_id, restarts)
         spec = JobSpec.model_validate_json(self.state.job(job_id).spec_json)
         compute = RayCompute(ray, base_dir, base_ref, spec, pin)
         self.engine = RoundEngine(job_id, self.state, ArtifactStore(root / "blobs"),
@@ -151,7 +149,6 @@ class _Running:
     actor: Any
     demand: Demand
     ping: Any = None
-    failures: int = 0
 
 
 class RayBackend:
@@ -219,8 +216,9 @@ class RayBackend:
 
     def _start(self, job: Job) -> None:
         spec = JobSpec.model_validate_json(job.spec_json)
+        restarts = self.co.state.engine_restarts(job.job_id)
         actor = self._actor_cls.options(
-            name=f"fedtune-engine-{job.job_id}", max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=0,
+            name=f"fedtune-engine-{job.job_id}-{restarts}", max_restarts=0, num_cpus=0,
             resources={self.pin: _PIN},
         ).remote(str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
                  self.co.presence.heartbeat_seconds, self.pin)
@@ -257,20 +255,18 @@ class RayBackend:
                 ping, run.ping = run.ping, None
                 try:
                     ray.get(ping)
-                    run.failures = 0
-                except ray.exceptions.ActorUnavailableError:
-                    continue  # restarting: Ray brings it back and it resumes from the checkpoint
                 except ray.exceptions.RayActorError as e:
-                    # A call in flight when the actor crashed fails; calls made while Ray restarts it
-                    # wait for the restart. Two failures in a row: it is gone for good.
-                    run.failures += 1
-                    if run.failures < 2:
-                        continue
                     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    self.co.state.set_job_state(job_id, "failed", f"job engine actor died and was not restarted "
-                                                f"({self.co.state.engine_restarts(job_id)} restarts): {reason}")
-                    log.error("job %s failed: its engine actor died for good", job_id)
                     self._release(job_id)
+                    if self.co.state.engine_restarts(job_id) >= MAX_RESTARTS:
+                        self.co.state.set_job_state(job_id, "failed", f"job engine died {MAX_RESTARTS + 1} times; "
+                                                    f"last: {reason}")
+                        log.error("job %s failed: its engine died %d times", job_id, MAX_RESTARTS + 1)
+                        continue
+                    restarts = self.co.state.count_engine_restart(job_id)
+                    log.warning("job %s: engine died (%s); restart %d of %d resumes from its checkpoint", job_id,
+                                reason, restarts, MAX_RESTARTS)
+                    self._start(self.co.state.job(job_id))
 
     def _release(self, job_id: str) -> None:
         run = self._running.pop(job_id, None)
