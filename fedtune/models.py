@@ -243,6 +243,39 @@ def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
     return model.to(device).eval()  # type: ignore[arg-type]
 
 
+def skeleton_causal_lm(path: Path) -> PreTrainedModel:
+    """A model with the base's architecture whose weights are neither loaded nor initialised.
+
+    Enough to build a LoRA adapter on (its initial weights depend on shapes and the seed only),
+    without holding the base in memory: the skeleton's weight memory is never touched, so it is
+    never resident. The weight files are checked to be readable safetensors or torch files.
+
+    Raises:
+        InvalidInput: The directory has no loadable config or no weight files.
+    """
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidInput(f"cannot load a causal language model from {path}: {e}") from e
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise InvalidInput(f"cannot load a causal language model from {path}: no weight files")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    handle.keys()
+            except (SafetensorError, OSError) as e:
+                raise InvalidInput(f"cannot load a causal language model from {path}: {f.name}: {e}") from e
+    return model.eval()
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """Loads the tokenizer stored with a model, ready for right-padded batches.
 

@@ -10,30 +10,31 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import (
-    LoraConfig,
-    PeftModel,
-    TaskType,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
-from transformers import PreTrainedModel
 
 from fedtune.errors import InvalidInput
 
+if TYPE_CHECKING:
+    # peft (which imports bitsandbytes) costs ~180 MB per process: the coordinator's job engines,
+    # which only move tensors and files, never import it.
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
 logger = logging.getLogger(__name__)
 
+# peft's file names (peft.utils.SAFETENSORS_WEIGHTS_NAME and CONFIG_NAME).
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 # Key lists in error messages are cut to this many names to stay one readable line.
 _MAX_KEYS_SHOWN = 3
 
@@ -56,6 +57,8 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str],
     Raises:
         InvalidInput: A value is out of range or `target_modules` is empty.
     """
+    from peft import LoraConfig, TaskType
+
     if r < 1:
         raise InvalidInput(f"LoRA rank r must be at least 1, got {r}")
     if alpha <= 0:
@@ -109,6 +112,8 @@ def build_peft_model(
     Raises:
         InvalidInput: The config is invalid or no module matches `target_modules`.
     """
+    from peft import get_peft_model
+
     config = lora_config(r, alpha, dropout, target_modules, layers, layers_pattern)
     # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG
     # (manual_seed seeds CUDA too, hence its device in the fork).
@@ -143,6 +148,8 @@ def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
     # peft's default ("auto") adds the whole frozen base weight of an adapted lm_head or embedding
     # to the state: vocab x hidden values that every participant already has, which would then be
     # sent, averaged and stored each round.
+    from peft import get_peft_model_state_dict
+
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
@@ -174,6 +181,8 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
             )
         if not torch.isfinite(value).all():
             raise InvalidInput(f"adapter tensor {key} holds NaN or infinite values")
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(model, state)
     # peft reports every base weight as missing (they are not in an adapter state), so only
     # unexpected keys tell us something; they mean peft's key mapping disagreed with ours.
@@ -222,6 +231,30 @@ def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise InvalidInput(f"update is not a valid safetensors blob: {e}") from e
 
 
+def adapter_config_text(peft_config: LoraConfig, base_model_name_or_path: str) -> str:
+    """The ``adapter_config.json`` that `PeftModel.save_pretrained` would write for this config.
+
+    Computed once where peft is loaded, so processes that only publish need not import it.
+    """
+    config = copy.deepcopy(peft_config)
+    config.base_model_name_or_path = base_model_name_or_path
+    # As peft's own save does: a loaded adapter is for inference unless is_trainable is passed.
+    config.inference_mode = True
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        return (Path(tmp) / ADAPTER_CONFIG_NAME).read_text()
+
+
+def write_adapter_files(config_text: str, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """Writes ``adapter_config.json`` (as given) and ``adapter_model.safetensors`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    st_save_file(tensors, str(out_dir / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG_NAME).write_text(config_text)
+    logger.debug("saved adapter with %d tensors to %s", len(tensors), out_dir)
+    return out_dir
+
+
 def save_adapter_dir(
     peft_config: LoraConfig,
     state: dict[str, torch.Tensor],
@@ -242,13 +275,4 @@ def save_adapter_dir(
     Returns:
         `out_dir`.
     """
-    config = copy.deepcopy(peft_config)
-    config.base_model_name_or_path = base_model_name_or_path
-    # As peft's own save does: a loaded adapter is for inference unless is_trainable is passed.
-    config.inference_mode = True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    st_save_file(tensors, str(out_dir / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    config.save_pretrained(str(out_dir))
-    logger.debug("saved adapter with %d tensors to %s", len(tensors), out_dir)
-    return out_dir
+    return write_adapter_files(adapter_config_text(peft_config, base_model_name_or_path), state, out_dir)

@@ -90,6 +90,8 @@ def connect(address: str | None, state_dir: Path, *, num_cpus: int | None = None
         AuthError: the cluster refused the connection (token authentication).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # On a busy small machine the raylet can take longer than Ray's default 30 s to register.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     # Ray reads the mode when it is imported: decide it first. A local Ray gets token auth with the
     # user's token (Ray makes one if needed) without Ray's notice about it; a cluster is joined
     # with the token when there is one.

@@ -58,16 +58,19 @@ def demand_of(spec: JobSpec) -> Demand:
 _evaluators: OrderedDict[str, Any] = OrderedDict()
 
 
-def _evaluate_task(job: Job, base_dir: str, arrays: dict[str, Any], adapter: dict[str, torch.Tensor] | None,
+def _evaluate_task(job: Job, base_dir: str, base_refs: dict[str, Any], adapter: dict[str, torch.Tensor] | None,
                    use_gpu: bool) -> dict[str, float]:
-    """A Ray task: evaluates ``adapter`` on ``job``'s eval data over the shared base ``arrays``."""
-    from fedtune.cluster.shared_base import build_from_shared
+    """A Ray task: evaluates ``adapter`` on ``job``'s eval data over the shared base."""
+    import ray
+
+    from fedtune.cluster.shared_base import build_from_shared, get_base
     from fedtune.coordinator.evaluator import Evaluator
 
     device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
     key = f"{job.job_id}:{device}"
     evaluator = _evaluators.get(key)
     if evaluator is None:
+        arrays = get_base(ray, base_refs)
         evaluator = Evaluator(lambda _job: Path(base_dir), device,
                               load_base=lambda d, dev: build_from_shared(d, arrays, dev))
         _evaluators[key] = evaluator
@@ -113,7 +116,7 @@ class JobActor:
     """The body of a job's engine actor (wrapped with ``ray.remote`` by :class:`RayBackend`)."""
 
     def __init__(self, state_dir: str, job_id: str, base_dir: str, base_ref: list[Any], heartbeat_seconds: float,
-                 pin: str) -> None:
+                 pin: str, adapter_config: str) -> None:
         import ray
 
         from fedtune.coordinator.engine import RoundEngine
@@ -128,7 +131,7 @@ class JobActor:
         compute = RayCompute(ray, base_dir, base_ref, spec, pin)
         self.engine = RoundEngine(job_id, self.state, ArtifactStore(root / "blobs"),
                                   Presence(heartbeat_seconds, shared=root / "presence.db"), compute,
-                                  root / "adapters", KeyRing(root / "keys"))
+                                  root / "adapters", KeyRing(root / "keys"), adapter_config=adapter_config)
         self.engine.start()
 
     def pid(self) -> int:
@@ -206,11 +209,9 @@ class RayBackend:
 
     def _base_ref(self, job: Job) -> Any:
         if job.base_hash not in self._bases:
-            from fedtune.cluster.shared_base import base_arrays
+            from fedtune.cluster.shared_base import put_base
 
-            arrays = base_arrays(self.co.base_dir(job))
-            self._bases[job.base_hash] = self.ray.put(arrays)
-            del arrays
+            self._bases[job.base_hash] = put_base(self.ray, self.co.base_dir(job))
             log.info("base %s put in the object store once for every job on it", job.base_hash[:12])
         return self._bases[job.base_hash]
 
@@ -221,8 +222,16 @@ class RayBackend:
             name=f"fedtune-engine-{job.job_id}-{restarts}", max_restarts=0, num_cpus=0,
             resources={self.pin: _PIN},
         ).remote(str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
-                 self.co.presence.heartbeat_seconds, self.pin)
+                 self.co.presence.heartbeat_seconds, self.pin, self._adapter_config(job, spec))
         self._running[job.job_id] = _Running(actor, demand_of(spec))
+
+    def _adapter_config(self, job: Job, spec: JobSpec) -> str:
+        from fedtune.coordinator.offsite import plan_for
+        from fedtune.coordinator.publish import published_adapter_config
+
+        plan = plan_for(job.emulator_dir)
+        return published_adapter_config(spec.peft, job.base_model, plan.full_layers if plan else None,
+                                        plan.layers_pattern if plan else None)
 
     def actor(self, job_id: str) -> Any:
         """The job's engine actor handle."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
@@ -24,17 +24,24 @@ from fedtune.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 
-def base_arrays(base_dir: Path) -> dict[str, np.ndarray]:
-    """The base's weights as fp32 numpy arrays, keyed as in its safetensors files."""
+def put_base(ray: Any, base_dir: Path) -> dict[str, Any]:
+    """Puts the base's weights in the object store, one fp32 array per tensor (so this process
+    never holds more than one tensor of it); returns the object references by tensor name."""
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
         raise InvalidInput(f"{base_dir} has no *.safetensors weights to share (only safetensors bases can be "
                            "shared across jobs)")
-    arrays: dict[str, np.ndarray] = {}
+    refs: dict[str, Any] = {}
     for f in files:
-        for name, tensor in load_file(f).items():
-            arrays[name] = tensor.to(torch.float32).numpy()
-    return arrays
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                refs[name] = ray.put(handle.get_tensor(name).to(torch.float32).numpy())
+    return refs
+
+
+def get_base(ray: Any, refs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The shared arrays (read-only views of this node's object store) by tensor name."""
+    return dict(zip(refs, ray.get(list(refs.values())), strict=True))
 
 
 def build_from_shared(base_dir: Path, arrays: dict[str, np.ndarray], device: torch.device) -> PreTrainedModel:

@@ -6,16 +6,18 @@ tasks with the job's resources, over a base model shared by every job on the nod
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from fedtune.compression.codecs import get_codec
-from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.state import Job
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
 from fedtune.peft_io import bytes_to_tensors
 from fedtune.privacy import clip_update
+
+if TYPE_CHECKING:
+    from fedtune.coordinator.evaluator import Evaluator
 
 Schema = dict[str, tuple[int, ...]]
 

@@ -64,6 +64,7 @@ class RoundEngine:
         compute: Compute,
         adapters_root: Path,
         keys: KeyRing,
+        adapter_config: str | None = None,
     ) -> None:
         self.job_id = job_id
         self.state = state
@@ -72,6 +73,8 @@ class RoundEngine:
         self.compute = compute
         self.adapters_root = adapters_root
         self.keys = keys
+        # The published adapter_config.json, when computed elsewhere (Ray engines run without peft).
+        self.adapter_config = adapter_config
         job = state.job(job_id)
         self.spec = JobSpec.model_validate_json(job.spec_json)
         self.codec = get_codec(self.spec.codec)
@@ -323,6 +326,7 @@ class RoundEngine:
             layers=plan.full_layers if plan else None,
             layers_pattern=plan.layers_pattern if plan else None,
             extra=extra,
+            adapter_config=self.adapter_config,
         )
         metrics["publish_seconds"] = time.perf_counter() - t2
         # Opened -> published, aggregation, evaluation and publication included.

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from fedtune.compression.emulator import build_emulator
 from fedtune.compression.emulator_manifest import EmulatorManifest, check_emulator_for, read_emulator_manifest
 from fedtune.compression.plugin import to_full_model
 from fedtune.spec import JobSpec, OffsiteSpec
@@ -73,6 +72,7 @@ def prepare_emulator(spec: JobSpec, base_dir: Path, root: Path) -> OffsitePlan:
     if off.emulator:
         check_emulator_for(Path(off.emulator), base_dir)
         return OffsitePlan(Path(off.emulator), read_emulator_manifest(Path(off.emulator)))
+    from fedtune.compression.emulator import build_emulator
     from fedtune.hashing import model_dir_hash
 
     keep = off.keep if off.keep is not None or off.keep_layers is not None else DEFAULT_KEEP

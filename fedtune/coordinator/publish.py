@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedtune import __version__
 from fedtune.crypto.signing import sign_manifest
 from fedtune.hashing import file_sha256
-from fedtune.peft_io import lora_config, save_adapter_dir
+from fedtune.peft_io import adapter_config_text, lora_config, write_adapter_files
 from fedtune.spec import PeftSpec
 
 MANIFEST = "fedtune.json"
@@ -37,6 +37,7 @@ def publish_adapter(
     layers: list[int] | None = None,
     layers_pattern: str | None = None,
     extra: dict[str, Any] | None = None,
+    adapter_config: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Writes ``root/JOB/round-N`` atomically and returns its path and manifest.
 
@@ -47,9 +48,9 @@ def publish_adapter(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout, target_modules=peft.target_modules,
-                      layers=layers, layers_pattern=layers_pattern)
-    save_adapter_dir(cfg, state, tmp, base_model_name_or_path=base_model)
+    if adapter_config is None:
+        adapter_config = published_adapter_config(peft, base_model, layers, layers_pattern)
+    write_adapter_files(adapter_config, state, tmp)
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest: dict[str, Any] = {
         "format": "fedtune.adapter/1",
@@ -76,3 +77,11 @@ def publish_adapter(
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final, manifest
+
+
+def published_adapter_config(peft: PeftSpec, base_model: str, layers: list[int] | None = None,
+                             layers_pattern: str | None = None) -> str:
+    """The ``adapter_config.json`` a job publishes (for engines that run without peft loaded)."""
+    return adapter_config_text(lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout,
+                                           target_modules=peft.target_modules, layers=layers,
+                                           layers_pattern=layers_pattern), base_model)

@@ -34,7 +34,7 @@ from fedtune.crypto.keys import ed25519_public
 from fedtune.data import load_jsonl
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
 from fedtune.hashing import model_dir_hash
-from fedtune.models import is_preset, load_causal_lm, resolve_base
+from fedtune.models import is_preset, resolve_base, skeleton_causal_lm
 from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, tensors_to_bytes
 from fedtune.secagg import EncryptedShare, MaskedInput, SecAggParams, UnmaskShares
 from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
@@ -167,7 +167,9 @@ class Coordinator:
         plan = prepare_emulator(spec, base_dir, self.state_dir / "emulators") if spec.mode == "offsite" else None
         # Offsite: clients get the emulator, and LoRA goes on its adapter blocks only.
         client_dir = plan.emulator_dir if plan is not None else base_dir
-        model = load_emulator(client_dir, torch.device("cpu")) if plan else load_causal_lm(base_dir, torch.device("cpu"))
+        # The initial adapter depends on the architecture and the seed only: a skeleton of the base
+        # (weights never loaded) is enough, so creating a job does not hold the base in memory.
+        model = load_emulator(client_dir, torch.device("cpu")) if plan else skeleton_causal_lm(base_dir)
         peft_cfg: dict[str, object] = spec.peft.model_dump(mode="json")
         if plan is not None:
             peft_cfg |= {"layers_to_transform": plan.emulator_layers, "layers_pattern": plan.layers_pattern}
