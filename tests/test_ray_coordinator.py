@@ -198,3 +198,32 @@ def test_coordinator_joins_a_ray_head_started_separately(tmp_path: Path, fed_dat
         time.sleep(1)
         subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_without_ray_jobs_run_in_process_and_the_coordinator_says_how_to_enable_ray(
+        tmp_path: Path, fed_data: tuple[list[Path], Path]) -> None:
+    data, eval_file = fed_data
+    # A `ray` that cannot be imported, first on the path: as on a machine without Ray.
+    (tmp_path / "noray" / "ray").mkdir(parents=True)
+    (tmp_path / "noray" / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "noray"), os.environ.get("PYTHONPATH", "")])}
+    state_dir = tmp_path / "coord"
+    coord = spawn("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", "--insecure",
+                  log=tmp_path / "coord.log", env=env)
+    try:
+        address = wait_for_coordinator(state_dir, coord, INSECURE, timeout=120)
+        admin = AdminClient(address, (state_dir / "admin.token").read_text().strip(), INSECURE)
+        job = admin.call("CreateJob", pb.CreateJobRequest(
+            spec_yaml=_spec(eval_file, "no-ray", 4, "q_proj", rounds=1, cpus=64))).job_id  # type: ignore[attr-defined]
+        token = admin.call("CreateToken", pb.CreateTokenRequest(job_id=job, uses=1)).token  # type: ignore[attr-defined]
+        client = spawn("client", "run", "--coordinator", address, "--token", token, "--data", str(data[0]),
+                       "--state-dir", str(tmp_path / "c0"), "--no-progress", "--insecure", log=tmp_path / "c0.log")
+        assert client.wait(timeout=300) == 0, (tmp_path / "c0.log").read_text()[-3000:]
+        status = admin.call("GetJob", pb.GetJobRequest(job_id=job))
+        # In-process there are no quotas: even a job asking for 64 CPUs runs.
+        assert status.state == "finished" and status.scheduling.backend == "in-process"  # type: ignore[attr-defined]
+    finally:
+        coord.terminate()
+        coord.wait(30)
+    log = (tmp_path / "coord.log").read_text()
+    assert "Ray is not installed: jobs run in this process without quotas; pip install 'fedtune[ray]'" in log
