@@ -10,13 +10,15 @@ adapter, then do what fedtune's client agent does with the delta::
     feedback.update(codec.decode(wire, schema), delta)
     blob = tensors_to_bytes(wire)           # the bytes that travel (before the envelope's 60 B)
 
-and the coordinator decodes every blob and applies FedAvg weighted by examples. Data, adapter init,
-batch order and int8's stochastic rounding are seeded the same for every codec, and the whole
-comparison repeats over ``--seeds`` seeds. A second table splits the blob of every codec into tensor
-data and safetensors header, for this adapter and for the 294,912-value adapter of a 12-layer,
-768-wide Llama (q_proj and v_proj, r = 8).
+and the coordinator checks and decodes every blob and applies FedAvg weighted by examples. Data,
+adapter init, batch order and int8's stochastic rounding are seeded the same for every codec, and
+the whole comparison repeats over ``--seeds`` seeds (10 by default: this job's final loss moves by
+about 1% under a perturbation as small as fp16 rounding, so three seeds cannot resolve a 1% bar).
+The verdict is given on the mean paired gap to fp32, and again on that mean plus two standard
+errors. A second table splits the blob of every codec into tensor data and safetensors header, for
+this adapter and for the 294,912-value adapter of a 12-layer, 768-wide Llama (q_proj and v_proj, r = 8).
 
-    python benchmarks/update_codecs.py --out benchmarks/out/codecs.json
+    python benchmarks/update_codecs.py --threads 1 --out benchmarks/out/codecs.json
 
 Prints markdown tables and writes every figure as JSON.
 """
@@ -58,7 +60,7 @@ from fedtune.training import evaluate_loss, train_adapter
 
 log = logging.getLogger("codecs")
 CPU = torch.device("cpu")
-CODECS = ["fp32", "fp16", "bf16", "int8", "topk:0.05", "topk:0.02"]
+CODECS = ["fp32", "fp16", "bf16", "int8", "int4", "int2", "topk:0.05", "topk:0.5+int4", "topk:0.3+int8"]
 NO_FEEDBACK = "/no-feedback"  # suffix of a codec run without error feedback, to show what it buys
 MAX_SEQ_LEN = 64
 BYTES_GOAL, LOSS_GOAL = 8.0, 0.01  # at least 8x fewer bytes than fp32, final loss within 1% of fp32's
@@ -138,7 +140,11 @@ def llama_768_delta() -> dict[str, torch.Tensor]:
 
 
 def summarize(runs: list[dict[str, Any]], codecs: list[str]) -> list[dict[str, Any]]:
-    """Per codec: mean bytes, mean final loss, its paired gap to fp32 and the goal's verdict."""
+    """Per codec: mean bytes, mean final loss, its paired gap to fp32 (mean, sd, standard error, worst) and the verdict.
+
+    The goal is met on the mean paired gap; ``meets_goal_clearly`` asks the same of the gap's mean plus
+    two standard errors, i.e. that the seeds leave little doubt.
+    """
     fp32 = {r["seed"]: r for r in runs if r["codec"] == "fp32"}
     fp32_bytes = statistics.fmean(r["bytes_per_client_round"] for r in fp32.values())
     rows = []
@@ -149,29 +155,44 @@ def summarize(runs: list[dict[str, Any]], codecs: list[str]) -> list[dict[str, A
         nbytes = statistics.fmean(r["bytes_per_client_round"] for r in mine)
         reduction = fp32_bytes / nbytes
         gap = statistics.fmean(gaps)
+        gap_sd = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        gap_se = gap_sd / len(gaps) ** 0.5
         rows.append({"codec": name, "feedback": mine[0]["feedback"], "bytes_per_client_round": nbytes,
                      "data_bytes_per_client_round": statistics.fmean(r["data_bytes_per_client_round"] for r in mine),
                      "reduction_vs_fp32": reduction, "final_loss": statistics.fmean(finals),
                      "final_loss_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                     "gap_vs_fp32": gap, "gap_vs_fp32_worst_seed": max(gaps),
-                     "meets_goal": reduction >= BYTES_GOAL and gap <= LOSS_GOAL})
+                     "gap_vs_fp32": gap, "gap_vs_fp32_sd": gap_sd, "gap_vs_fp32_se": gap_se,
+                     "gap_vs_fp32_worst_seed": max(gaps), "seeds": len(mine),
+                     "meets_goal": reduction >= BYTES_GOAL and gap <= LOSS_GOAL,
+                     "meets_goal_clearly": reduction >= BYTES_GOAL and gap + 2 * gap_se <= LOSS_GOAL})
     return rows
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["meets_goal_clearly"]:
+        return "PASS"
+    return "pass (mean only)" if row["meets_goal"] else "fail"
 
 
 def _md(result: dict[str, Any]) -> str:
     s = result["settings"]
-    lines = [f"Initial eval loss {result['initial_loss']:.4f} (mean over seeds); fp32 final losses by seed: "
-             + ", ".join(f"{r['final_loss']:.4f}" for r in result["runs"] if r["codec"] == "fp32"), "",
-             f"| codec | error feedback | bytes / client / round | of which tensor data | vs fp32 | "
-             f"final eval loss (mean ± sd, {s['seeds']} seeds) | vs fp32 (mean, worst seed) | >= 8x and <= +1% |",
+    fp32 = [r["final_loss"] for r in result["runs"] if r["codec"] == "fp32"]
+    spread = (f"sd {statistics.stdev(fp32):.4f} ({statistics.stdev(fp32) / statistics.fmean(fp32):.1%} of the mean), "
+              if len(fp32) > 1 else "")
+    lines = [f"Initial eval loss {result['initial_loss']:.4f} (mean over seeds). fp32 final loss over "
+             f"{len(fp32)} seeds: mean {statistics.fmean(fp32):.4f}, {spread}range {min(fp32):.4f}-{max(fp32):.4f}; "
+             "by seed " + ", ".join(f"{x:.4f}" for x in fp32) + ".", "",
+             (f"| codec | error feedback | bytes / client / round | of which tensor data | vs fp32 | "
+             f"final eval loss (mean ± sd, {s['seeds']} seeds) | vs fp32, paired: mean ± sd (worst seed) | "
+             f">= 8x and <= +1% (mean + 2 se) |"),
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result["summary"]:
         lines.append(f"| {r['codec']} | {'yes' if r['feedback'] else 'no'} | {r['bytes_per_client_round']:,.0f} | "
                      f"{r['data_bytes_per_client_round']:,.0f} | {r['reduction_vs_fp32']:.1f}x | "
-                     f"{r['final_loss']:.4f} ± {r['final_loss_sd']:.4f} | {r['gap_vs_fp32']:+.2%}, "
-                     f"{r['gap_vs_fp32_worst_seed']:+.2%} | {'PASS' if r['meets_goal'] else 'fail'} |")
-    lines += ["", "| adapter | codec | blob bytes | tensor data | safetensors header | header share | "
-              "vs fp32 blob | vs fp32, data only |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                     f"{r['final_loss']:.4f} ± {r['final_loss_sd']:.4f} | {r['gap_vs_fp32']:+.2%} ± "
+                     f"{r['gap_vs_fp32_sd']:.2%} ({r['gap_vs_fp32_worst_seed']:+.2%}) | {_verdict(r)} |")
+    lines += ["", ("| adapter | codec | blob bytes | tensor data | safetensors header | header share | "
+              "vs fp32 blob | vs fp32, data only |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["header_overhead"]:
         lines.append(f"| {r['adapter']} ({r['values']:,} values, {r['tensors']} tensors) | {r['codec']} | "
                      f"{r['blob_bytes']:,} | {r['data_bytes']:,} | {r['header_bytes']:,} | {r['header_share']:.1%} | "
@@ -186,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default="tiny-llama",
                    help="tiny-llama, or a model directory such as benchmarks/out/offsite/base")
     p.add_argument("--codecs", nargs="+", default=CODECS)
-    p.add_argument("--no-feedback", nargs="*", default=["topk:0.02"],
+    p.add_argument("--no-feedback", nargs="*", default=["topk:0.5+int4"],
                    help=f"codecs to run once more without error feedback (row '<codec>{NO_FEEDBACK}')")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=6)
@@ -197,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj", "lm_head"])
-    p.add_argument("--seeds", type=int, default=3, help="repetitions, each with its own data and seeds")
+    p.add_argument("--seeds", type=int, default=10, help="repetitions, each with its own data and seeds")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
@@ -251,12 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["seconds"] = time.perf_counter() - start
     passing = [r["codec"] for r in result["summary"] if r["meets_goal"]]
-    result["goal"] = {"bytes_reduction_at_least": BYTES_GOAL, "loss_gap_at_most": LOSS_GOAL, "codecs_meeting_it": passing}
+    clearly = [r["codec"] for r in result["summary"] if r["meets_goal_clearly"]]
+    result["goal"] = {"bytes_reduction_at_least": BYTES_GOAL, "loss_gap_at_most": LOSS_GOAL,
+                      "codecs_meeting_it": passing, "codecs_meeting_it_with_two_standard_errors": clearly}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(_md(result))
-    print(f"\nGoal (>= {BYTES_GOAL:g}x fewer bytes than fp32, final loss within {LOSS_GOAL:.0%}): "
-          f"{', '.join(passing) if passing else 'no codec meets it'}. {result['seconds']:.0f} s; JSON in {args.out}")
+    print(f"\nGoal (>= {BYTES_GOAL:g}x fewer bytes than fp32, final loss within {LOSS_GOAL:.0%}), on the mean gap: "
+          f"{', '.join(passing) or 'no codec'}; on the mean gap + 2 standard errors: {', '.join(clearly) or 'no codec'}. "
+          f"{result['seconds']:.0f} s; JSON in {args.out}")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ class JobSpec(_Strict):
     peft: PeftSpec = Field(default_factory=lambda: PeftSpec.model_validate({}))
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec.model_validate({}))
-    # fp32, fp16, bf16, int8 or topk:FRACTION (fedtune.compression.codecs)
+    # fp32, fp16, bf16, int8, int4, int2, topk:FRACTION, topk:FRACTION+int8|int4 (fedtune.compression.codecs)
     codec: str = "fp32"
     rounds: int = Field(3, gt=0, le=100000)
     clients_per_round: int = Field(3, gt=0)
@@ -299,7 +299,7 @@ training:                  # each client's local training, per round
 aggregation:
   strategy: fedavg         # weighted by each client's example count
   max_update_norm: null    # reject updates with a larger L2 norm
-codec: fp32                # fp32, fp16, bf16, int8, topk:0.05 (with error feedback on clients)
+codec: fp32                # fp32, fp16, bf16, int8, int4, int2, topk:0.05, topk:0.5+int4 (lossy: error feedback)
 rounds: 3
 clients_per_round: 3
 min_clients: 2             # a round closes at its deadline with at least this many updates
