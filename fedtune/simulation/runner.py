@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -66,22 +65,10 @@ def _virtual_client(address: str, data: str, state_dir: str) -> dict[str, Any]:
 
 
 def _init_ray(ray_address: str | None, scratch: Path) -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise InvalidInput("fedtune simulate needs Ray: pip install 'fedtune[ray]'") from None
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray_address:
-        try:
-            ray.init(address=ray_address, log_to_driver=False)
-        except Exception as e:
-            raise InvalidInput(f"cannot join the Ray cluster at {ray_address}: {e}") from e
-    else:
-        # A small-machine local Ray: no dashboard, our own short temp dir (Ray's socket paths are
-        # length-limited), and the driver's logs only.
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=str(scratch),
-                 log_to_driver=False)
-    return ray
+    """Ray for the simulation: the cluster at ``ray_address`` or a local one, token auth handled."""
+    from fedtune.cluster.connect import connect
+
+    return connect(ray_address, scratch)
 
 
 def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | None = None,
