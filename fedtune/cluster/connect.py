@@ -91,7 +91,7 @@ def connect(address: str | None, state_dir: Path, *, num_cpus: int | None = None
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # On a busy small machine the raylet can take longer than Ray's default 30 s to register.
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "45")
     # Ray reads the mode when it is imported: decide it first. A local Ray gets token auth with the
     # user's token (Ray makes one if needed) without Ray's notice about it; a cluster is joined
     # with the token when there is one.
@@ -120,8 +120,18 @@ def connect(address: str | None, state_dir: Path, *, num_cpus: int | None = None
         return ray
     temp = temp_dir_for(state_dir)
     temp.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", namespace=NAMESPACE, num_cpus=num_cpus or os.cpu_count() or 1,
-             include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", namespace=NAMESPACE, num_cpus=num_cpus or os.cpu_count() or 1,
+                     include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray's start-up failures come as bare Exceptions
+            # Seen on busy 2-core machines: a Ray helper process aborts at start and the raylet never
+            # registers. A second start (a fresh session) is cheap insurance against that.
+            ray.shutdown()
+            if attempt == 2:
+                raise Unavailable(f"cannot start a local Ray: {str(e).splitlines()[0]}") from None
+            log.warning("local Ray did not start (%s); trying once more", str(e).splitlines()[0])
     log.info("started a local Ray (temp dir %s)", temp)
     return ray
 
