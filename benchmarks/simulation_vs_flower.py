@@ -74,7 +74,7 @@ def setup_flower_venv(venv: Path) -> Path:
     """Creates the Flower virtualenv when it lacks flwr; returns its python."""
     python = venv / "bin" / "python"
     if python.exists() and subprocess.run([str(python), "-c", "import flwr, fedtune.training"],
-                                          capture_output=True).returncode == 0:
+                                          check=False, capture_output=True).returncode == 0:
         return python
     print(f"setting up the Flower virtualenv in {venv} (a few minutes)", flush=True)
     subprocess.run([sys.executable if not shutil.which("python3.11") else "python3.11", "-m", "venv", str(venv)],
@@ -359,10 +359,10 @@ def summarize(side: dict[str, Any]) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     """The markdown table of a run."""
-    lines = ["| N | rounds | fedtune s/round (rounds 2+) | fedtune round 1 | Flower s/round (rounds 2+) | "
-             "Flower round 1 | fedtune / Flower (2+) | peak memory fedtune / Flower (GiB, PSS) | "
-             "total wall fedtune / Flower (s) | bytes / client / round up, down (fedtune; Flower in memory) | "
-             "final eval loss fedtune / Flower |",
+    lines = [("| N | rounds | fedtune s/round (rounds 2+) | fedtune round 1 | Flower s/round (rounds 2+) | "
+              "Flower round 1 | fedtune / Flower (2+) | peak memory fedtune / Flower (GiB, PSS) | "
+              "total wall fedtune / Flower (s) | bytes / client / round up, down (fedtune; Flower in memory) | "
+              "final eval loss fedtune / Flower |"),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["runs"]:
         f, w = summarize(row["fedtune"]), summarize(row["flower"])
@@ -382,7 +382,7 @@ def machine() -> dict[str, Any]:
     """Where the figures were taken."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=REPO)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
             * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version(),
             "date": datetime.now().isoformat(timespec="seconds"), "commit": commit.stdout.strip()}
