@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -95,6 +96,10 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
                 spec = spec.model_copy(update={"eval_data": str(eval_file)})
         files = write_partitions(partition(data, n_clients, scheme), root / "clients-data")
         # Ray first: an unreachable --ray-address fails before any job is created.
+        # Keep a worker per concurrent virtual client alive between rounds: by default Ray keeps only
+        # one per CPU, and each fresh worker spends seconds importing torch before it trains.
+        os.environ.setdefault("RAY_num_workers_soft_limit",
+                              str(max(os.cpu_count() or 1, math.ceil((os.cpu_count() or 1) / max(resources.cpus, 0.01)))))
         ray = _init_ray(ray_address, scratch)
         running = start(root / "coordinator", "127.0.0.1", 0, insecure=True)
         try:
