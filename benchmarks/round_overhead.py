@@ -281,6 +281,19 @@ def _spawn(args: list[str], log: Path, threads: int | None) -> subprocess.Popen[
                             stderr=subprocess.STDOUT, cwd=REPO, env=_env(threads), start_new_session=True)
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM to every process still running, then SIGKILL to whatever outlives ``timeout``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _tail(path: Path, n: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
@@ -343,15 +356,7 @@ def run_federation(args: argparse.Namespace, work: Path, model_dir: Path, client
                       client_logs=[parse_client_log(logs / f"client-{i}.log") for i in range(len(clients))])
         return stored
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
 
 
 def read_state(db_path: Path, job: str) -> dict[str, Any]:

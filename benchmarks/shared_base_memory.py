@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from round_overhead import REPO, _cli, _spawn, _tail, build_model, machine, source
+from round_overhead import REPO, _cli, _spawn, _tail, build_model, machine, source, stop_processes
 
 from fedtune.client.channel import INSECURE
 from fedtune.data import write_synthetic_federation
@@ -157,6 +156,7 @@ def run_scenario(name: str, coordinators: int, jobs_each: int, ray: bool, args: 
     root = work / name
     root.mkdir(parents=True)
     procs: list[subprocess.Popen[bytes]] = []
+    clients: list[subprocess.Popen[bytes]] = []
     started = time.time()
     try:
         states = []
@@ -170,7 +170,6 @@ def run_scenario(name: str, coordinators: int, jobs_each: int, ray: bool, args: 
             states.append(state)
         coord_pids = [p.pid for p in procs]
         sampler = PeakSampler(coord_pids)
-        clients = []
         for c, state in enumerate(states):
             for j in range(jobs_each):
                 k = c * jobs_each + j
@@ -197,14 +196,7 @@ def run_scenario(name: str, coordinators: int, jobs_each: int, ray: bool, args: 
                                                                                key=lambda kv: -kv[1])},
                 "samples": sampler.samples, "seconds": time.time() - started}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(clients + procs, timeout=60)
 
 
 def render(result: dict[str, Any]) -> str:

@@ -210,7 +210,8 @@ def pick_device(pref: str) -> torch.device:
     raise InvalidInput(f"--device must be auto, cuda or cpu, got {pref!r}")
 
 
-def _dtype_for(device: torch.device) -> torch.dtype:
+def dtype_for(device: torch.device) -> torch.dtype:
+    """fp32 on CPU; on CUDA, bf16 where the GPU supports it and fp16 otherwise."""
     if device.type != "cuda":
         # Half precision on CPU is slow and numerically poor for training; tiny models fit in fp32.
         return torch.float32
@@ -233,7 +234,7 @@ def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
     Raises:
         InvalidInput: The directory does not hold a loadable causal LM.
     """
-    dtype = _dtype_for(device)
+    dtype = dtype_for(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:

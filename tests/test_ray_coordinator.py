@@ -144,8 +144,38 @@ def test_job_asking_for_more_than_the_cluster_has_is_queued_with_the_reason(
     # It blocks nobody: a job that fits starts at once.
     small = ray_admin.create_job(_spec(eval_file, "small", 4, "q_proj", cpus=0.25))
     assert ray_admin.job(small).state == "running"
+    # Operators see the same through the CLI.
+    state_dir = ray_coordinator.coordinator.state_dir
+    shown = fedtune_cmd("job", "status", big, "--state-dir", str(state_dir), check=True).stdout
+    assert "scheduling: ray, priority 0, quota 64 CPU; queued, place 1: needs 64 CPUs" in shown
+    listed = fedtune_cmd("job", "list", "--state-dir", str(state_dir), check=True).stdout
+    assert f"{big}  queued" in listed and "(place 1)" in listed
     for job in (big, small):
         ray_admin.stub.CancelJob(pb.GetJobRequest(job_id=job), metadata=ray_admin.md)
+
+
+def test_a_job_whose_base_cannot_be_shared_fails_with_the_reason(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
+        tmp_path: Path) -> None:
+    import torch
+
+    from fedtune.models import TINY_PRESET, load_causal_lm, materialize_preset
+
+    preset = materialize_preset(TINY_PRESET, tmp_path / "preset")
+    base = tmp_path / "bin-base"
+    # A legacy base with torch-format weights (pytorch_model.bin), which the object store path does not read
+    # (transformers 5 only writes safetensors, so the file is written directly).
+    base.mkdir()
+    for f in preset.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (base / f.name).write_bytes(f.read_bytes())
+    torch.save(load_causal_lm(preset, torch.device("cpu")).state_dict(), base / "pytorch_model.bin")
+    spec = _spec(fed_data[1], "bin", 4, "q_proj").replace("base_model: tiny-llama", f"base_model: {base}")
+    job = ray_admin.create_job(spec)
+    status = wait_until(lambda: ray_admin.job(job) if ray_admin.job(job).state == "failed" else None, timeout=30,
+                        what="job failed")
+    assert "has no *.safetensors weights to share" in status.message
+    assert job not in ray_coordinator.coordinator.ray._running  # type: ignore[union-attr]
 
 
 def test_unreachable_ray_address_fails_at_start_naming_it(tmp_path: Path) -> None:

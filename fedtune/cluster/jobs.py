@@ -32,6 +32,7 @@ from fedtune.cluster.scheduler import Demand, Waiting, plan
 from fedtune.coordinator.compute import Schema, combine_updates
 from fedtune.coordinator.engine import TERMINAL
 from fedtune.coordinator.state import Job
+from fedtune.errors import FedtuneError
 from fedtune.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -196,15 +197,14 @@ class RayBackend:
                 if job.state == "running" and job.job_id not in self._running:
                     self._start(job)  # running before a coordinator restart: its quota was granted
             used = sum((r.demand for r in self._running.values()), Demand())
-            waiting = [Waiting(j.job_id, JobSpec.model_validate_json(j.spec_json).priority, j.created,
-                               demand_of(JobSpec.model_validate_json(j.spec_json)))
-                       for j in jobs if j.state == "queued"]
+            specs = {j.job_id: JobSpec.model_validate_json(j.spec_json) for j in jobs if j.state == "queued"}
+            waiting = [Waiting(j.job_id, specs[j.job_id].priority, j.created, demand_of(specs[j.job_id]))
+                       for j in jobs if j.job_id in specs]
             total = self.total()
             decided = plan(waiting, total - used, total, time.time())
             for job_id in decided.start:
                 self.co.state.set_job_state(job_id, "running")
                 self._start(self.co.state.job(job_id))
-                log.info("job %s started (its quota fits)", job_id)
             self._queue = decided.queue
 
     def _base_ref(self, job: Job) -> Any:
@@ -216,14 +216,22 @@ class RayBackend:
         return self._bases[job.base_hash]
 
     def _start(self, job: Job) -> None:
+        """Starts the job's engine actor; a job whose engine cannot start fails, naming why."""
         spec = JobSpec.model_validate_json(job.spec_json)
         restarts = self.co.state.engine_restarts(job.job_id)
+        try:
+            args = (str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
+                    self.co.presence.heartbeat_seconds, self.pin, self._adapter_config(job, spec))
+        except FedtuneError as e:
+            self.co.state.set_job_state(job.job_id, "failed", str(e))
+            log.error("job %s failed: %s", job.job_id, e)
+            return
         actor = self._actor_cls.options(
             name=f"fedtune-engine-{job.job_id}-{restarts}", max_restarts=0, num_cpus=0,
             resources={self.pin: _PIN},
-        ).remote(str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
-                 self.co.presence.heartbeat_seconds, self.pin, self._adapter_config(job, spec))
+        ).remote(*args)
         self._running[job.job_id] = _Running(actor, demand_of(spec))
+        log.info("job %s: engine started (quota %s)", job.job_id, demand_of(spec).describe())
 
     def _adapter_config(self, job: Job, spec: JobSpec) -> str:
         from fedtune.coordinator.offsite import plan_for

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from fedtune.errors import InvalidInput
+from fedtune.models import dtype_for
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +64,15 @@ def build_from_shared(base_dir: Path, arrays: dict[str, np.ndarray], device: tor
         state = {name: torch.from_numpy(array) for name, array in arrays.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    tied = {name for name, _ in model.named_parameters()}
-    missing = [k for k in result.missing_keys if k in tied and _is_meta_or_unset(model, k, state)]
+    # A parameter not in the arrays must now alias one of them (tied weights), else it has no value.
+    params = dict(model.named_parameters())
+    shared = {t.data_ptr() for t in state.values()}
+    missing = [k for k in result.missing_keys if k in params and params[k].data_ptr() not in shared]
     if missing:
         raise InvalidInput(f"shared weights of {base_dir} lack {len(missing)} parameters, e.g. {missing[0]}")
     for p in model.parameters():
         p.requires_grad_(False)
     if device.type != "cpu":
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-        model = model.to(device=device, dtype=dtype)  # type: ignore[arg-type]
+        model = model.to(device=device, dtype=dtype_for(device))  # type: ignore[arg-type]
     return model.eval()
 
-
-def _is_meta_or_unset(model: torch.nn.Module, name: str, state: dict[str, Any]) -> bool:
-    """Whether a parameter that was not in the state dict is still without a value after tying."""
-    param = model.get_parameter(name)
-    return not any(param.data_ptr() == t.data_ptr() for t in state.values())

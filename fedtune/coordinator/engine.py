@@ -78,7 +78,7 @@ class RoundEngine:
         job = state.job(job_id)
         self.spec = JobSpec.model_validate_json(job.spec_json)
         self.codec = get_codec(self.spec.codec)
-        self.strategy = get_strategy(self.spec.aggregation.strategy)
+        get_strategy(self.spec.aggregation.strategy)  # an unknown strategy fails here, not at round end
         initial = bytes_to_tensors(store.read(job.initial_adapter))
         self.schema = {k: tuple(v.shape) for k, v in initial.items()}
         self.secure = (SecureRound(job_id, self.spec, state, store, keys, self.schema)

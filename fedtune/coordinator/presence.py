@@ -63,4 +63,10 @@ class Presence:
 
     def live(self, clients: Iterable[Client]) -> list[str]:
         """Ids of the live clients among ``clients``."""
-        return [c.client_id for c in clients if self.is_live(c.client_id)]
+        with self._lock:
+            seen = dict(self._seen)
+            if self._db is not None:
+                for client_id, at in self._db.execute("SELECT client_id, seen FROM presence"):
+                    seen[client_id] = max(at, seen.get(client_id, at))
+        oldest = time.time() - self.heartbeat_seconds * MISSED_HEARTBEATS
+        return [c.client_id for c in clients if seen.get(c.client_id, -1.0) >= oldest]

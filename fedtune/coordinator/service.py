@@ -238,16 +238,15 @@ class Coordinator:
         """Records liveness and tells the client what to do."""
         self.presence.touch(client.client_id)
         engine = self.engines.get(client.job_id)
+        job = self.state.job(client.job_id)
         if engine is None:
-            job = self.state.job(client.job_id)
             return Decision("stop", message=f"job {job.job_id} is {job.state}"), None
-        if self.ray is not None and self.state.job(client.job_id).state == "queued":
+        if job.state == "queued":
             place, reason = self.queue_place(client.job_id)
             return Decision("wait", message=f"job queued (place {place}): {reason}", retry_after=2.0), None
         decision = engine.poll(client.client_id)
         if decision.action != "train":
             return decision, None
-        job = self.state.job(client.job_id)
         rnd = self.state.round(job.job_id, decision.round)
         size = self.store.size(rnd.global_in)
         adapter = FileEntry("adapter_model.safetensors", rnd.global_in, size)
