@@ -186,19 +186,24 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- fedtune
-def run_fedtune(args: argparse.Namespace, data: dict[str, Any], n: int, rounds: int, work: Path) -> dict[str, Any]:
-    """`fedtune simulate` on the shared data; round times read back from the coordinator's state."""
+def run_fedtune(args: argparse.Namespace, data: dict[str, Any], n: int, rounds: int, work: Path,
+                batch_clients: int = 1) -> dict[str, Any]:
+    """`fedtune simulate` on the shared data; round times read back from the coordinator's state.
+
+    With ``batch_clients`` above 1, that many virtual clients share a Ray task (and ``--client-cpus``)
+    and train their adapters in one pass of the base.
+    """
     spec = work / "job.yaml"
     spec.write_text(SPEC.format(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                 targets=", ".join(LORA["target_modules"]), steps=args.steps, lr=args.lr,
                                 batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=SEED,
                                 rounds=rounds, clients=n, eval_data=data["eval"]))
-    out = work / "fedtune"
+    out = work / ("fedtune" if batch_clients == 1 else f"fedtune-batched{batch_clients}")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "fedtune", "simulate", "--config", str(spec),
            "--clients", str(n), "--partition", "iid", "--data", str(data["pool"]), "--out", str(out),
-           "--client-resources", f"cpus={args.client_cpus}"]
-    run = run_measured(cmd, work / "fedtune.log", _env())
+           "--client-resources", f"cpus={args.client_cpus}", "--batch-clients", str(batch_clients)]
+    run = run_measured(cmd, work / f"{out.name}.log", _env())
     # The runner partitions --data itself with the same function and seed: check it fed the same shares.
     fed_parts = [out / "clients-data" / p.name for p in data["partitions"]]
     same = digest(fed_parts) == digest(data["partitions"])
@@ -364,6 +369,7 @@ def render(result: dict[str, Any]) -> str:
               "total wall fedtune / Flower (s) | bytes / client / round up, down (fedtune; Flower in memory) | "
               "final eval loss fedtune / Flower |"),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    batched = [row for row in result["runs"] if "fedtune-batched" in row]
     for row in result["runs"]:
         f, w = summarize(row["fedtune"]), summarize(row["flower"])
         ratio = f["later"] / w["later"] if f["later"] and w["later"] else None
@@ -375,6 +381,18 @@ def render(result: dict[str, Any]) -> str:
             f"{_f(fb['bytes_down_per_client_later'], 0)} ({_f(fb['bytes_down_per_client_round1'], 0)} in round 1); "
             f"{row['flower']['adapter_bytes']:,}, {row['flower']['adapter_bytes']:,} | "
             f"{_f(f['final_eval_loss'], 4)} / {_f(w['final_eval_loss'], 4)} |")
+    if batched:
+        k = result["settings"].get("batch_clients")
+        lines += ["", (f"| N | fedtune batched ({k} per task) s/round (2+) | round 1 | vs fedtune (2+) | vs Flower (2+) | "
+                       "peak memory batched / fedtune / Flower (GiB, PSS) | final eval loss batched / fedtune |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in batched:
+            b, f, w = summarize(row["fedtune-batched"]), summarize(row["fedtune"]), summarize(row["flower"])
+            vs_f = b["later"] / f["later"] if b["later"] and f["later"] else None
+            vs_w = b["later"] / w["later"] if b["later"] and w["later"] else None
+            lines.append(f"| {row['clients']} | {_f(b['later'])} | {_f(b['first'])} | {_f(vs_f, 2)}x | {_f(vs_w, 2)}x | "
+                         f"{b['peak_gib']:.2f} / {f['peak_gib']:.2f} / {w['peak_gib']:.2f} | "
+                         f"{_f(b['final_eval_loss'], 4)} / {_f(f['final_eval_loss'], 4)} |")
     return "\n".join(lines)
 
 
@@ -402,7 +420,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples-per-client", type=int, default=16)
     p.add_argument("--client-cpus", type=float, default=1.0,
                    help="CPUs each virtual client's Ray task/actor reserves, on both sides")
-    p.add_argument("--sides", nargs="+", choices=["fedtune", "flower"], default=["fedtune", "flower"])
+    p.add_argument("--sides", nargs="+", choices=["fedtune", "fedtune-batched", "flower"],
+                   default=["fedtune", "flower"])
+    p.add_argument("--batch-clients", type=int, default=8,
+                   help="virtual clients per Ray task on the fedtune-batched side")
     p.add_argument("--setup-flower", action="store_true", help=f"create {FLOWER_VENV} when missing")
     p.add_argument("--flower-venv", type=Path, default=FLOWER_VENV)
     p.add_argument("--keep-work", action="store_true", help="keep fedtune's state dirs under OUT/work")
@@ -442,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"N={n}: {side}, {rounds} rounds (load {load_average()})", flush=True)
             if side == "fedtune":
                 row["fedtune"] = run_fedtune(args, data, n, rounds, work)
+            elif side == "fedtune-batched":
+                row[side] = run_fedtune(args, data, n, rounds, work, args.batch_clients)
             else:
                 row["flower"] = run_flower(args, python, data, n, rounds, work)
             s = summarize(row[side])
@@ -451,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep_work:
             shutil.rmtree(work / "clients-data", ignore_errors=True)
     result["seconds"] = time.perf_counter() - started
-    if set(args.sides) == {"fedtune", "flower"}:
+    if {"fedtune", "flower"} <= set(args.sides):
         table = render(result)
         print(table)
         (args.out / "simulation_vs_flower.md").write_text(table + "\n")

@@ -93,12 +93,23 @@ def test_two_jobs_with_different_peft_share_one_base_and_both_publish(
 
     pids = {ray.get(backend.actor(j).pid.remote()) for j in (a, b)}
     assert os.getpid() not in pids and len(pids) == 2
-    _run_clients(ray_coordinator, ray_admin, [a, b], data, tmp_path)
+    # Both jobs' aggregation and evaluation go to one compute process of that base.
+    (compute,) = backend._computes.values()
+    compute_pid = ray.get(compute.actor.pid.remote())
+    assert compute_pid not in pids | {os.getpid()}
+
+    def kill_compute_after_round_1() -> None:
+        wait_until(lambda: len(ray_admin.job(a).history) >= 1, timeout=240, what="round 1")
+        os.kill(compute_pid, signal.SIGKILL)
+
+    # Killing the compute process mid-job: the scheduler starts a new one and both jobs go on.
+    _run_clients(ray_coordinator, ray_admin, [a, b], data, tmp_path, while_running=kill_compute_after_round_1)
+    assert ray.get(next(iter(backend._computes.values())).actor.pid.remote()) != compute_pid
     for job, targets in ((a, {"q_proj", "v_proj"}), (b, {"gate_proj", "up_proj", "down_proj"})):
         status = ray_admin.job(job)
         assert status.state == "finished", status.message
         assert [h.round for h in status.history] == [1, 2]
-        # Evaluated by Ray tasks over the shared base: the adapter improved the eval loss.
+        # Evaluated over the shared base: the adapter improved the eval loss.
         base_loss = json.loads(status.base_metrics_json)["eval_loss"]
         assert json.loads(status.history[-1].metrics_json)["eval_loss"] < base_loss
         adapter = Path(ray_coordinator.coordinator.state.published(job)[-1][2])

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedtune.data import write_synthetic_federation
 from fedtune.errors import ExitCode, InvalidInput
@@ -83,3 +84,45 @@ def test_too_many_clients_for_the_data_is_named(tmp_path: Path, pool: Path) -> N
     spec.write_text("rounds: 1\n")
     proc = fedtune_cmd("simulate", "--config", str(spec), "--clients", "500", "--data", str(pool))
     assert proc.returncode == ExitCode.BAD_INPUT and "only 200 examples" in proc.stderr
+
+
+def _sim_spec(tmp_path: Path, clients: int) -> Path:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: sim\nbase_model: tiny-llama\npeft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj, lm_head]}\n"
+        f"training: {{steps: 4, lr: 0.005, batch_size: 8, max_seq_len: 48}}\nrounds: 2\nclients_per_round: {clients}\n"
+        f"min_clients: {clients}\nround_deadline_seconds: 300\ncohort_wait_seconds: 0\n")
+    return spec
+
+
+@pytest.mark.integration
+def test_batched_virtual_clients_publish_what_one_client_per_task_does(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    spec = _sim_spec(tmp_path, 6)
+    published = {}
+    for k in (1, 3):
+        proc = fedtune_cmd("simulate", "--config", str(spec), "--clients", "6", "--batch-clients", str(k),
+                           "--client-resources", "cpus=1", "--out", str(tmp_path / f"sim{k}"), timeout=600,
+                           env={"RAY_USAGE_STATS_ENABLED": "0"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        rows = [line for line in proc.stdout.splitlines() if re.match(r"\s+\d+\s+\d+/\d+\s", line)]
+        assert [r.split()[:2] for r in rows] == [["1", "6/6"], ["2", "6/6"]]
+        (path,) = (tmp_path / f"sim{k}" / "coordinator" / "adapters").glob("*/round-2/adapter_model.safetensors")
+        published[k] = load_file(str(path))
+        if k == 3:
+            # Two groups of three per round, each trained in one shared pass of the base.
+            assert "batched training: 4 shared passes trained 12 client updates (up to 3 per pass)" in proc.stdout
+        else:
+            assert "batched training" not in proc.stdout
+    # Same clients, data, seeds and rounds: the same published adapter, to float rounding.
+    assert published[1].keys() == published[3].keys()
+    for key, value in published[1].items():
+        assert torch.allclose(published[3][key], value, rtol=1e-4, atol=1e-6), key
+    assert any(v.abs().max() > 0 for k, v in published[1].items() if "lora_B" in k)
+
+
+def test_batch_clients_below_one_is_refused(tmp_path: Path) -> None:
+    proc = fedtune_cmd("simulate", "--config", str(_sim_spec(tmp_path, 2)), "--clients", "2", "--batch-clients", "0")
+    assert proc.returncode == ExitCode.BAD_INPUT
+    assert "--batch-clients must be at least 1, got 0" in proc.stderr

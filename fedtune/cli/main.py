@@ -68,8 +68,11 @@ def simulate(
     clients: Annotated[int, typer.Option("--clients", min=1, help="Virtual clients.")],
     partition: Annotated[str, typer.Option("--partition", help="iid, dirichlet:ALPHA or by-key:FIELD.")] = "iid",
     data: Annotated[Path | None, typer.Option("--data", help="JSONL to partition (default: synthetic).")] = None,
-    client_resources: Annotated[str, typer.Option("--client-resources", help="Per virtual client: cpus=..,gpus=..")]
+    client_resources: Annotated[str, typer.Option(
+        "--client-resources", help="Per Ray task (one virtual client, or one batch of them): cpus=..,gpus=..")]
     = "cpus=0.25",
+    batch_clients: Annotated[int, typer.Option(
+        "--batch-clients", help="Cohort members per Ray task, their adapters trained in one pass of the base.")] = 1,
     out: Annotated[Path | None, typer.Option("--out", help="Keep state, data and adapters here.")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster.")] = None,
 ) -> None:
@@ -80,7 +83,8 @@ def simulate(
 
     if not config.is_file():
         raise InvalidInput(f"job spec {config} does not exist")
-    run_simulation(config, clients, partition, data, ClientResources.parse(client_resources), out, ray_address)
+    run_simulation(config, clients, partition, data, ClientResources.parse(client_resources), out, ray_address,
+                   batch_clients)
 
 
 def _setup_logging() -> None:

@@ -13,11 +13,12 @@ import logging
 import random
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -45,7 +46,7 @@ from fedtune.privacy import clip_update
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
-from fedtune.training import train_adapter
+from fedtune.training import TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,29 @@ class AgentStats:
 
 
 @dataclass
-class _Loaded:
+class Prepared:
+    """What a task needs before training: the model's files, this client's tokenized data, settings.
+
+    Attributes:
+        base_hash: Identity of the model the job trains on (base or emulator).
+        model_dir: Its files, materialized from the verified cache.
+        tokenized: This client's private examples, tokenized for the job.
+        pad_id: Padding token id.
+        training: The task's training settings (lr, batch_size, steps or epochs, seed, codec, ...).
+        peft_config: The job's adapter config (r, alpha, dropout, target_modules, layers).
+    """
+
     base_hash: str
-    model: Any
+    model_dir: Path
     tokenized: list[dict[str, list[int]]]
     pad_id: int
-    max_seq_len: int
+    training: dict[str, Any]
+    peft_config: dict[str, Any]
+
+
+def train_seed(training: dict[str, Any], round_no: int) -> int:
+    """The seed of a round's batch order: the job's seed plus the round (a new order each round)."""
+    return int(training.get("seed", 0)) + round_no
 
 
 class ClientAgent:
@@ -87,7 +105,8 @@ class ClientAgent:
         self.progress = progress
         self.stats = AgentStats()
         self.cache = BlobCache(state_dir / "cache")
-        self._loaded: _Loaded | None = None
+        self._prepared: Prepared | None = None
+        self._model: tuple[str, Any] | None = None  # (base hash, peft model), reused across rounds
         self._examples: list[Example] = []
         self._lock: IO[str] | None = None
         self._finished_tasks: set[str] = set()
@@ -222,16 +241,31 @@ class ClientAgent:
         self.stats.bytes_down += got
         return path
 
-    def _load(self, stub: pb_grpc.ClientServiceStub, task: pb.Task) -> _Loaded:
+    def _prepare(self, stub: pb_grpc.ClientServiceStub, task: pb.Task) -> Prepared:
+        """Fetches what the task's model lacks and tokenizes the private data (cached per model)."""
         training = json.loads(task.training_json)
-        if self._loaded is not None and self._loaded.base_hash == task.base_model_hash:
-            return self._loaded
+        peft_config = json.loads(task.peft_config_json)
+        if self._prepared is not None and self._prepared.base_hash == task.base_model_hash:
+            return replace(self._prepared, training=training, peft_config=peft_config)
         for ref in task.base_files:
             self._fetch(stub, ref)
         model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files],
                                 self.state_dir / "models" / task.base_model_hash[:16])
         tokenizer = load_tokenizer(model_dir)
-        quantize = training.get("client_quantization")
+        tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
+        if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
+            raise InvalidInput(f"{self.data_path}: no example has response tokens within max_seq_len "
+                               f"{training['max_seq_len']}")
+        self._prepared = Prepared(task.base_model_hash, model_dir, tokenized, tokenizer.pad_token_id, training,
+                                  peft_config)
+        return self._prepared
+
+    def _peft_model(self, prepared: Prepared) -> Any:
+        """The job's peft model on this agent's device, loaded once per model."""
+        if self._model is not None and self._model[0] == prepared.base_hash:
+            return self._model[1]
+        self._model = None  # another model: let the old one go before loading
+        model_dir, quantize = prepared.model_dir, prepared.training.get("client_quantization")
         if (model_dir / "emulator.json").exists():
             # Offsite job: an emulator (possibly with a quantized middle), never the full model.
             from fedtune.compression.emulator_storage import load_emulator
@@ -244,17 +278,29 @@ class ClientAgent:
             base = load_quantized_causal_lm(model_dir, self.device, quantize)
         else:
             base = load_causal_lm(model_dir, self.device)
-        peft_cfg = json.loads(task.peft_config_json)
-        model = build_peft_model(base, r=peft_cfg["r"], alpha=peft_cfg["alpha"], dropout=peft_cfg["dropout"],
-                                 target_modules=peft_cfg["target_modules"],
-                                 layers=peft_cfg.get("layers_to_transform"), layers_pattern=peft_cfg.get("layers_pattern"))
-        tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
-        if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
-            raise InvalidInput(f"{self.data_path}: no example has response tokens within max_seq_len "
-                               f"{training['max_seq_len']}")
-        self._loaded = _Loaded(task.base_model_hash, model, tokenized, tokenizer.pad_token_id,
-                               int(training["max_seq_len"]))
-        return self._loaded
+        cfg = prepared.peft_config
+        model = build_peft_model(base, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
+                                 target_modules=cfg["target_modules"], layers=cfg.get("layers_to_transform"),
+                                 layers_pattern=cfg.get("layers_pattern"))
+        self._model = (prepared.base_hash, model)
+        return model
+
+    def _train(self, prepared: Prepared, global_state: dict[str, torch.Tensor],
+               task: pb.Task) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+        """Trains the adapter from the global one on the private data; returns its summary and weights.
+
+        The local loop of one agent; a simulation's batched virtual clients train several agents'
+        adapters in one pass instead (:mod:`fedtune.simulation.batched`).
+        """
+        model = self._peft_model(prepared)
+        load_adapter_state(model, global_state)
+        t = prepared.training
+        result = train_adapter(
+            model, prepared.tokenized, pad_id=prepared.pad_id, lr=float(t["lr"]), batch_size=int(t["batch_size"]),
+            steps=t.get("steps"), epochs=t.get("epochs"), seed=train_seed(t, task.round), device=self.device,
+            progress=self.progress, desc=f"round {task.round}",
+        )
+        return result, adapter_state(model)
 
     def _run_task(self, stub: pb_grpc.ClientServiceStub, client_id: str, task: pb.Task) -> None:
         if task.deadline_unix and time.time() > task.deadline_unix:
@@ -263,20 +309,13 @@ class ClientAgent:
             return
         log.info("round %d: task %s", task.round, task.task_id)
         t0 = time.perf_counter()
-        loaded = self._load(stub, task)
+        prepared = self._prepare(stub, task)
         global_path = self._fetch(stub, task.global_adapter)
         fetch_seconds = time.perf_counter() - t0
         global_state = bytes_to_tensors(global_path.read_bytes())
-        load_adapter_state(loaded.model, global_state)
-        training = json.loads(task.training_json)
-        result = train_adapter(
-            loaded.model, loaded.tokenized, pad_id=loaded.pad_id, lr=float(training["lr"]),
-            batch_size=int(training["batch_size"]), steps=training.get("steps"), epochs=training.get("epochs"),
-            seed=int(training.get("seed", 0)) + task.round, device=self.device, progress=self.progress,
-            desc=f"round {task.round}",
-        )
+        training = prepared.training
+        result, trained = self._train(prepared, global_state, task)
         t1 = time.perf_counter()
-        trained = adapter_state(loaded.model)
         codec = get_codec(training.get("codec", "fp32"))
         delta = {k: trained[k] - global_state[k] for k in global_state}
         feedback = None

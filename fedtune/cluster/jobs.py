@@ -1,4 +1,4 @@
-"""Jobs on Ray: one engine actor per job, aggregation and evaluation as Ray tasks, one shared base.
+"""Jobs on Ray: one engine actor per job, one compute actor per base, one shared copy of the base.
 
 The coordinator process (the Ray driver) keeps the gRPC server, the SQLite state and the blob
 store. Each running job's :class:`RoundEngine` runs in its own actor on the coordinator's node and
@@ -9,9 +9,11 @@ the new one resumes the round where it was, while the other jobs go on. (The sch
 rather than Ray's ``max_restarts``, which refuses to vouch for constructor arguments that live in
 the object store, as the shared base's reference does.)
 
-Aggregation and evaluation run as Ray tasks with the job's quota (``resources:`` in the spec). The
-frozen base is put in the object store once per base and mapped read-only by every evaluation
-(:mod:`fedtune.cluster.shared_base`), so N jobs on one base hold one copy of its weights.
+The frozen base is put in the object store once per base. Aggregation and CPU evaluation of every
+job on a base run in that base's compute actor (:mod:`fedtune.cluster.shared_compute`), which maps
+the base once and batches evaluations that wait together; a job's evaluation on GPUs runs as a Ray
+task holding the job's GPUs (and memory) over the same shared base. A dead compute actor is
+replaced by the scheduler and the engines' calls find the new one by name.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from fedtune.cluster.connect import connect, this_node_resource
 from fedtune.cluster.scheduler import Demand, Waiting, plan
-from fedtune.coordinator.compute import Schema, combine_updates
+from fedtune.coordinator.compute import Schema
 from fedtune.coordinator.engine import TERMINAL
 from fedtune.coordinator.state import Job
 from fedtune.errors import FedtuneError
@@ -82,42 +84,74 @@ def _evaluate_task(job: Job, base_dir: str, base_refs: dict[str, Any], adapter: 
     return metrics
 
 
-class RayCompute:
-    """Runs a job's aggregation and evaluation as Ray tasks with the job's quota."""
+# A call to a base's compute actor: how long it may take, and how long to wait for a replacement.
+CALL_TIMEOUT_SECONDS = float(os.environ.get("FEDTUNE_COMPUTE_TIMEOUT_SECONDS", "3600"))
+REPLACEMENT_WAIT_SECONDS = 60.0
 
-    def __init__(self, ray: Any, base_dir: str, base_ref: list[Any], spec: JobSpec, pin: str) -> None:
+
+def compute_actor_name(base_hash: str) -> str:
+    """The Ray name of a base's compute actor."""
+    return f"fedtune-compute-{base_hash[:16]}"
+
+
+class RayCompute:
+    """A job's aggregation and evaluation: in its base's compute actor, on GPUs as Ray tasks."""
+
+    def __init__(self, ray: Any, base_dir: str, base_ref: list[Any], spec: JobSpec, pin: str,
+                 compute_name: str) -> None:
         self.ray = ray
         self.base_dir = base_dir
         self.base_ref = base_ref  # a list, so Ray passes the reference on instead of resolving it here
+        self.compute: Any = None  # found by name, again after a replacement
+        self.compute_name = compute_name
         res = spec.resources
+        self.use_gpu = res.gpus > 0
         options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": {pin: _PIN},
                                    "max_retries": 2}
         if res.memory_gb:
             options["memory"] = int(res.memory_gb * 2**30)
-        self.use_gpu = res.gpus > 0
-        self._evaluate = ray.remote(_evaluate_task).options(**options)
-        self._aggregate = ray.remote(combine_updates).options(**options)
+        self._evaluate_gpu = ray.remote(_evaluate_task).options(**options)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """Calls the compute actor; when it has died, waits for the scheduler's replacement."""
+        deadline = time.monotonic() + REPLACEMENT_WAIT_SECONDS
+        while True:
+            try:
+                if self.compute is None:
+                    self.compute = self.ray.get_actor(self.compute_name)
+                return self.ray.get(getattr(self.compute, method).remote(*args), timeout=CALL_TIMEOUT_SECONDS)
+            except (self.ray.exceptions.RayActorError, ValueError) as e:  # ValueError: no actor by that name yet
+                self.compute = None
+                if time.monotonic() > deadline:
+                    raise FedtuneError(f"the compute actor {self.compute_name} is gone and no replacement "
+                                       f"came within {REPLACEMENT_WAIT_SECONDS:.0f}s") from e
+                time.sleep(1.0)
 
     def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
                   clip_norm: float | None) -> dict[str, torch.Tensor]:
-        result: dict[str, torch.Tensor] = self.ray.get(
-            self._aggregate.remote(plains, weights, codec, schema, strategy, clip_norm))
+        result: dict[str, torch.Tensor] = self._call("aggregate", plains, weights, codec, schema, strategy,
+                                                      clip_norm)
         return result
 
     def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        result: dict[str, float] = self.ray.get(
-            self._evaluate.remote(job, self.base_dir, self.base_ref[0], adapter, self.use_gpu))
+        if self.use_gpu:
+            gpu: dict[str, float] = self.ray.get(
+                self._evaluate_gpu.remote(job, self.base_dir, self.base_ref[0], adapter, True),
+                timeout=CALL_TIMEOUT_SECONDS)
+            return gpu
+        result: dict[str, float] = self._call("evaluate", job, adapter)
         return result
 
     def release(self, job_id: str) -> None:
-        """Workers drop a finished job's models on their own (least recently used first)."""
+        """The compute actor drops the job's models (GPU task workers evict theirs by LRU)."""
+        self._call("release", job_id)
 
 
 class JobActor:
     """The body of a job's engine actor (wrapped with ``ray.remote`` by :class:`RayBackend`)."""
 
     def __init__(self, state_dir: str, job_id: str, base_dir: str, base_ref: list[Any], heartbeat_seconds: float,
-                 pin: str, adapter_config: str) -> None:
+                 pin: str, adapter_config: str, compute_name: str) -> None:
         import ray
 
         from fedtune.coordinator.engine import RoundEngine
@@ -129,9 +163,9 @@ class JobActor:
         root = Path(state_dir)
         self.state = CoordinatorState(root / "state.db")
         spec = JobSpec.model_validate_json(self.state.job(job_id).spec_json)
-        compute = RayCompute(ray, base_dir, base_ref, spec, pin)
+        runner = RayCompute(ray, base_dir, base_ref, spec, pin, compute_name)
         self.engine = RoundEngine(job_id, self.state, ArtifactStore(root / "blobs"),
-                                  Presence(heartbeat_seconds, shared=root / "presence.db"), compute,
+                                  Presence(heartbeat_seconds, shared=root / "presence.db"), runner,
                                   root / "adapters", KeyRing(root / "keys"), adapter_config=adapter_config)
         self.engine.start()
 
@@ -153,6 +187,7 @@ class _Running:
     actor: Any
     demand: Demand
     ping: Any = None
+    base_dir: str = ""
 
 
 class RayBackend:
@@ -166,11 +201,16 @@ class RayBackend:
         self.address = address
         self.pin = this_node_resource(self.ray)
         self._bases: dict[str, Any] = {}
+        self._computes: dict[str, _Running] = {}  # by base hash
         self._running: dict[str, _Running] = {}
         self._queue: dict[str, tuple[int, str]] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._actor_cls = self.ray.remote(JobActor)
+        from fedtune.cluster.shared_compute import DEFAULT_CONCURRENCY, SharedCompute
+
+        self._compute_cls = self.ray.remote(SharedCompute)
+        self._compute_concurrency = DEFAULT_CONCURRENCY
         self._thread = threading.Thread(target=self._supervise, name="ray-scheduler", daemon=True)
         self._thread.start()
 
@@ -215,13 +255,35 @@ class RayBackend:
             log.info("base %s put in the object store once for every job on it", job.base_hash[:12])
         return self._bases[job.base_hash]
 
+    def _compute(self, job: Job) -> str:
+        """The name of the compute actor of the job's base, started on first use."""
+        if job.base_hash not in self._computes:
+            self._base_ref(job)
+            self._computes[job.base_hash] = _Running(None, Demand(), base_dir=str(self.co.base_dir(job)))
+            self._start_compute(job.base_hash)
+        return compute_actor_name(job.base_hash)
+
+    def _start_compute(self, base_hash: str) -> None:
+        """Starts the base's compute actor; when the dead one's name is not yet free, the next tick retries."""
+        run = self._computes[base_hash]
+        try:
+            run.actor = self._compute_cls.options(
+                name=compute_actor_name(base_hash), max_restarts=0, num_cpus=0, resources={self.pin: _PIN},
+                max_concurrency=self._compute_concurrency,
+            ).remote(run.base_dir, self._bases[base_hash])
+        except self.ray.exceptions.ActorAlreadyExistsError:
+            log.info("base %s: the dead compute actor's name is not free yet", base_hash[:12])
+            return
+        log.info("base %s: compute actor started", base_hash[:12])
+
     def _start(self, job: Job) -> None:
         """Starts the job's engine actor; a job whose engine cannot start fails, naming why."""
         spec = JobSpec.model_validate_json(job.spec_json)
         restarts = self.co.state.engine_restarts(job.job_id)
         try:
             args = (str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
-                    self.co.presence.heartbeat_seconds, self.pin, self._adapter_config(job, spec))
+                    self.co.presence.heartbeat_seconds, self.pin, self._adapter_config(job, spec),
+                    self._compute(job))
         except FedtuneError as e:
             self.co.state.set_job_state(job.job_id, "failed", str(e))
             log.error("job %s failed: %s", job.job_id, e)
@@ -255,40 +317,58 @@ class RayBackend:
             except Exception:  # the supervisor must outlive any one bad step
                 log.exception("Ray scheduler step failed")
 
+    def _died(self, run: _Running, probe: str) -> Exception | None:
+        """Pings an actor without blocking; the actor error when the last ping found it dead."""
+        if run.ping is None:
+            run.ping = getattr(run.actor, probe).remote()
+            return None
+        ready, _ = self.ray.wait([run.ping], timeout=0)
+        if not ready:
+            return None
+        ping, run.ping = run.ping, None
+        try:
+            self.ray.get(ping)
+        except self.ray.exceptions.RayActorError as e:
+            return e
+        return None
+
     def _reap(self) -> None:
-        ray = self.ray
         with self._lock:
             for job_id, run in list(self._running.items()):
                 job = self.co.state.job(job_id)
                 if job.state in TERMINAL:
                     self._release(job_id)
                     continue
-                if run.ping is None:
-                    run.ping = run.actor.running.remote()
+                error = self._died(run, "running")
+                if error is None:
                     continue
-                ready, _ = ray.wait([run.ping], timeout=0)
-                if not ready:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                self._release(job_id)
+                if self.co.state.engine_restarts(job_id) >= MAX_RESTARTS:
+                    self.co.state.set_job_state(job_id, "failed", f"job engine died {MAX_RESTARTS + 1} times; "
+                                                f"last: {reason}")
+                    log.error("job %s failed: its engine died %d times", job_id, MAX_RESTARTS + 1)
                     continue
-                ping, run.ping = run.ping, None
-                try:
-                    ray.get(ping)
-                except ray.exceptions.RayActorError as e:
-                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    self._release(job_id)
-                    if self.co.state.engine_restarts(job_id) >= MAX_RESTARTS:
-                        self.co.state.set_job_state(job_id, "failed", f"job engine died {MAX_RESTARTS + 1} times; "
-                                                    f"last: {reason}")
-                        log.error("job %s failed: its engine died %d times", job_id, MAX_RESTARTS + 1)
-                        continue
-                    restarts = self.co.state.count_engine_restart(job_id)
-                    log.warning("job %s: engine died (%s); restart %d of %d resumes from its checkpoint", job_id,
-                                reason, restarts, MAX_RESTARTS)
-                    self._start(self.co.state.job(job_id))
+                restarts = self.co.state.count_engine_restart(job_id)
+                log.warning("job %s: engine died (%s); restart %d of %d resumes from its checkpoint", job_id,
+                            reason, restarts, MAX_RESTARTS)
+                self._start(self.co.state.job(job_id))
+            for base_hash, run in list(self._computes.items()):
+                if run.actor is None:
+                    self._start_compute(base_hash)
+                elif self._died(run, "pid") is not None:
+                    # Its state is caches only: a new one rebuilds them; engines find it by name.
+                    log.warning("base %s: compute actor died; starting a new one", base_hash[:12])
+                    run.actor = None
+                    self._start_compute(base_hash)
 
     def _release(self, job_id: str) -> None:
         run = self._running.pop(job_id, None)
         if run is not None:
             self.ray.kill(run.actor, no_restart=True)
+            compute = self._computes.get(self.co.state.job(job_id).base_hash)
+            if compute is not None and compute.actor is not None:
+                compute.actor.release.remote(job_id)
 
     def cancel(self, job_id: str) -> None:
         """Stops a job's actor (the caller marks the job cancelled first)."""
@@ -303,4 +383,7 @@ class RayBackend:
         with self._lock:
             for job_id in list(self._running):
                 self._release(job_id)
+            for run in self._computes.values():
+                if run.actor is not None:
+                    self.ray.kill(run.actor, no_restart=True)
         self.ray.shutdown()

@@ -40,7 +40,8 @@ class _Loaded:
     zero_shot: float | None = None
 
 
-def _metrics(prefix: str, loss: float) -> dict[str, float]:
+def loss_metrics(prefix: str, loss: float) -> dict[str, float]:
+    """``{prefix}eval_loss`` and ``{prefix}eval_ppl`` (perplexity, capped at e^50) of a mean token loss."""
     return {f"{prefix}eval_loss": loss, f"{prefix}eval_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -96,14 +97,14 @@ class Evaluator:
                 with loaded.full.disable_adapter():
                     loaded.zero_shot = self._loss(loaded, loaded.full)
             if adapter is None:
-                return _metrics("", loaded.zero_shot)
-            out = _metrics("zero_shot_", loaded.zero_shot) if loaded.plan else {}
+                return loss_metrics("", loaded.zero_shot)
+            out = loss_metrics("zero_shot_", loaded.zero_shot) if loaded.plan else {}
             plugged = loaded.plan.to_full(adapter) if loaded.plan else adapter
             load_adapter_state(loaded.full, plugged)
-            out |= _metrics("", self._loss(loaded, loaded.full))
+            out |= loss_metrics("", self._loss(loaded, loaded.full))
             if loaded.plan is not None and loaded.emulator is not None:
                 load_adapter_state(loaded.emulator, adapter)
-                out |= _metrics("emulator_", self._loss(loaded, loaded.emulator))
+                out |= loss_metrics("emulator_", self._loss(loaded, loaded.emulator))
         return out
 
     def release(self, job_id: str) -> None:

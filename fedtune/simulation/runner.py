@@ -74,12 +74,21 @@ def _init_ray(ray_address: str | None, scratch: Path) -> Any:
 
 def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | None = None,
              resources: ClientResources | None = None, out: Path | None = None,
-             ray_address: str | None = None) -> list[dict[str, Any]]:
+             ray_address: str | None = None, batch_clients: int = 1) -> list[dict[str, Any]]:
     """Runs the job in ``config`` with ``n_clients`` virtual clients; prints the per-round table.
+
+    Args:
+        batch_clients: Cohort members per Ray task; above 1 their adapters train in one pass of the
+            base (:mod:`fedtune.simulation.batched`), and ``resources`` is what each such task reserves.
 
     Returns:
         The published rounds' metrics.
+
+    Raises:
+        InvalidInput: A bad setting (e.g. ``batch_clients`` below 1) or more clients than the data can feed.
     """
+    if batch_clients < 1:
+        raise InvalidInput(f"--batch-clients must be at least 1, got {batch_clients}")
     resources = resources or ClientResources()
     # The per-round table is the output; the coordinator's per-update log lines would bury it.
     logging.getLogger("fedtune.coordinator").setLevel(logging.WARNING)
@@ -113,7 +122,7 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
                 ids.append(agent.enroll())
             print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {running.address}",
                   flush=True)
-            return _drive(ray, running, job, ids, files, root, resources)
+            return _drive(ray, running, job, ids, files, root, resources, batch_clients)
         finally:
             running.stop(grace=1.0)
             ray.shutdown()
@@ -124,13 +133,17 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
 
 
 def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], root: Path,
-           resources: ClientResources) -> list[dict[str, Any]]:
+           resources: ClientResources, batch_clients: int) -> list[dict[str, Any]]:
+    from fedtune.simulation.batched import run_group
+
     co = running.coordinator
     remote = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(_virtual_client)
+    remote_group = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(run_group)
     index = {cid: i for i, cid in enumerate(ids)}
-    tasks: dict[Any, str] = {}
+    tasks: dict[Any, list[str]] = {}
     launched: set[tuple[str, int, int]] = set()
     shown, started = 0, time.time()
+    passes: list[int] = []
     print(HEADER, flush=True)
     while True:
         # Virtual clients are always available: the engine samples its cohort among all of them.
@@ -144,25 +157,36 @@ def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], 
         if state.state in ("finished", "failed", "cancelled"):
             if state.state != "finished":
                 raise FedtuneError(f"job {job} {state.state}: {state.message}")
+            if batch_clients > 1:
+                print(f"batched training: {len(passes)} shared passes trained {sum(passes)} client updates "
+                      f"(up to {batch_clients} per pass)", flush=True)
             return [r.metrics for r in co.state.rounds(job)]
         rnd = co.state.find_round(job, state.current_round)
         if rnd is not None and rnd.state == "open":
             sec = co.state.secagg_round(job, rnd.round)
             attempt = sec.attempt if sec else 0
-            for cid in rnd.cohort:
-                key = (cid, rnd.round, attempt)
-                if key not in launched and cid not in tasks.values() and not co.state.has_update(job, rnd.round, cid):
-                    i = index[cid]
-                    tasks[remote.remote(running.address, str(files[i]), str(root / "clients" / f"v{i}"))] = cid
-                    launched.add(key)
+            busy = {cid for members in tasks.values() for cid in members}
+            due = [cid for cid in rnd.cohort if (cid, rnd.round, attempt) not in launched and cid not in busy
+                   and not co.state.has_update(job, rnd.round, cid)]
+            for first in range(0, len(due), batch_clients):
+                group = due[first : first + batch_clients]
+                members = [(str(files[index[c]]), str(root / "clients" / f"v{index[c]}")) for c in group]
+                if batch_clients == 1:
+                    ref = remote.remote(running.address, *members[0])
+                else:
+                    ref = remote_group.remote(running.address, members, IDLE_SECONDS)
+                tasks[ref] = group
+                launched.update((c, rnd.round, attempt) for c in group)
         if tasks:
             done, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=0.5)
             for ref in done:
-                cid = tasks.pop(ref)
+                group = tasks.pop(ref)
                 try:
-                    ray.get(ref, timeout=10)
+                    result = ray.get(ref, timeout=10)
+                    if batch_clients > 1:
+                        passes.extend(result["passes"])
                 except Exception as e:  # noqa: BLE001 - a failed virtual client is a dropout, as a real one
-                    log.warning("virtual client %s failed: %s", cid, e)
+                    log.warning("virtual client(s) %s failed: %s", ", ".join(group), e)
         else:
             time.sleep(0.3)
         if time.time() - started > SIMULATION_TIMEOUT_SECONDS:

@@ -1,0 +1,226 @@
+"""One compute actor per base on the coordinator's node: every job's aggregation and evaluation.
+
+Ray tasks would give each concurrent evaluation its own worker process, and each worker imports
+torch, transformers and peft (about 330 MiB) and keeps the models it built; at small bases those
+workers, not the base, are what N jobs cost. Here one threaded actor per base serves every CPU job
+on it: its threads aggregate and evaluate side by side, the base is mapped once from the object
+store, and evaluations that are waiting at the same moment run as one batch through
+:class:`fedtune.batching.MultiLoraModel` (each job's adapter on its own rows of one forward pass).
+
+A job's CPU quota is still what admits it (fedtune's scheduler starts a job only when its quota
+fits); GPU evaluations run as Ray tasks that hold the job's GPUs (:mod:`fedtune.cluster.jobs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.coordinator.compute import Schema, combine_updates
+from fedtune.coordinator.state import Job
+from fedtune.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+# Most adapters evaluated in one pass (each adds its rows to every forward).
+DEFAULT_MAX_BATCH = 8
+# Batched models kept, by the set of jobs in them (a skeleton over the shared base each: small).
+_KEPT_BATCHES = 4
+# Threads of the actor: aggregations and evaluation waits of that many jobs at once.
+DEFAULT_CONCURRENCY = 32
+
+
+@dataclass
+class _Request:
+    job: Job
+    adapter: dict[str, torch.Tensor] | None
+    done: Future[dict[str, float]] = field(default_factory=Future)
+
+
+def batchable(job: Job, adapter: dict[str, torch.Tensor] | None) -> bool:
+    """Whether an evaluation can share a pass with others: a federated LoRA job's adapter on the base.
+
+    Offsite jobs (an emulator besides the base) and the zero-shot evaluation take the one-job path.
+    """
+    if adapter is None or job.emulator_dir:
+        return False
+    spec = JobSpec.model_validate_json(job.spec_json)
+    return bool(spec.eval_data) and spec.peft.method == "lora"
+
+
+class EvalBatcher:
+    """Evaluates jobs' adapters over one base, several at a time when they wait together.
+
+    Callers block in :meth:`evaluate` from their own threads; one worker thread takes everything
+    waiting, evaluates the batchable requests together (up to ``max_batch`` per pass) and the
+    others one by one with ``evaluator``.
+    """
+
+    def __init__(self, evaluator: Any, base_dir: Path, load_base: Any, device: torch.device,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        """Args:
+            evaluator: A :class:`fedtune.coordinator.evaluator.Evaluator` for the one-job path.
+            base_dir: The base's files (config and tokenizer).
+            load_base: ``(base_dir, device) -> model``, a fresh frozen base (a skeleton over shared weights).
+            device: Where evaluation runs.
+            max_batch: Most adapters per pass.
+        """
+        self.evaluator = evaluator
+        self.base_dir = base_dir
+        self.load_base = load_base
+        self.device = device
+        self.max_batch = max(1, max_batch)
+        self._pending: list[_Request] = []
+        self._cond = threading.Condition()
+        self._models: OrderedDict[tuple[str, ...], Any] = OrderedDict()
+        self._data: dict[str, tuple[list[dict[str, list[int]]], int]] = {}
+        self._tokenizer: Any = None
+        self.passes: list[int] = []  # adapters per batched pass, for tests and logs
+        self._worker = threading.Thread(target=self._work, name="eval-batcher", daemon=True)
+        self._worker.start()
+
+    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        """The job's eval metrics for ``adapter`` (see ``Evaluator.evaluate``); blocks until done."""
+        return self.evaluate_many([(job, adapter)])[0]
+
+    def evaluate_many(self, items: list[tuple[Job, dict[str, torch.Tensor] | None]]) -> list[dict[str, float]]:
+        """Several evaluations handed over at once (so they can share passes); blocks until all are done."""
+        requests = [_Request(job, adapter) for job, adapter in items]
+        with self._cond:
+            self._pending.extend(requests)
+            self._cond.notify()
+        return [r.done.result() for r in requests]
+
+    def release(self, job_id: str) -> None:
+        """Forgets a finished job's models and data."""
+        self.evaluator.release(job_id)
+        with self._cond:
+            self._data.pop(job_id, None)
+            for key in [k for k in self._models if job_id in k]:
+                del self._models[key]
+
+    # ------------------------------------------------------------------ the worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                taken, self._pending = self._pending, []
+            together = [r for r in taken if batchable(r.job, r.adapter)]
+            # One request per job in a pass: a job never has two evaluations waiting, but be safe.
+            seen: set[str] = set()
+            groups: list[list[_Request]] = [[]]
+            alone = [r for r in taken if r not in together]
+            for r in together:
+                if r.job.job_id in seen or len(groups[-1]) >= self.max_batch:
+                    groups.append([])
+                    seen.clear()
+                groups[-1].append(r)
+                seen.add(r.job.job_id)
+            for group in groups:
+                if len(group) == 1:
+                    alone.append(group[0])
+                elif group:
+                    self._run(group, self._batched)
+            for r in alone:
+                self._run([r], lambda rs: [self.evaluator.evaluate(rs[0].job, rs[0].adapter)])
+
+    @staticmethod
+    def _run(group: list[_Request], fn: Any) -> None:
+        try:
+            results = fn(group)
+        except Exception as e:  # noqa: BLE001 - every waiting caller hears of the failure, as its own
+            for r in group:
+                r.done.set_exception(e)
+            return
+        for r, result in zip(group, results, strict=True):
+            r.done.set_result(result)
+
+    def _examples(self, job: Job) -> tuple[list[dict[str, list[int]]], int]:
+        from fedtune.data import load_jsonl, tokenize
+        from fedtune.models import load_tokenizer
+
+        if job.job_id not in self._data:
+            spec = JobSpec.model_validate_json(job.spec_json)
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.base_dir)
+            tokenized = tokenize(load_jsonl(Path(str(spec.eval_data))), self._tokenizer, spec.training.max_seq_len)
+            self._data[job.job_id] = (tokenized, spec.training.batch_size)
+        return self._data[job.job_id]
+
+    def _batched(self, group: list[_Request]) -> list[dict[str, float]]:
+        from fedtune.batching import AdapterSpec, MultiLoraModel, evaluate_losses
+        from fedtune.coordinator.evaluator import loss_metrics
+        from fedtune.peft_io import lora_config
+
+        key = tuple(sorted(r.job.job_id for r in group))
+        group = sorted(group, key=lambda r: r.job.job_id)
+        model = self._models.get(key)
+        if model is None:
+            specs = [JobSpec.model_validate_json(r.job.spec_json) for r in group]
+            adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout, s.peft.target_modules))
+                        for s in specs]
+            model = MultiLoraModel(self.load_base(self.base_dir, self.device), "base", adapters)
+            self._models[key] = model
+            while len(self._models) > _KEPT_BATCHES:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        for k, r in enumerate(group):
+            assert r.adapter is not None
+            model.load_state(k, r.adapter)
+        data = [self._examples(r.job) for r in group]
+        pad_id = self._tokenizer.pad_token_id
+        losses = evaluate_losses(model, [d for d, _ in data], pad_id=pad_id,
+                                 batch_size=min(b for _, b in data), device=self.device)
+        self.passes.append(len(group))
+        log.info("evaluated %d jobs' adapters in one pass: %s", len(group), ", ".join(key))
+        return [loss_metrics("", loss) for loss in losses]
+
+
+class SharedCompute:
+    """The body of a base's compute actor (made remote by :class:`fedtune.cluster.jobs.RayBackend`)."""
+
+    def __init__(self, base_dir: str, base_refs: dict[str, Any]) -> None:
+        import ray
+
+        from fedtune.cluster.shared_base import build_from_shared, get_base
+        from fedtune.coordinator.evaluator import Evaluator
+
+        arrays = get_base(ray, base_refs)
+        device = torch.device("cpu")
+
+        def load_base(d: Path, dev: torch.device) -> Any:
+            return build_from_shared(d, arrays, dev)
+
+        evaluator = Evaluator(lambda _job: Path(base_dir), device, load_base=load_base)
+        self.batcher = EvalBatcher(evaluator, Path(base_dir), load_base, device,
+                                   int(os.environ.get("FEDTUNE_EVAL_MAX_BATCH", DEFAULT_MAX_BATCH)))
+
+    def pid(self) -> int:
+        """The actor's process id."""
+        return os.getpid()
+
+    def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
+                  clip_norm: float | None) -> dict[str, torch.Tensor]:
+        """See :func:`fedtune.coordinator.compute.combine_updates`."""
+        return combine_updates(plains, weights, codec, schema, strategy, clip_norm)
+
+    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        """See :meth:`EvalBatcher.evaluate`."""
+        return self.batcher.evaluate(job, adapter)
+
+    def release(self, job_id: str) -> None:
+        """Frees what evaluation kept for a finished job."""
+        self.batcher.release(job_id)
+
+    def batch_sizes(self) -> list[int]:
+        """Adapters per batched evaluation pass so far."""
+        return list(self.batcher.passes)
