@@ -148,13 +148,17 @@ class EvalBatcher:
         from fedtune.data import load_jsonl, tokenize
         from fedtune.models import load_tokenizer
 
-        if job.job_id not in self._data:
+        with self._cond:
+            cached = self._data.get(job.job_id)
+        if cached is None:
             spec = JobSpec.model_validate_json(job.spec_json)
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(self.base_dir)
             tokenized = tokenize(load_jsonl(Path(str(spec.eval_data))), self._tokenizer, spec.training.max_seq_len)
-            self._data[job.job_id] = (tokenized, spec.training.batch_size)
-        return self._data[job.job_id]
+            cached = (tokenized, spec.training.batch_size)
+            with self._cond:
+                self._data[job.job_id] = cached
+        return cached
 
     def _batched(self, group: list[_Request]) -> list[dict[str, float]]:
         from fedtune.batching import AdapterSpec, MultiLoraModel, evaluate_losses
@@ -163,16 +167,18 @@ class EvalBatcher:
 
         key = tuple(sorted(r.job.job_id for r in group))
         group = sorted(group, key=lambda r: r.job.job_id)
-        model = self._models.get(key)
+        with self._cond:  # release() edits the cache from other threads
+            model = self._models.get(key)
         if model is None:
             specs = [JobSpec.model_validate_json(r.job.spec_json) for r in group]
             adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout, s.peft.target_modules))
                         for s in specs]
             model = MultiLoraModel(self.load_base(self.base_dir, self.device), "base", adapters)
+        with self._cond:
             self._models[key] = model
+            self._models.move_to_end(key)
             while len(self._models) > _KEPT_BATCHES:
                 self._models.popitem(last=False)
-        self._models.move_to_end(key)
         for k, r in enumerate(group):
             assert r.adapter is not None
             model.load_state(k, r.adapter)
