@@ -247,7 +247,8 @@ class ClientAgent:
         peft_cfg = json.loads(task.peft_config_json)
         model = build_peft_model(base, r=peft_cfg["r"], alpha=peft_cfg["alpha"], dropout=peft_cfg["dropout"],
                                  target_modules=peft_cfg["target_modules"],
-                                 layers=peft_cfg.get("layers_to_transform"), layers_pattern=peft_cfg.get("layers_pattern"))
+                                 layers=peft_cfg.get("layers_to_transform"), layers_pattern=peft_cfg.get("layers_pattern"),
+                                 whole_blocks=peft_cfg.get("tune") == "blocks")
         tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
         if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
             raise InvalidInput(f"{self.data_path}: no example has response tokens within max_seq_len "

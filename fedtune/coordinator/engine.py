@@ -307,7 +307,8 @@ class RoundEngine:
         metrics["eval_seconds"] = t2 - t1
         plan = plan_for(job.emulator_dir)
         published = plan.to_full(new_global) if plan else new_global
-        extra: dict[str, object] = {"offsite": plan.summary()} if plan else {}
+        extra: dict[str, object] = ({"offsite": {**plan.summary(), "tune": "blocks" if self.spec.tunes_blocks else "lora"}}
+                                    if plan else {})
         if privacy is not None:
             extra["privacy"] = {**privacy.model_dump(mode="json"), "epsilon": metrics["epsilon"],
                                 "accountant": "rdp-subsampled-gaussian"}
@@ -325,6 +326,7 @@ class RoundEngine:
             signer=self.keys.signing_key,
             layers=plan.full_layers if plan else None,
             layers_pattern=plan.layers_pattern if plan else None,
+            whole_blocks=self.spec.tunes_blocks,
             extra=extra,
             adapter_config=self.adapter_config,
         )

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune import __version__
 from fedtune.crypto.signing import sign_manifest
+from fedtune.errors import FedtuneError
 from fedtune.hashing import file_sha256
 from fedtune.peft_io import adapter_config_text, lora_config, write_adapter_files
 from fedtune.spec import PeftSpec
@@ -36,6 +37,7 @@ def publish_adapter(
     signer: Ed25519PrivateKey | None = None,
     layers: list[int] | None = None,
     layers_pattern: str | None = None,
+    whole_blocks: bool = False,
     extra: dict[str, Any] | None = None,
     adapter_config: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
@@ -43,13 +45,17 @@ def publish_adapter(
 
     The directory is built under a temporary name and renamed into place, so a crash leaves either
     the complete adapter or none; publishing the same round again replaces it.
+
+    Raises:
+        FedtuneError: ``adapter_config`` (computed elsewhere) would not load ``state`` with peft.
     """
+    if adapter_config is None:
+        adapter_config = published_adapter_config(peft, base_model, layers, layers_pattern, whole_blocks=whole_blocks)
+    check_config_covers(adapter_config, state)
     final = root / job_id / f"round-{rnd}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if adapter_config is None:
-        adapter_config = published_adapter_config(peft, base_model, layers, layers_pattern)
     write_adapter_files(adapter_config, state, tmp)
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest: dict[str, Any] = {
@@ -80,8 +86,34 @@ def publish_adapter(
 
 
 def published_adapter_config(peft: PeftSpec, base_model: str, layers: list[int] | None = None,
-                             layers_pattern: str | None = None) -> str:
-    """The ``adapter_config.json`` a job publishes (for engines that run without peft loaded)."""
+                             layers_pattern: str | None = None, *, whole_blocks: bool = False) -> str:
+    """The ``adapter_config.json`` a job publishes (for engines that run without peft loaded).
+
+    Args:
+        peft: The job's LoRA settings.
+        base_model: What the config names as base.
+        layers: Full-model indices of the blocks the adapter is confined to (offsite jobs).
+        layers_pattern: Name of the block list, with ``layers``.
+        whole_blocks: The adapter is those blocks' own weights (``offsite.tune: blocks``), not LoRA.
+    """
     return adapter_config_text(lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout,
                                            target_modules=peft.target_modules, layers=layers,
-                                           layers_pattern=layers_pattern), base_model)
+                                           layers_pattern=layers_pattern, whole_blocks=whole_blocks), base_model)
+
+
+def check_config_covers(adapter_config: str, state: dict[str, torch.Tensor]) -> None:
+    """Checks that peft, loading ``adapter_config``, takes every tensor of ``state``.
+
+    A LoRA tensor (``...lora_A.weight``) goes into an injected LoRA layer; any other tensor only
+    into a module the config lists in ``modules_to_save``. A config made for the wrong kind of
+    adapter would be published, and peft would then silently leave the tuned weights out.
+
+    Raises:
+        FedtuneError: naming a tensor the config does not cover.
+    """
+    saved = json.loads(adapter_config).get("modules_to_save") or []
+    for key in state:
+        if ".lora_" in key or any(f".{name}." in f".{key}" for name in saved):
+            continue
+        raise FedtuneError(f"the published adapter config does not load tensor {key!r} (modules_to_save: "
+                           f"{saved or 'none'}); the adapter config and the tensors disagree")
