@@ -10,8 +10,10 @@ import grpc
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from fedtune.coordinator.state import CoordinatorState
 from fedtune.hashing import file_sha256
 from fedtune.models import load_tokenizer, materialize_preset
 from tests.conftest import Admin, make_spec, run_agents
@@ -38,17 +40,16 @@ def _offsite_spec(base: Path, eval_file: Path, extra: str = "") -> str:
             + "mode: offsite\noffsite: {adapter_layers: [1, 1], keep: 0.5" + extra + "}\n")
 
 
-def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
-        coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    clients, eval_file = fed_data
-    job = admin.create_job(_offsite_spec(base6, eval_file))
-    run_agents(coordinator, admin, job, clients[:2], tmp_path)
-    state = coordinator.coordinator.state
-    assert state.job(job).state == "finished"
+def _blocks_spec(base: Path, eval_file: Path) -> str:
+    # No peft line: block tuning adds no LoRA, and LoRA settings would be refused.
+    return "".join(line for line in _offsite_spec(base, eval_file, ", tune: blocks").splitlines(keepends=True)
+                   if not line.startswith("peft:"))
 
-    # What each client downloaded: emulator files and adapters only, never a file of the full model.
-    base_hashes = {file_sha256(p) for p in base6.iterdir() if p.suffix == ".safetensors"}
-    base_bytes = sum(p.stat().st_size for p in base6.iterdir() if p.suffix == ".safetensors")
+
+def _assert_clients_never_got_the_full_weights(state: CoordinatorState, job: str, base: Path, tmp_path: Path) -> None:
+    """What each client downloaded: emulator files and adapters only, never a file of the full model."""
+    base_hashes = {file_sha256(p) for p in base.iterdir() if p.suffix == ".safetensors"}
+    base_bytes = sum(p.stat().st_size for p in base.iterdir() if p.suffix == ".safetensors")
     emulator_files = {f.sha256 for f in state.job_files(job)}
     for i in range(2):
         cache = [p for p in (tmp_path / f"c{i}" / "cache").iterdir() if p.is_file()]
@@ -59,11 +60,25 @@ def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
         weights = sum(p.stat().st_size for p in cache if p.name in emulator_files and p.stat().st_size > 100_000)
         assert weights < base_bytes
 
-    # Offsite-Tuning's columns are in the round metrics.
+
+def _assert_offsite_columns_and_plugin_beats_zero_shot(state: CoordinatorState, job: str) -> None:
+    """Offsite-Tuning's columns are in the round metrics, and the plug-in beats the zero-shot full model."""
     (rnd,) = state.rounds(job)
     for key in ("zero_shot_eval_loss", "emulator_eval_loss", "eval_loss"):
         assert key in rnd.metrics
     assert rnd.metrics["eval_loss"] < rnd.metrics["zero_shot_eval_loss"]
+
+
+def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
+        coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    job = admin.create_job(_offsite_spec(base6, eval_file))
+    run_agents(coordinator, admin, job, clients[:2], tmp_path)
+    state = coordinator.coordinator.state
+    assert state.job(job).state == "finished"
+
+    _assert_clients_never_got_the_full_weights(state, job, base6, tmp_path)
+    _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
 
     # The published adapter targets the full model's first and last blocks and loads with plain peft.
     path = Path(state.published(job)[0][2])
@@ -81,6 +96,52 @@ def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
     assert not torch.allclose(before, after, atol=1e-5)
     lora_blocks = {int(k.split(".layers.")[1].split(".")[0]) for k, _ in tuned.named_parameters() if "lora_A" in k}
     assert lora_blocks == {0, 5}
+
+
+def test_offsite_block_tuning_publishes_the_tuned_blocks_for_the_full_model(
+        coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    job = admin.create_job(_blocks_spec(base6, eval_file))
+    run_agents(coordinator, admin, job, clients[:2], tmp_path)
+    state = coordinator.coordinator.state
+    assert state.job(job).state == "finished"
+    _assert_clients_never_got_the_full_weights(state, job, base6, tmp_path)
+    _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
+
+    # The published tensors are every weight of the full model's blocks 0 and 5 (the emulator's
+    # first and last), under the full model's own names, and no LoRA.
+    path = Path(state.published(job)[0][2])
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "fedtune.json"]
+    published = load_file(path / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(base6)
+    own = {k: v for k, v in base.state_dict().items() if k.startswith(("model.layers.0.", "model.layers.5."))}
+    tuned = {k.removeprefix("base_model.model."): v for k, v in published.items()}
+    assert tuned.keys() == own.keys()
+    assert any(not torch.equal(tuned[k], own[k]) for k in own)
+    assert json.loads((path / "fedtune.json").read_text())["offsite"]["tune"] == "blocks"
+
+    # Plain peft on the full base gives the full model with those two blocks swapped for the tuned ones.
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        before = base(ids).logits
+        swapped = AutoModelForCausalLM.from_pretrained(base6)
+        swapped.load_state_dict(swapped.state_dict() | tuned)
+        expected = swapped(ids).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base6), str(path))
+        after = loaded(ids).logits
+    assert torch.allclose(after, expected, atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert not any("lora_" in k for k, _ in loaded.named_parameters())
+
+
+def test_block_tuning_with_client_quantization_is_refused_at_job_creation(
+        coordinator, admin: Admin, base6: Path, fed_data) -> None:  # type: ignore[no-untyped-def]
+    _, eval_file = fed_data
+    with pytest.raises(grpc.RpcError) as info:
+        admin.create_job(_blocks_spec(base6, eval_file) + "client_quantization: nf4\n")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "offsite.tune: blocks" in info.value.details() and "client_quantization" in info.value.details()
+    assert coordinator.coordinator.state.jobs() == []
 
 
 def test_an_emulator_of_another_base_is_refused(coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
