@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from fedtune.coordinator.server import RunningCoordinator
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.hashing import file_sha256
 from fedtune.models import load_tokenizer, materialize_preset
@@ -35,15 +36,25 @@ def base6(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "model"
 
 
-def _offsite_spec(base: Path, eval_file: Path, extra: str = "") -> str:
-    return (make_spec(eval_file, steps=8, rounds=1, clients=2).replace("base_model: tiny-llama", f"base_model: {base}")
+def _offsite_spec(base: Path, eval_file: Path, extra: str = "", clients: int = 2) -> str:
+    return (make_spec(eval_file, steps=8, rounds=1, clients=clients).replace("base_model: tiny-llama", f"base_model: {base}")
             + "mode: offsite\noffsite: {adapter_layers: [1, 1], keep: 0.5" + extra + "}\n")
 
 
-def _blocks_spec(base: Path, eval_file: Path) -> str:
+def _blocks_spec(base: Path, eval_file: Path, clients: int = 2) -> str:
     # No peft line: block tuning adds no LoRA, and LoRA settings would be refused.
-    return "".join(line for line in _offsite_spec(base, eval_file, ", tune: blocks").splitlines(keepends=True)
+    return "".join(line for line in _offsite_spec(base, eval_file, ", tune: blocks", clients).splitlines(keepends=True)
                    if not line.startswith("peft:"))
+
+
+def _run_to_the_end(coordinator: RunningCoordinator, admin: Admin, spec: str, data: list[Path],
+                    tmp_path: Path) -> tuple[CoordinatorState, str]:
+    """Creates the job, runs one agent per data file until it ends, and checks that it finished."""
+    job = admin.create_job(spec)
+    run_agents(coordinator, admin, job, data, tmp_path)
+    state = coordinator.coordinator.state
+    assert state.job(job).state == "finished", state.job(job).message
+    return state, job
 
 
 def _assert_clients_never_got_the_full_weights(state: CoordinatorState, job: str, base: Path, tmp_path: Path) -> None:
@@ -72,11 +83,7 @@ def _assert_offsite_columns_and_plugin_beats_zero_shot(state: CoordinatorState, 
 def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
         coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     clients, eval_file = fed_data
-    job = admin.create_job(_offsite_spec(base6, eval_file))
-    run_agents(coordinator, admin, job, clients[:2], tmp_path)
-    state = coordinator.coordinator.state
-    assert state.job(job).state == "finished"
-
+    state, job = _run_to_the_end(coordinator, admin, _offsite_spec(base6, eval_file), clients[:2], tmp_path)
     _assert_clients_never_got_the_full_weights(state, job, base6, tmp_path)
     _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
 
@@ -101,10 +108,7 @@ def test_offsite_clients_never_get_the_full_weights_and_the_adapter_plugs_in(
 def test_offsite_block_tuning_publishes_the_tuned_blocks_for_the_full_model(
         coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     clients, eval_file = fed_data
-    job = admin.create_job(_blocks_spec(base6, eval_file))
-    run_agents(coordinator, admin, job, clients[:2], tmp_path)
-    state = coordinator.coordinator.state
-    assert state.job(job).state == "finished"
+    state, job = _run_to_the_end(coordinator, admin, _blocks_spec(base6, eval_file), clients[:2], tmp_path)
     _assert_clients_never_got_the_full_weights(state, job, base6, tmp_path)
     _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
 
@@ -132,6 +136,18 @@ def test_offsite_block_tuning_publishes_the_tuned_blocks_for_the_full_model(
     assert torch.allclose(after, expected, atol=1e-5)
     assert not torch.allclose(before, after, atol=1e-4)
     assert not any("lora_" in k for k, _ in loaded.named_parameters())
+
+
+def test_block_tuning_with_secure_aggregation_sums_block_deltas(
+        coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The masked vectors now carry every weight of two blocks, not a LoRA: the round still closes
+    # and the unmasked mean still improves the full model.
+    clients, eval_file = fed_data
+    spec = _blocks_spec(base6, eval_file, clients=3) + "secure_aggregation: {}\n"
+    state, job = _run_to_the_end(coordinator, admin, spec, clients[:3], tmp_path)
+    _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
+    published = load_file(Path(state.published(job)[0][2]) / "adapter_model.safetensors")
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in published} == {0, 5}
 
 
 def test_block_tuning_with_client_quantization_is_refused_at_job_creation(
@@ -168,3 +184,23 @@ def test_a_base_too_small_for_the_adapter_is_refused(coordinator, admin: Admin, 
         admin.create_job(spec)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert coordinator.coordinator.state.jobs() == []
+
+
+def test_publishing_block_weights_under_a_lora_config_fails_and_writes_nothing(tmp_path: Path) -> None:
+    # What a caller that computed the config for LoRA (not for tune: blocks) would publish: peft
+    # would load it and silently drop the tuned blocks. The job must fail instead, naming a tensor.
+    from fedtune.coordinator.publish import publish_adapter, published_adapter_config
+    from fedtune.errors import FedtuneError
+    from fedtune.spec import PeftSpec
+
+    peft = PeftSpec.model_validate({})
+    state = {"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)}
+    lora_config = published_adapter_config(peft, "base", [0, 5], "layers")
+    with pytest.raises(FedtuneError, match=r"does not load tensor 'base_model\.model\.model\.layers\.0\.mlp"):
+        publish_adapter(tmp_path, job_id="j", job_name="j", rnd=1, state=state, peft=peft, base_model="base",
+                        base_hash="h", metrics={}, contributors=1, adapter_config=lora_config)
+    assert not (tmp_path / "j").exists()
+    blocks_config = published_adapter_config(peft, "base", [0, 5], "layers", whole_blocks=True)
+    path, _ = publish_adapter(tmp_path, job_id="j", job_name="j", rnd=1, state=state, peft=peft, base_model="base",
+                              base_hash="h", metrics={}, contributors=1, adapter_config=blocks_config)
+    assert json.loads((path / "adapter_config.json").read_text())["modules_to_save"] == ["layers.0", "layers.5"]

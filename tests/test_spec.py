@@ -50,8 +50,8 @@ def test_empty_spec_gets_defaults() -> None:
          "offsite.tune: blocks trains the adapter blocks' own weights, which client_quantization nf4 would quantize"),
         ("mode: offsite\noffsite: {tune: blocks}\npeft: {r: 4}", "peft settings have no effect with offsite.tune: blocks"),
         ("mode: offsite\noffsite: {tune: full}", "job spec: offsite.tune: Input should be 'lora' or 'blocks'"),
-        ("mode: offsite\noffsite: {tune: blocks}\nclients_per_round: 3\nmin_clients: 3\ncodec: int8\n"
-         "secure_aggregation: {}", "codec int8 is not additive"),
+        ("mode: offsite\noffsite: {tune: blocks}\nclients_per_round: 3\nmin_clients: 3\ncodec: int8\nsecure_aggregation: {}",
+         "codec int8 is not additive"),
     ],
 )
 def test_bad_specs_name_the_problem(text: str, message: str) -> None:
