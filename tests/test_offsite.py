@@ -150,6 +150,20 @@ def test_block_tuning_with_secure_aggregation_sums_block_deltas(
     assert {int(k.split(".layers.")[1].split(".")[0]) for k in published} == {0, 5}
 
 
+def test_block_tuning_with_a_lossy_codec_and_dp_clipping_improves_the_full_model(
+        coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Block deltas through top-k + int4 with error feedback and DP clipping (no noise, so the
+    # test can ask for an improvement): the codec's schema and bounds cover whole weight matrices.
+    clients, eval_file = fed_data
+    spec = _blocks_spec(base6, eval_file) + "codec: topk:0.5+int4\nprivacy: {clip_norm: 10.0, noise_multiplier: 0}\n"
+    state, job = _run_to_the_end(coordinator, admin, spec, clients[:2], tmp_path)
+    _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
+    (rnd,) = state.rounds(job)
+    layers = AutoModelForCausalLM.from_pretrained(base6).model.layers
+    fp32_bytes = 4 * sum(p.numel() for i in (0, 5) for p in layers[i].parameters())
+    assert rnd.metrics["bytes_up"] / 2 < 0.5 * fp32_bytes  # per client: top half, 4-bit
+
+
 def test_block_tuning_with_client_quantization_is_refused_at_job_creation(
         coordinator, admin: Admin, base6: Path, fed_data) -> None:  # type: ignore[no-untyped-def]
     _, eval_file = fed_data
