@@ -1,6 +1,7 @@
 """LoRA adapters in and out of models, bytes and directories, in peft's own save format.
 
-Adapter state dicts carry peft's saved key names (`...q_proj.lora_A.weight`, no adapter name), as
+Adapter state dicts carry peft's saved key names (`...q_proj.lora_A.weight`, no adapter name; a
+whole module peft trains keeps its own parameter names, `...layers.0.mlp.up_proj.weight`), as
 `get_peft_model_state_dict` returns them; the same dict is what travels as an update, what the
 coordinator averages and what lands in `adapter_model.safetensors`. Bytes are always safetensors,
 never pickle, because updates come from other machines.
@@ -40,7 +41,8 @@ _MAX_KEYS_SHOWN = 3
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str],
-                layers: list[int] | None = None, layers_pattern: str | None = None) -> LoraConfig:
+                layers: list[int] | None = None, layers_pattern: str | None = None, *,
+                whole_blocks: bool = False) -> LoraConfig:
     """Makes the LoRA config that every participant of a job must share.
 
     Args:
@@ -50,12 +52,16 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str],
         target_modules: Module name suffixes to adapt, e.g. `["q_proj", "v_proj"]`.
         layers: Only these decoder blocks (offsite tuning adapts the first and last blocks only).
         layers_pattern: Name of the block list in module paths ("layers", "h"), with ``layers``.
+        whole_blocks: Train every parameter of the ``layers`` blocks instead of adding LoRA to
+            them: the blocks become peft's `modules_to_save` and no module gets LoRA, so r,
+            alpha, dropout and target_modules have no effect.
 
     Returns:
         A causal-LM `LoraConfig` without bias training.
 
     Raises:
-        InvalidInput: A value is out of range or `target_modules` is empty.
+        InvalidInput: A value is out of range, `target_modules` is empty, or ``whole_blocks`` is
+            asked without ``layers`` and ``layers_pattern``.
     """
     from peft import LoraConfig, TaskType
 
@@ -69,6 +75,15 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str],
         raise InvalidInput(
             f"LoRA target_modules must be a non-empty list of module names, got {target_modules!r}"
         )
+    if whole_blocks:
+        if not layers or not layers_pattern:
+            raise InvalidInput("tuning whole blocks needs the block indices and the block list's name")
+        from peft.utils.constants import DUMMY_TARGET_MODULES
+
+        # peft's marker for "no LoRA target": the config then only carries modules_to_save, which
+        # peft trains, saves (under the module's own parameter names) and loads as whole modules.
+        return LoraConfig(target_modules=DUMMY_TARGET_MODULES, modules_to_save=block_names(layers, layers_pattern),
+                          task_type=TaskType.CAUSAL_LM)
     return LoraConfig(
         r=r,
         lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int in peft, used as any number
@@ -81,6 +96,15 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str],
     )
 
 
+def block_names(layers: list[int], layers_pattern: str) -> list[str]:
+    """peft `modules_to_save` names of whole decoder blocks, e.g. ``["layers.0", "layers.11"]``.
+
+    peft wraps every module whose name ends with one of them, and a name ends with "layers.1"
+    only at block 1 ("model.layers.11" ends with "layers.11"), so each picks exactly its block.
+    """
+    return [f"{layers_pattern}.{i}" for i in sorted(set(layers))]
+
+
 def build_peft_model(
     base_model: PreTrainedModel,
     *,
@@ -91,8 +115,9 @@ def build_peft_model(
     seed: int = 0,
     layers: list[int] | None = None,
     layers_pattern: str | None = None,
+    whole_blocks: bool = False,
 ) -> PeftModel:
-    """Wraps a base model with a freshly initialised LoRA adapter.
+    """Wraps a base model with a freshly initialised LoRA adapter (or trainable copies of whole blocks).
 
     The adapter's random init depends only on `seed`, so participants that build with the same
     arguments start from the same adapter. The base model is modified in place (peft injects its
@@ -105,16 +130,20 @@ def build_peft_model(
         dropout: LoRA dropout.
         target_modules: Module name suffixes to adapt.
         seed: Seed for the adapter's initial weights.
+        layers: Only these decoder blocks.
+        layers_pattern: Name of the block list in module paths, with ``layers``.
+        whole_blocks: Train the ``layers`` blocks' own weights instead (see `lora_config`); the
+            adapter then starts as a copy of them.
 
     Returns:
         The peft model with the adapter named "default" active.
 
     Raises:
-        InvalidInput: The config is invalid or no module matches `target_modules`.
+        InvalidInput: The config is invalid or no module matches `target_modules` (or a block).
     """
     from peft import get_peft_model
 
-    config = lora_config(r, alpha, dropout, target_modules, layers, layers_pattern)
+    config = lora_config(r, alpha, dropout, target_modules, layers, layers_pattern, whole_blocks=whole_blocks)
     # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG
     # (manual_seed seeds CUDA too, hence its device in the fork).
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -123,9 +152,16 @@ def build_peft_model(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         try:
-            return get_peft_model(base_model, config)
+            model = get_peft_model(base_model, config)
         except ValueError as e:
             raise InvalidInput(f"cannot add LoRA to the base model: {e}") from e
+    if whole_blocks:
+        # peft skips a modules_to_save name that matches nothing; a block that is not there is an error here.
+        keys = list(_peft_state(model))
+        missing = [n for n in config.modules_to_save or [] if not any(f".{n}." in k for k in keys)]
+        if missing:
+            raise InvalidInput(f"cannot tune whole blocks: the base model has no block {_names(missing)}")
+    return model
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -136,7 +172,8 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
     Returns:
         Tensors keyed as peft saves them, as fp32 CPU copies that later training does not change.
-        Only LoRA weights are included, never base weights (not even of an adapted `lm_head`).
+        Only adapter weights are included (LoRA weights, and the weights of whole modules the
+        adapter trains), never frozen base weights (not even of an adapted `lm_head`).
     """
     state = _peft_state(model)
     return {

@@ -137,6 +137,9 @@ class OffsiteSpec(_Strict):
     distill_steps: int = Field(0, ge=0)
     prune: str | None = None
     quantize: Literal["int8", "nf4"] | None = None
+    # What clients train on the adapter blocks: LoRA on their target modules, or every parameter of
+    # the blocks (as the Offsite-Tuning paper does; the update is then the size of the blocks).
+    tune: Literal["lora", "blocks"] = "lora"
 
     @model_validator(mode="after")
     def _one_size(self) -> OffsiteSpec:
@@ -194,8 +197,16 @@ class JobSpec(_Strict):
         if self.offsite is not None and self.offsite.quantize and self.client_quantization:
             raise ValueError("offsite.quantize and client_quantization both quantize the model clients get; "
                              "set one")
+        if self.mode == "federated" and self.tunes_blocks:
+            raise ValueError("offsite.tune: blocks needs mode: offsite (a federated job has no adapter blocks)")
         if self.mode == "federated" and self.offsite is not None:
             raise ValueError("offsite settings are given but mode is federated; set mode: offsite")
+        if self.tunes_blocks and self.client_quantization:
+            raise ValueError(f"offsite.tune: blocks trains the adapter blocks' own weights, which "
+                             f"client_quantization {self.client_quantization} would quantize; drop one")
+        if self.tunes_blocks and self.peft != PeftSpec.model_validate({}):
+            raise ValueError("peft settings have no effect with offsite.tune: blocks (no LoRA is added); "
+                             "remove them or use tune: lora")
         from fedtune.compression.codecs import get_codec
 
         try:
@@ -213,6 +224,11 @@ class JobSpec(_Strict):
                 raise ValueError(f"secure_aggregation.degree ({sa.degree}) must be below min_clients "
                                  f"({self.min_clients}): every cohort needs that many neighbours per client")
         return self
+
+    @property
+    def tunes_blocks(self) -> bool:
+        """Whether clients train the adapter blocks themselves rather than LoRA on them."""
+        return self.offsite is not None and self.offsite.tune == "blocks"
 
 
 def _describe(err: ValidationError) -> str:
@@ -280,7 +296,8 @@ name: my-job
 base_model: {base}
 mode: federated            # or offsite: clients get an emulator, never the full weights
 # offsite:                 # with mode: offsite
-#   adapter_layers: [2, 2] # first and last blocks clients tune (LoRA on them)
+#   adapter_layers: [2, 2] # first and last blocks clients tune
+#   tune: lora             # LoRA on them, or blocks: every weight of them (no peft settings then)
 #   keep: 0.5              # fraction of the middle blocks the emulator keeps
 #   quantize: null         # int8 or nf4 for the emulator's frozen middle
 # client_quantization: nf4 # QLoRA: clients load the base/emulator in nf4 or int8

@@ -152,3 +152,22 @@ def run_agents(coordinator: RunningCoordinator, admin: Admin, job: str, data: li
         for a in agents:
             if a.poll() is None:
                 a.kill()
+
+
+@pytest.fixture(scope="session")
+def base6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-block Llama with the tiny preset's tokenizer: enough blocks to drop some."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedtune.models import load_tokenizer, materialize_preset
+
+    root = tmp_path_factory.mktemp("base6")
+    tok = load_tokenizer(materialize_preset("tiny-llama", root / "tiny"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root / "model"

@@ -166,3 +166,39 @@ def test_build_rejects_unknown_target_modules(preset_dir: Path) -> None:
 def test_lora_config_rejects_bad_values(kwargs: dict, problem: str) -> None:
     with pytest.raises(InvalidInput, match=problem):
         lora_config(**{**LORA, **kwargs})
+
+
+def test_whole_blocks_load_with_plain_peft_onto_exactly_those_blocks(tmp_path: Path) -> None:
+    # 12 blocks: a block named "layers.1" must not also catch blocks 10 and 11, nor "layers.11" block 1.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=12,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = build_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), **LORA, layers=[1, 11],
+                             layers_pattern="layers", whole_blocks=True)
+    tuned = {k: v + 0.05 * torch.randn_like(v) for k, v in adapter_state(model).items()}
+    blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in tuned}
+    assert blocks == {1, 11}
+    assert not any("lora_" in k for k in tuned)
+    # Every parameter of the two blocks, nothing else.
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    own = {k for k, _ in base.named_parameters() if k.startswith(("model.layers.1.", "model.layers.11."))}
+    assert {k.removeprefix("base_model.model.") for k in tuned} == own
+
+    save_adapter_dir(lora_config(**LORA, layers=[1, 11], layers_pattern="layers", whole_blocks=True), tuned,
+                     tmp_path / "adapter", str(tmp_path / "base"))
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter"))
+    swapped = base.state_dict() | {k.removeprefix("base_model.model."): v for k, v in tuned.items()}
+    base.load_state_dict(swapped)
+    assert torch.allclose(_logits(loaded), _logits(base), atol=1e-6)
+    with loaded.disable_adapter():
+        untouched = _logits(loaded)
+    assert not torch.allclose(untouched, _logits(base), atol=1e-4)
+
+
+def test_whole_blocks_that_the_model_lacks_are_refused(preset_dir: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"no block layers\.7"):
+        build_peft_model(load_causal_lm(preset_dir, CPU), **LORA, layers=[0, 7], layers_pattern="layers",
+                         whole_blocks=True)

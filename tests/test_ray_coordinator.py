@@ -26,6 +26,7 @@ from fedtune.coordinator.server import RunningCoordinator, start
 from fedtune.demo import wait_for_coordinator
 from fedtune.protos import fedtune_pb2 as pb
 from tests.conftest import Admin, fedtune_cmd, make_spec, spawn, wait_until
+from tests.test_offsite import _blocks_spec
 
 pytest.importorskip("ray")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -187,6 +188,22 @@ def test_a_job_whose_base_cannot_be_shared_fails_with_the_reason(
                         what="job failed")
     assert "has no *.safetensors weights to share" in status.message
     assert job not in ray_coordinator.coordinator.ray._running  # type: ignore[union-attr]
+
+
+def test_an_offsite_block_tuning_job_runs_and_publishes_on_ray(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
+        base6: Path, tmp_path: Path) -> None:
+    data, eval_file = fed_data
+    job = ray_admin.create_job(_blocks_spec(base6, eval_file, clients=1))
+    _run_clients(ray_coordinator, ray_admin, [job], data, tmp_path)
+    status = ray_admin.job(job)
+    assert status.state == "finished", status.message
+    metrics = json.loads(status.history[-1].metrics_json)
+    # Evaluated by the base's compute actor: the plug-in (full model + tuned blocks) beats zero-shot.
+    assert metrics["eval_loss"] < metrics["zero_shot_eval_loss"]
+    adapter = Path(ray_coordinator.coordinator.state.published(job)[-1][2])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["layers.0", "layers.5"]
 
 
 def test_unreachable_ray_address_fails_at_start_naming_it(tmp_path: Path) -> None:

@@ -45,6 +45,13 @@ def test_empty_spec_gets_defaults() -> None:
         ("privacy: {delta: 2}", "job spec: privacy.delta:"),
         ("privacy: {noise_multiplier: -1}", "job spec: privacy.noise_multiplier:"),
         ("a: [", "job spec is not valid YAML"),
+        ("offsite: {tune: blocks}", "offsite.tune: blocks needs mode: offsite (a federated job has no adapter blocks)"),
+        ("mode: offsite\noffsite: {tune: blocks}\nclient_quantization: nf4",
+         "offsite.tune: blocks trains the adapter blocks' own weights, which client_quantization nf4 would quantize"),
+        ("mode: offsite\noffsite: {tune: blocks}\npeft: {r: 4}", "peft settings have no effect with offsite.tune: blocks"),
+        ("mode: offsite\noffsite: {tune: full}", "job spec: offsite.tune: Input should be 'lora' or 'blocks'"),
+        ("mode: offsite\noffsite: {tune: blocks}\nclients_per_round: 3\nmin_clients: 3\ncodec: int8\nsecure_aggregation: {}",
+         "codec int8 is not additive"),
     ],
 )
 def test_bad_specs_name_the_problem(text: str, message: str) -> None:
@@ -59,6 +66,15 @@ def test_secure_and_private_specs_that_work_are_accepted() -> None:
                       "privacy: {clip_norm: 0.5, noise_multiplier: 1.1}")
     assert spec.secure_aggregation is not None and spec.secure_aggregation.threshold == 5
     assert spec.privacy is not None and spec.privacy.delta == 1e-5
+
+
+def test_block_tuning_specs_that_work_are_accepted() -> None:
+    # Secure aggregation (fp32), lossy codecs and a quantized emulator middle all apply to block deltas too.
+    for extra in ("clients_per_round: 3\nmin_clients: 3\nsecure_aggregation: {}", "codec: topk:0.1+int8",
+                  "privacy: {clip_norm: 0.5}"):
+        spec = parse_spec("mode: offsite\noffsite: {tune: blocks, quantize: int8}\n" + extra)
+        assert spec.tunes_blocks
+    assert not parse_spec("mode: offsite").tunes_blocks
 
 
 def test_relative_paths_resolve_against_the_spec_dir(tmp_path: Path) -> None:

@@ -281,7 +281,7 @@ class ClientAgent:
         cfg = prepared.peft_config
         model = build_peft_model(base, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
                                  target_modules=cfg["target_modules"], layers=cfg.get("layers_to_transform"),
-                                 layers_pattern=cfg.get("layers_pattern"))
+                                 layers_pattern=cfg.get("layers_pattern"), whole_blocks=cfg.get("tune") == "blocks")
         self._model = (prepared.base_hash, model)
         return model
 

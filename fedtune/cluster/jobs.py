@@ -278,11 +278,13 @@ class RayBackend:
 
     def _start(self, job: Job) -> None:
         """Starts the job's engine actor; a job whose engine cannot start fails, naming why."""
+        from fedtune.coordinator.publish import job_adapter_config
+
         spec = JobSpec.model_validate_json(job.spec_json)
         restarts = self.co.state.engine_restarts(job.job_id)
         try:
             args = (str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],
-                    self.co.presence.heartbeat_seconds, self.pin, self._adapter_config(job, spec),
+                    self.co.presence.heartbeat_seconds, self.pin, job_adapter_config(job, spec),
                     self._compute(job))
         except FedtuneError as e:
             self.co.state.set_job_state(job.job_id, "failed", str(e))
@@ -294,14 +296,6 @@ class RayBackend:
         ).remote(*args)
         self._running[job.job_id] = _Running(actor, demand_of(spec))
         log.info("job %s: engine started (quota %s)", job.job_id, demand_of(spec).describe())
-
-    def _adapter_config(self, job: Job, spec: JobSpec) -> str:
-        from fedtune.coordinator.offsite import plan_for
-        from fedtune.coordinator.publish import published_adapter_config
-
-        plan = plan_for(job.emulator_dir)
-        return published_adapter_config(spec.peft, job.base_model, plan.full_layers if plan else None,
-                                        plan.layers_pattern if plan else None)
 
     def actor(self, job_id: str) -> Any:
         """The job's engine actor handle."""

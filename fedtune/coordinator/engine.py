@@ -23,7 +23,7 @@ from fedtune.coordinator.compute import Compute
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.offsite import plan_for
 from fedtune.coordinator.presence import Presence
-from fedtune.coordinator.publish import MANIFEST, publish_adapter
+from fedtune.coordinator.publish import MANIFEST, job_adapter_config, publish_adapter
 from fedtune.coordinator.secure_round import RoundAbandoned, SecureRound
 from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
@@ -307,10 +307,13 @@ class RoundEngine:
         metrics["eval_seconds"] = t2 - t1
         plan = plan_for(job.emulator_dir)
         published = plan.to_full(new_global) if plan else new_global
-        extra: dict[str, object] = {"offsite": plan.summary()} if plan else {}
+        extra: dict[str, object] = ({"offsite": {**plan.summary(), "tune": "blocks" if self.spec.tunes_blocks else "lora"}}
+                                    if plan else {})
         if privacy is not None:
             extra["privacy"] = {**privacy.model_dump(mode="json"), "epsilon": metrics["epsilon"],
                                 "accountant": "rdp-subsampled-gaussian"}
+        if self.adapter_config is None:
+            self.adapter_config = job_adapter_config(job, self.spec)
         path, _ = publish_adapter(
             self.adapters_root,
             job_id=self.job_id,
@@ -323,8 +326,6 @@ class RoundEngine:
             metrics=metrics,
             contributors=len(updates),
             signer=self.keys.signing_key,
-            layers=plan.full_layers if plan else None,
-            layers_pattern=plan.layers_pattern if plan else None,
             extra=extra,
             adapter_config=self.adapter_config,
         )

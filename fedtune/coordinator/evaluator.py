@@ -66,7 +66,7 @@ class Evaluator:
             plan = plan_for(job.emulator_dir)
             tokenizer = load_tokenizer(base_dir)
             lora: dict[str, Any] = {"r": spec.peft.r, "alpha": spec.peft.alpha, "dropout": spec.peft.dropout,
-                    "target_modules": spec.peft.target_modules}
+                    "target_modules": spec.peft.target_modules, "whole_blocks": spec.tunes_blocks}
             full = build_peft_model(self.load_base(base_dir, self.device), **lora,
                                     layers=plan.full_layers if plan else None,
                                     layers_pattern=plan.layers_pattern if plan else None)

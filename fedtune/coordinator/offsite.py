@@ -1,8 +1,9 @@
 """Offsite jobs: the emulator clients get instead of the full base, and the plug-in mapping back.
 
-Clients tune LoRA on the emulator's adapter blocks (its first `bottom` and last `top` blocks);
-those blocks are the full model's own, so the aggregated adapter plugs into the full model once
-each emulator block index is replaced by the full-model block it is (``layer_map``).
+Clients tune the emulator's adapter blocks (its first `bottom` and last `top` blocks): LoRA on
+them, or the blocks' own weights (``offsite.tune: blocks``). Those blocks are the full model's
+own, so the aggregate plugs into the full model once each emulator block index is replaced by the
+full-model block it is (``layer_map``); tensor names are the same in both cases.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def prepare_emulator(spec: JobSpec, base_dir: Path, root: Path) -> OffsitePlan:
     from fedtune.hashing import model_dir_hash
 
     keep = off.keep if off.keep is not None or off.keep_layers is not None else DEFAULT_KEEP
-    settings = {"base": model_dir_hash(base_dir), **off.model_dump(mode="json"), "keep": keep}
+    # What clients tune does not change the emulator: jobs that differ only in it share one.
+    settings = {"base": model_dir_hash(base_dir), **off.model_dump(mode="json", exclude={"tune"}), "keep": keep}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     out = root / key
     if not (out / "emulator.json").exists():

@@ -7,16 +7,20 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune import __version__
 from fedtune.crypto.signing import sign_manifest
+from fedtune.errors import FedtuneError
 from fedtune.hashing import file_sha256
 from fedtune.peft_io import adapter_config_text, lora_config, write_adapter_files
-from fedtune.spec import PeftSpec
+from fedtune.spec import JobSpec, PeftSpec
+
+if TYPE_CHECKING:
+    from fedtune.coordinator.state import Job
 
 MANIFEST = "fedtune.json"
 
@@ -33,23 +37,26 @@ def publish_adapter(
     base_hash: str,
     metrics: dict[str, float],
     contributors: int,
+    adapter_config: str,
     signer: Ed25519PrivateKey | None = None,
-    layers: list[int] | None = None,
-    layers_pattern: str | None = None,
     extra: dict[str, Any] | None = None,
-    adapter_config: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Writes ``root/JOB/round-N`` atomically and returns its path and manifest.
 
     The directory is built under a temporary name and renamed into place, so a crash leaves either
     the complete adapter or none; publishing the same round again replaces it.
+
+    Args:
+        adapter_config: The job's ``adapter_config.json`` (see :func:`job_adapter_config`).
+
+    Raises:
+        FedtuneError: ``adapter_config`` would not load ``state`` with peft.
     """
+    check_config_covers(adapter_config, state)
     final = root / job_id / f"round-{rnd}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if adapter_config is None:
-        adapter_config = published_adapter_config(peft, base_model, layers, layers_pattern)
     write_adapter_files(adapter_config, state, tmp)
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest: dict[str, Any] = {
@@ -80,8 +87,44 @@ def publish_adapter(
 
 
 def published_adapter_config(peft: PeftSpec, base_model: str, layers: list[int] | None = None,
-                             layers_pattern: str | None = None) -> str:
-    """The ``adapter_config.json`` a job publishes (for engines that run without peft loaded)."""
+                             layers_pattern: str | None = None, *, whole_blocks: bool = False) -> str:
+    """The ``adapter_config.json`` a job publishes (for engines that run without peft loaded).
+
+    Args:
+        peft: The job's LoRA settings.
+        base_model: What the config names as base.
+        layers: Full-model indices of the blocks the adapter is confined to (offsite jobs).
+        layers_pattern: Name of the block list, with ``layers``.
+        whole_blocks: The adapter is those blocks' own weights (``offsite.tune: blocks``), not LoRA.
+    """
     return adapter_config_text(lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout,
                                            target_modules=peft.target_modules, layers=layers,
-                                           layers_pattern=layers_pattern), base_model)
+                                           layers_pattern=layers_pattern, whole_blocks=whole_blocks), base_model)
+
+
+def job_adapter_config(job: Job, spec: JobSpec) -> str:
+    """The ``adapter_config.json`` every round of ``job`` publishes: LoRA (or, for ``offsite.tune:
+    blocks``, the blocks themselves) on the full base, at the full model's block indices."""
+    from fedtune.coordinator.offsite import plan_for
+
+    plan = plan_for(job.emulator_dir)
+    return published_adapter_config(spec.peft, job.base_model, plan.full_layers if plan else None,
+                                    plan.layers_pattern if plan else None, whole_blocks=spec.tunes_blocks)
+
+
+def check_config_covers(adapter_config: str, state: dict[str, torch.Tensor]) -> None:
+    """Checks that peft, loading ``adapter_config``, takes every tensor of ``state``.
+
+    A LoRA tensor (``...lora_A.weight``) goes into an injected LoRA layer; any other tensor only
+    into a module the config lists in ``modules_to_save``. A config made for the wrong kind of
+    adapter would be published, and peft would then silently leave the tuned weights out.
+
+    Raises:
+        FedtuneError: naming a tensor the config does not cover.
+    """
+    saved = json.loads(adapter_config).get("modules_to_save") or []
+    for key in state:
+        if ".lora_" in key or any(f".{name}." in f".{key}" for name in saved):
+            continue
+        raise FedtuneError(f"the published adapter config does not load tensor {key!r} (modules_to_save: "
+                           f"{saved or 'none'}); the adapter config and the tensors disagree")

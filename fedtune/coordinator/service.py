@@ -165,22 +165,26 @@ class Coordinator:
         # the hub id otherwise.
         base_model = str(base_dir) if is_preset(spec.base_model) or Path(spec.base_model).is_dir() else spec.base_model
         plan = prepare_emulator(spec, base_dir, self.state_dir / "emulators") if spec.mode == "offsite" else None
-        # Offsite: clients get the emulator, and LoRA goes on its adapter blocks only.
+        # Offsite: clients get the emulator, and tune its adapter blocks only (LoRA on them, or
+        # the blocks themselves: then the initial adapter is a copy of the blocks' weights).
         client_dir = plan.emulator_dir if plan is not None else base_dir
-        # The initial adapter depends on the architecture and the seed only: a skeleton of the base
+        # A LoRA adapter's init depends on the architecture and the seed only: a skeleton of the base
         # (weights never loaded) is enough, so creating a job does not hold the base in memory.
         model = load_emulator(client_dir, torch.device("cpu")) if plan else skeleton_causal_lm(base_dir)
         peft_cfg: dict[str, object] = spec.peft.model_dump(mode="json")
         if plan is not None:
-            peft_cfg |= {"layers_to_transform": plan.emulator_layers, "layers_pattern": plan.layers_pattern}
+            peft_cfg |= {"layers_to_transform": plan.emulator_layers, "layers_pattern": plan.layers_pattern,
+                         "tune": "blocks" if spec.tunes_blocks else "lora"}
         try:
             peft_model = build_peft_model(
                 model, r=spec.peft.r, alpha=spec.peft.alpha, dropout=spec.peft.dropout,
                 target_modules=spec.peft.target_modules, seed=spec.training.seed,
                 layers=plan.emulator_layers if plan else None, layers_pattern=plan.layers_pattern if plan else None,
+                whole_blocks=spec.tunes_blocks,
             )
         except (ValueError, InvalidInput) as e:
-            raise InvalidInput(f"job spec: peft.target_modules {spec.peft.target_modules}: {str(e).splitlines()[0]}") from e
+            what = "offsite.tune blocks" if spec.tunes_blocks else f"peft.target_modules {spec.peft.target_modules}"
+            raise InvalidInput(f"job spec: {what}: {str(e).splitlines()[0]}") from e
         initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
         del peft_model, model
         files = []

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 Trained = tuple[TrainResult, dict[str, torch.Tensor]]
 # The adapter settings batched training understands; anything else trains alone.
-_LORA_KEYS = {"method", "r", "alpha", "dropout", "target_modules", "layers_to_transform", "layers_pattern"}
+_LORA_KEYS = {"method", "r", "alpha", "dropout", "target_modules", "layers_to_transform", "layers_pattern", "tune"}
 DEFAULT_WAIT_SECONDS = 30.0
 
 
@@ -55,8 +55,8 @@ def batch_key(req: TrainRequest) -> tuple[str, str] | None:
     p = req.prepared
     if p.training.get("client_quantization") or not set(p.peft_config) <= _LORA_KEYS:
         return None
-    if p.peft_config.get("method", "lora") != "lora":
-        return None
+    if p.peft_config.get("method", "lora") != "lora" or p.peft_config.get("tune", "lora") != "lora":
+        return None  # e.g. offsite.tune: blocks trains whole blocks, not LoRA
     return p.base_hash, str(req.device)
 
 
