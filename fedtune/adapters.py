@@ -11,6 +11,10 @@ from fedtune.errors import InvalidInput
 from fedtune.hashing import file_sha256
 
 MANIFEST = "fedtune.json"
+# peft's file names (peft.utils.SAFETENSORS_WEIGHTS_NAME and CONFIG_NAME), here so that publishing
+# and reading adapters need no peft import.
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
 def read_manifest(adapter_dir: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
+from fedtune.adapters import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from fedtune.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# peft's file names (peft.utils.SAFETENSORS_WEIGHTS_NAME and CONFIG_NAME).
-SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 # Key lists in error messages are cut to this many names to stay one readable line.
 _MAX_KEYS_SHOWN = 3
 

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from fedtune.errors import InvalidInput
+
+# Validation context key of specs read back from the coordinator's state (see JobSpec.stored).
+_STORED = "fedtune-stored-spec"
 
 
 class _Strict(BaseModel):
@@ -188,8 +191,17 @@ class JobSpec(_Strict):
     priority: int = Field(0, ge=-100, le=100)
     resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec.model_validate({}))
 
+    @classmethod
+    def stored(cls, text: str) -> JobSpec:
+        """A job's spec as the coordinator stored it (JSON), validated when the job was created.
+
+        The codec checks, which need the codec implementations (and so torch), are skipped, so a job
+        engine can read its spec without importing torch.
+        """
+        return cls.model_validate_json(text, context={_STORED: True})
+
     @model_validator(mode="after")
-    def _cohort_fits(self) -> JobSpec:
+    def _cohort_fits(self, info: ValidationInfo) -> JobSpec:
         if self.min_clients > self.clients_per_round:
             raise ValueError(
                 f"min_clients ({self.min_clients}) is larger than clients_per_round ({self.clients_per_round})"
@@ -207,15 +219,17 @@ class JobSpec(_Strict):
         if self.tunes_blocks and self.peft != PeftSpec.model_validate({}):
             raise ValueError("peft settings have no effect with offsite.tune: blocks (no LoRA is added); "
                              "remove them or use tune: lora")
-        from fedtune.compression.codecs import get_codec
+        codec = None
+        if not (info.context and info.context.get(_STORED)):  # a stored spec's codec was checked at creation
+            from fedtune.compression.codecs import get_codec
 
-        try:
-            codec = get_codec(self.codec)
-        except InvalidInput as e:
-            raise ValueError(f"codec: {e}") from None
+            try:
+                codec = get_codec(self.codec)
+            except InvalidInput as e:
+                raise ValueError(f"codec: {e}") from None
         sa = self.secure_aggregation
         if sa is not None:
-            if not codec.additive:
+            if codec is not None and not codec.additive:
                 raise ValueError(f"codec {self.codec} is not additive: secure aggregation encodes fp32 deltas "
                                  "in fixed point itself; use codec: fp32")
             if self.min_clients < 3:

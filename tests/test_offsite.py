@@ -194,7 +194,9 @@ def test_publishing_block_weights_under_a_lora_config_fails_and_writes_nothing(t
     from fedtune.spec import PeftSpec
 
     peft = PeftSpec.model_validate({})
-    state = {"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)}
+    from fedtune.peft_io import tensors_to_bytes
+
+    state = tensors_to_bytes({"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)})
     lora_config = published_adapter_config(peft, "base", [0, 5], "layers")
     with pytest.raises(FedtuneError, match=r"does not load tensor 'base_model\.model\.model\.layers\.0\.mlp"):
         publish_adapter(tmp_path, job_id="j", job_name="j", rnd=1, state=state, peft=peft, base_model="base",

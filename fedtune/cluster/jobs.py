@@ -27,11 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from fedtune.cluster.connect import connect, this_node_resource
 from fedtune.cluster.scheduler import Demand, Waiting, plan
-from fedtune.coordinator.compute import Schema
 from fedtune.coordinator.engine import TERMINAL
 from fedtune.coordinator.state import Job
 from fedtune.errors import FedtuneError
@@ -39,6 +36,8 @@ from fedtune.spec import JobSpec
 
 if TYPE_CHECKING:
     from fedtune.coordinator.service import Coordinator
+    from fedtune.privacy import DpNoise
+    from fedtune.tensor_blobs import Schema
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +60,15 @@ def demand_of(spec: JobSpec) -> Demand:
 _evaluators: OrderedDict[str, Any] = OrderedDict()
 
 
-def _evaluate_task(job: Job, base_dir: str, base_refs: dict[str, Any], adapter: dict[str, torch.Tensor] | None,
+def _evaluate_task(job: Job, base_dir: str, base_refs: dict[str, Any], adapter: bytes | None,
                    use_gpu: bool) -> dict[str, float]:
-    """A Ray task: evaluates ``adapter`` on ``job``'s eval data over the shared base."""
+    """A Ray task: evaluates ``adapter`` (safetensors bytes) on ``job``'s eval data over the shared base."""
     import ray
+    import torch
 
     from fedtune.cluster.shared_base import build_from_shared, get_base
     from fedtune.coordinator.evaluator import Evaluator
+    from fedtune.peft_io import bytes_to_tensors
 
     device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
     key = f"{job.job_id}:{device}"
@@ -80,7 +81,7 @@ def _evaluate_task(job: Job, base_dir: str, base_refs: dict[str, Any], adapter: 
         while len(_evaluators) > _WORKER_JOBS:
             _evaluators.popitem(last=False)
     _evaluators.move_to_end(key)
-    metrics: dict[str, float] = evaluator.evaluate(job, adapter)
+    metrics: dict[str, float] = evaluator.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))
     return metrics
 
 
@@ -127,13 +128,12 @@ class RayCompute:
                                        f"came within {REPLACEMENT_WAIT_SECONDS:.0f}s") from e
                 time.sleep(1.0)
 
-    def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
-                  clip_norm: float | None) -> dict[str, torch.Tensor]:
-        result: dict[str, torch.Tensor] = self._call("aggregate", plains, weights, codec, schema, strategy,
-                                                      clip_norm)
+    def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
+                  strategy: str, dp: DpNoise | None) -> bytes:
+        result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp)
         return result
 
-    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         if self.use_gpu:
             gpu: dict[str, float] = self.ray.get(
                 self._evaluate_gpu.remote(job, self.base_dir, self.base_ref[0], adapter, True),
@@ -162,7 +162,7 @@ class JobActor:
 
         root = Path(state_dir)
         self.state = CoordinatorState(root / "state.db")
-        spec = JobSpec.model_validate_json(self.state.job(job_id).spec_json)
+        spec = JobSpec.stored(self.state.job(job_id).spec_json)
         runner = RayCompute(ray, base_dir, base_ref, spec, pin, compute_name)
         self.engine = RoundEngine(job_id, self.state, ArtifactStore(root / "blobs"),
                                   Presence(heartbeat_seconds, shared=root / "presence.db"), runner,
@@ -172,6 +172,12 @@ class JobActor:
     def pid(self) -> int:
         """The actor's process id (tests kill it to check restarts)."""
         return os.getpid()
+
+    def imported(self, module: str) -> bool:
+        """Whether this actor's process has imported ``module`` (tests check that engines stay small)."""
+        import sys
+
+        return module in sys.modules
 
     def running(self) -> bool:
         """Whether the engine thread is still driving the job."""
@@ -237,7 +243,7 @@ class RayBackend:
                 if job.state == "running" and job.job_id not in self._running:
                     self._start(job)  # running before a coordinator restart: its quota was granted
             used = sum((r.demand for r in self._running.values()), Demand())
-            specs = {j.job_id: JobSpec.model_validate_json(j.spec_json) for j in jobs if j.state == "queued"}
+            specs = {j.job_id: JobSpec.stored(j.spec_json) for j in jobs if j.state == "queued"}
             waiting = [Waiting(j.job_id, specs[j.job_id].priority, j.created, demand_of(specs[j.job_id]))
                        for j in jobs if j.job_id in specs]
             total = self.total()
@@ -280,7 +286,7 @@ class RayBackend:
         """Starts the job's engine actor; a job whose engine cannot start fails, naming why."""
         from fedtune.coordinator.publish import job_adapter_config
 
-        spec = JobSpec.model_validate_json(job.spec_json)
+        spec = JobSpec.stored(job.spec_json)
         restarts = self.co.state.engine_restarts(job.job_id)
         try:
             args = (str(self.co.state_dir), job.job_id, str(self.co.base_dir(job)), [self._base_ref(job)],

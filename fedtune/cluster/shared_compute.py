@@ -20,13 +20,17 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fedtune.coordinator.compute import Schema, combine_updates
 from fedtune.coordinator.state import Job
 from fedtune.spec import JobSpec
+
+if TYPE_CHECKING:
+    # Engines look this actor up by name, which imports this module: it imports torch only inside.
+    import torch
+
+    from fedtune.privacy import DpNoise
+    from fedtune.tensor_blobs import Schema
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ def batchable(job: Job, adapter: dict[str, torch.Tensor] | None) -> bool:
     """
     if adapter is None or job.emulator_dir:
         return False
-    spec = JobSpec.model_validate_json(job.spec_json)
+    spec = JobSpec.stored(job.spec_json)
     return bool(spec.eval_data) and spec.peft.method == "lora"
 
 
@@ -151,7 +155,7 @@ class EvalBatcher:
         with self._cond:
             cached = self._data.get(job.job_id)
         if cached is None:
-            spec = JobSpec.model_validate_json(job.spec_json)
+            spec = JobSpec.stored(job.spec_json)
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(self.base_dir)
             tokenized = tokenize(load_jsonl(Path(str(spec.eval_data))), self._tokenizer, spec.training.max_seq_len)
@@ -170,7 +174,7 @@ class EvalBatcher:
         with self._cond:  # release() edits the cache from other threads
             model = self._models.get(key)
         if model is None:
-            specs = [JobSpec.model_validate_json(r.job.spec_json) for r in group]
+            specs = [JobSpec.stored(r.job.spec_json) for r in group]
             adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout, s.peft.target_modules))
                         for s in specs]
             model = MultiLoraModel(self.load_base(self.base_dir, self.device), "base", adapters)
@@ -196,6 +200,7 @@ class SharedCompute:
 
     def __init__(self, base_dir: str, base_refs: dict[str, Any]) -> None:
         import ray
+        import torch
 
         from fedtune.cluster.shared_base import build_from_shared, get_base
         from fedtune.coordinator.evaluator import Evaluator
@@ -214,14 +219,18 @@ class SharedCompute:
         """The actor's process id."""
         return os.getpid()
 
-    def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
-                  clip_norm: float | None) -> dict[str, torch.Tensor]:
-        """See :func:`fedtune.coordinator.compute.combine_updates`."""
-        return combine_updates(plains, weights, codec, schema, strategy, clip_norm)
+    def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
+                  strategy: str, dp: DpNoise | None) -> bytes:
+        """See :func:`fedtune.coordinator.compute.next_global`."""
+        from fedtune.coordinator.compute import next_global
 
-    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        """See :meth:`EvalBatcher.evaluate`."""
-        return self.batcher.evaluate(job, adapter)
+        return next_global(global_in, plains, weights, codec, schema, strategy, dp)
+
+    def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
+        """See :meth:`EvalBatcher.evaluate`; ``adapter`` as safetensors bytes."""
+        from fedtune.peft_io import bytes_to_tensors
+
+        return self.batcher.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))
 
     def release(self, job_id: str) -> None:
         """Frees what evaluation kept for a finished job."""

@@ -1,7 +1,8 @@
-"""Where a job's heavy steps run: combining a round's updates and evaluating the new adapter.
+"""Where a job's tensor work runs: combining a round's updates into the next global adapter, and
+evaluating it.
 
-In-process, they run in the engine's thread; on Ray (:mod:`fedtune.cluster.jobs`) they run as Ray
-tasks with the job's resources, over a base model shared by every job on the node.
+In-process, it runs in the engine's thread; on Ray (:mod:`fedtune.cluster.jobs`) in the base's
+compute actor, so engine actors move adapters only as safetensors bytes and never import torch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import torch
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.state import Job
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
-from fedtune.peft_io import bytes_to_tensors
-from fedtune.privacy import clip_update
+from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
+from fedtune.privacy import DpNoise, add_gaussian_noise, clip_update
+from fedtune.tensor_blobs import Schema
 
 if TYPE_CHECKING:
     from fedtune.coordinator.evaluator import Evaluator
 
-Schema = dict[str, tuple[int, ...]]
 
 
 def combine_updates(plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
@@ -37,16 +38,38 @@ def combine_updates(plains: list[bytes], weights: list[int], codec: str, schema:
     return get_strategy(strategy).aggregate([WeightedDelta(d, n) for d, n in zip(deltas, weights, strict=True)])
 
 
+def apply_mean(global_in: bytes, total: dict[str, torch.Tensor], denominator: float,
+               dp: DpNoise | None) -> bytes:
+    """The next global adapter: ``global_in`` plus ``total / denominator`` (noised first under DP)."""
+    if dp is not None:
+        total = add_gaussian_noise(total, dp.noise_multiplier, dp.clip_norm)
+    current = bytes_to_tensors(global_in)
+    return tensors_to_bytes({k: (current[k] + total[k] / denominator).contiguous() for k in current},
+                            metadata={"format": "pt"})
+
+
+def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
+                strategy: str, dp: DpNoise | None) -> bytes:
+    """A round's new global adapter from the opened updates, as safetensors bytes.
+
+    Without ``dp``: ``global_in`` plus the strategy's aggregate (FedAvg: the example-weighted mean
+    of the deltas). With it: plus the noised sum of the updates clipped to its norm, over its
+    planned cohort size.
+    """
+    combined = combine_updates(plains, weights, codec, schema, strategy, dp.clip_norm if dp else None)
+    return apply_mean(global_in, combined, dp.planned if dp else 1.0, dp)
+
+
 class Compute(Protocol):
     """Runs a job's aggregation and evaluation."""
 
-    def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
-                  clip_norm: float | None) -> dict[str, torch.Tensor]:
-        """See :func:`combine_updates`."""
+    def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
+                  strategy: str, dp: DpNoise | None) -> bytes:
+        """See :func:`next_global`."""
         ...
 
-    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        """See :meth:`Evaluator.evaluate`."""
+    def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
+        """See :meth:`Evaluator.evaluate`; ``adapter`` as safetensors bytes."""
         ...
 
     def release(self, job_id: str) -> None:
@@ -60,12 +83,12 @@ class InProcessCompute:
     def __init__(self, evaluator: Evaluator) -> None:
         self.evaluator = evaluator
 
-    def aggregate(self, plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
-                  clip_norm: float | None) -> dict[str, torch.Tensor]:
-        return combine_updates(plains, weights, codec, schema, strategy, clip_norm)
+    def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
+                  strategy: str, dp: DpNoise | None) -> bytes:
+        return next_global(global_in, plains, weights, codec, schema, strategy, dp)
 
-    def evaluate(self, job: Job, adapter: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        return self.evaluator.evaluate(job, adapter)
+    def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
+        return self.evaluator.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))
 
     def release(self, job_id: str) -> None:
         self.evaluator.release(job_id)

@@ -3,6 +3,10 @@
 Every transition is a transaction in :class:`CoordinatorState`, and each step can be repeated
 after a crash: an open round keeps collecting, a closing round is aggregated again from its
 durable updates (aggregation is deterministic), and publication replaces a half-written directory.
+
+The engine moves adapters as safetensors bytes and leaves tensor work to its :class:`Compute`, so
+on Ray an engine actor does not import torch; only a secure-aggregation job's engine does (SecAgg+
+unmasking is its own).
 """
 
 from __future__ import annotations
@@ -15,23 +19,21 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fedtune.compression.codecs import get_codec
-from fedtune.coordinator.compute import Compute
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.offsite import plan_for
 from fedtune.coordinator.presence import Presence
 from fedtune.coordinator.publish import MANIFEST, job_adapter_config, publish_adapter
-from fedtune.coordinator.secure_round import RoundAbandoned, SecureRound
 from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
-from fedtune.coordinator.strategies import get_strategy
 from fedtune.crypto.envelope import UpdateBinding
-from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
-from fedtune.privacy import RdpAccountant, add_gaussian_noise
+from fedtune.privacy import DpNoise, RdpAccountant
 from fedtune.spec import JobSpec
+from fedtune.tensor_blobs import shapes
+
+if TYPE_CHECKING:
+    from fedtune.coordinator.compute import Compute
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,14 @@ class RoundEngine:
         # The published adapter_config.json, when computed elsewhere (Ray engines run without peft).
         self.adapter_config = adapter_config
         job = state.job(job_id)
-        self.spec = JobSpec.model_validate_json(job.spec_json)
-        self.codec = get_codec(self.spec.codec)
-        get_strategy(self.spec.aggregation.strategy)  # an unknown strategy fails here, not at round end
-        initial = bytes_to_tensors(store.read(job.initial_adapter))
-        self.schema = {k: tuple(v.shape) for k, v in initial.items()}
-        self.secure = (SecureRound(job_id, self.spec, state, store, keys, self.schema)
-                       if self.spec.secure_aggregation else None)
+        self.spec = JobSpec.stored(job.spec_json)
+        # The spec names a known codec and strategy (checked when the job was created).
+        self.schema = shapes(store.read(job.initial_adapter))
+        self.secure: Any = None
+        if self.spec.secure_aggregation:
+            from fedtune.coordinator.secure_round import SecureRound
+
+            self.secure = SecureRound(job_id, self.spec, state, store, keys, self.schema)
         self.accountant = (RdpAccountant.from_dict(json.loads(job.privacy_json)) if job.privacy_json
                            else RdpAccountant())
         self._ready_since: float | None = None
@@ -199,6 +202,8 @@ class RoundEngine:
         log.info("job %s round %d opened with %d clients", self.job_id, job.current_round, len(cohort))
 
     def _secure_step(self, job: Job, rnd: Round) -> None:
+        from fedtune.coordinator.secure_round import RoundAbandoned
+
         assert self.secure is not None and self.spec.secure_aggregation is not None
         sec = self.state.secagg_round(self.job_id, rnd.round)
         if sec is None or sec.phase == "abandoned":  # a crash between opening the round and fixing its parameters
@@ -242,12 +247,11 @@ class RoundEngine:
                 self.job_id, rnd.round, len(done), self.spec.min_clients, len(fresh),
             )
 
-    def _private_mean(self, sums: dict[str, torch.Tensor], planned: int) -> dict[str, torch.Tensor]:
+    def _dp(self, rnd: Round) -> DpNoise | None:
         """DP-FedAvg: Gaussian noise once on the sum of clipped updates, then the planned cohort size
         as a fixed denominator (so one client changes the mean by at most clip_norm / planned)."""
-        assert self.spec.privacy is not None
-        noised = add_gaussian_noise(sums, self.spec.privacy.noise_multiplier, self.spec.privacy.clip_norm)
-        return {k: v / planned for k, v in noised.items()}
+        p = self.spec.privacy
+        return DpNoise(p.noise_multiplier, p.clip_norm, len(rnd.cohort)) if p is not None else None
 
     def _open(self, u: Update) -> bytes:
         return self.keys.open_update(self.store.read(u.sha256), UpdateBinding(u.job_id, u.round, u.client_id, u.update_id))
@@ -255,9 +259,13 @@ class RoundEngine:
     def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
         t0 = time.perf_counter()
         updates = self.state.updates(self.job_id, rnd.round)
-        global_in = bytes_to_tensors(self.store.read(rnd.global_in))
+        global_in = self.store.read(rnd.global_in)
         privacy = self.spec.privacy
+        dp = self._dp(rnd)
         if self.secure is not None:
+            from fedtune.coordinator.compute import apply_mean
+            from fedtune.coordinator.secure_round import RoundAbandoned
+
             sec = self.state.secagg_round(self.job_id, rnd.round)
             assert sec is not None
             try:
@@ -266,15 +274,12 @@ class RoundEngine:
                 self.state.set_round_state(self.job_id, rnd.round, "open")
                 self._abandon(sec, str(e))
                 return
-            avg = self._private_mean(sums, len(rnd.cohort)) if privacy else {k: v / weight for k, v in sums.items()}
+            new_global = apply_mean(global_in, sums, dp.planned if dp else weight, dp)
         else:
             plains = [self._open(u) for u in updates]
-            combined = self.compute.aggregate(plains, [u.num_examples for u in updates], self.codec.name,
-                                              self.schema, self.spec.aggregation.strategy,
-                                              privacy.clip_norm if privacy else None)
-            avg = self._private_mean(combined, len(rnd.cohort)) if privacy else combined
-        new_global = {k: (global_in[k] + avg[k]).contiguous() for k in global_in}
-        global_out = self.store.put_bytes(tensors_to_bytes(new_global))
+            new_global = self.compute.aggregate(global_in, plains, [u.num_examples for u in updates], self.spec.codec,
+                                                self.schema, self.spec.aggregation.strategy, dp)
+        global_out = self.store.put_bytes(new_global)
         examples = sum(u.num_examples for u in updates)
         losses = [(u.metrics.get("train_loss", math.nan), u.num_examples) for u in updates]
         metrics: dict[str, float] = {
@@ -306,7 +311,7 @@ class RoundEngine:
         metrics["aggregate_seconds"] = t1 - t0
         metrics["eval_seconds"] = t2 - t1
         plan = plan_for(job.emulator_dir)
-        published = plan.to_full(new_global) if plan else new_global
+        published = plan.to_full_blob(new_global) if plan else new_global
         extra: dict[str, object] = ({"offsite": {**plan.summary(), "tune": "blocks" if self.spec.tunes_blocks else "lora"}}
                                     if plan else {})
         if privacy is not None:

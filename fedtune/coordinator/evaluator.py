@@ -58,7 +58,7 @@ class Evaluator:
         self._lock = threading.Lock()
 
     def _load(self, job: Job) -> _Loaded | None:
-        spec = JobSpec.model_validate_json(job.spec_json)
+        spec = JobSpec.stored(job.spec_json)
         if not spec.eval_data:
             return None
         if job.job_id not in self._loaded:

@@ -13,12 +13,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedtune.compression.emulator_manifest import EmulatorManifest, check_emulator_for, read_emulator_manifest
-from fedtune.compression.plugin import to_full_model
+from fedtune.compression.plugin import full_model_name, to_full_model
 from fedtune.spec import JobSpec, OffsiteSpec
+from fedtune.tensor_blobs import rename
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,10 @@ class OffsitePlan:
     def to_full(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Adapter tensors renamed from emulator blocks to full-model blocks."""
         return to_full_model(state, self.manifest.layer_map, self.layers_pattern)
+
+    def to_full_blob(self, blob: bytes) -> bytes:
+        """The same, on a safetensors blob (without loading its tensors)."""
+        return rename(blob, lambda key: full_model_name(key, self.manifest.layer_map, self.layers_pattern))
 
     def summary(self) -> dict[str, object]:
         """What the published manifest records about the emulator."""

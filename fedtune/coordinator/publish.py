@@ -6,23 +6,24 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune import __version__
+from fedtune.adapters import ADAPTER_CONFIG_NAME, MANIFEST, SAFETENSORS_WEIGHTS_NAME
 from fedtune.crypto.signing import sign_manifest
 from fedtune.errors import FedtuneError
 from fedtune.hashing import file_sha256
-from fedtune.peft_io import adapter_config_text, lora_config, write_adapter_files
 from fedtune.spec import JobSpec, PeftSpec
+from fedtune.tensor_blobs import shapes
 
 if TYPE_CHECKING:
     from fedtune.coordinator.state import Job
 
-MANIFEST = "fedtune.json"
+
 
 
 def publish_adapter(
@@ -31,7 +32,7 @@ def publish_adapter(
     job_id: str,
     job_name: str,
     rnd: int,
-    state: dict[str, torch.Tensor],
+    state: bytes,
     peft: PeftSpec,
     base_model: str,
     base_hash: str,
@@ -47,17 +48,20 @@ def publish_adapter(
     the complete adapter or none; publishing the same round again replaces it.
 
     Args:
+        state: The adapter's tensors as a safetensors blob, keyed as peft saves them.
         adapter_config: The job's ``adapter_config.json`` (see :func:`job_adapter_config`).
 
     Raises:
         FedtuneError: ``adapter_config`` would not load ``state`` with peft.
     """
-    check_config_covers(adapter_config, state)
+    check_config_covers(adapter_config, shapes(state))
     final = root / job_id / f"round-{rnd}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_adapter_files(adapter_config, state, tmp)
+    # Written as given: the engine that publishes moves tensors as bytes and never loads them.
+    (tmp / SAFETENSORS_WEIGHTS_NAME).write_bytes(state)
+    (tmp / ADAPTER_CONFIG_NAME).write_text(adapter_config)
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest: dict[str, Any] = {
         "format": "fedtune.adapter/1",
@@ -97,6 +101,8 @@ def published_adapter_config(peft: PeftSpec, base_model: str, layers: list[int] 
         layers_pattern: Name of the block list, with ``layers``.
         whole_blocks: The adapter is those blocks' own weights (``offsite.tune: blocks``), not LoRA.
     """
+    from fedtune.peft_io import adapter_config_text, lora_config
+
     return adapter_config_text(lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout,
                                            target_modules=peft.target_modules, layers=layers,
                                            layers_pattern=layers_pattern, whole_blocks=whole_blocks), base_model)
@@ -112,7 +118,7 @@ def job_adapter_config(job: Job, spec: JobSpec) -> str:
                                     plan.layers_pattern if plan else None, whole_blocks=spec.tunes_blocks)
 
 
-def check_config_covers(adapter_config: str, state: dict[str, torch.Tensor]) -> None:
+def check_config_covers(adapter_config: str, state: Iterable[str]) -> None:
     """Checks that peft, loading ``adapter_config``, takes every tensor of ``state``.
 
     A LoRA tensor (``...lora_A.weight``) goes into an injected LoRA layer; any other tensor only

@@ -210,7 +210,7 @@ class Coordinator:
 
     def spec(self, job_id: str) -> JobSpec:
         """A job's validated spec."""
-        return JobSpec.model_validate_json(self.state.job(job_id).spec_json)
+        return JobSpec.stored(self.state.job(job_id).spec_json)
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancels a job; its published adapters stay."""
