@@ -80,6 +80,12 @@ def test_jobs_waiting_together_share_one_pass_and_get_their_own_losses(
     assert results == [alone.evaluate(jobs[0], None)]
     assert batcher.passes == [3, 3]
 
+    # A zero-shot and two adapters waiting together: the adapters share a pass, the zero-shot has its own.
+    mixed = batcher.evaluate_many([(jobs[0], None), (jobs[1], newer[1]), (jobs[2], newer[2])])
+    assert batcher.passes == [3, 3, 2]
+    assert mixed[0] == results[0]
+    assert [m["eval_loss"] for m in mixed[1:]] == pytest.approx(expected[1:], rel=1e-5)
+
 
 def test_what_cannot_share_a_pass(tmp_path: Path, fed_data: tuple[list[Path], Path]) -> None:
     _, eval_file = fed_data

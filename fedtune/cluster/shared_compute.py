@@ -42,7 +42,7 @@ _KEPT_BATCHES = 4
 DEFAULT_CONCURRENCY = 32
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its fields hold tensors
 class _Request:
     job: Job
     adapter: dict[str, torch.Tensor] | None
@@ -118,11 +118,13 @@ class EvalBatcher:
                 while not self._pending:
                     self._cond.wait()
                 taken, self._pending = self._pending, []
-            together = [r for r in taken if batchable(r.job, r.adapter)]
+            together: list[_Request] = []
+            alone: list[_Request] = []
+            for r in taken:
+                (together if batchable(r.job, r.adapter) else alone).append(r)
             # One request per job in a pass: a job never has two evaluations waiting, but be safe.
             seen: set[str] = set()
             groups: list[list[_Request]] = [[]]
-            alone = [r for r in taken if r not in together]
             for r in together:
                 if r.job.job_id in seen or len(groups[-1]) >= self.max_batch:
                     groups.append([])

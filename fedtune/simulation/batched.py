@@ -36,7 +36,7 @@ _LORA_KEYS = {"method", "r", "alpha", "dropout", "target_modules", "layers_to_tr
 DEFAULT_WAIT_SECONDS = 30.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its fields hold tensors
 class TrainRequest:
     """One member's training step, handed to its group."""
 
