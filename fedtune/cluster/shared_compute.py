@@ -237,7 +237,3 @@ class SharedCompute:
     def release(self, job_id: str) -> None:
         """Frees what evaluation kept for a finished job."""
         self.batcher.release(job_id)
-
-    def batch_sizes(self) -> list[int]:
-        """Adapters per batched evaluation pass so far."""
-        return list(self.batcher.passes)

@@ -58,13 +58,6 @@ class ClientResources:
         return cls(**values)
 
 
-def _virtual_client(address: str, data: str, state_dir: str) -> dict[str, Any]:
-    agent = ClientAgent(address, None, Path(data), Path(state_dir), INSECURE, device="auto",
-                        name=Path(state_dir).name, progress=False)
-    stats = agent.run(max_tasks=1, idle_seconds=IDLE_SECONDS)
-    return {"rounds": stats.rounds, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down}
-
-
 def _init_ray(ray_address: str | None, scratch: Path) -> Any:
     """Ray for the simulation: the cluster at ``ray_address`` or a local one, token auth handled."""
     from fedtune.cluster.connect import connect
@@ -137,7 +130,7 @@ def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], 
     from fedtune.simulation.batched import run_group
 
     co = running.coordinator
-    remote = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(_virtual_client)
+    # One task per group of up to batch_clients members (a group of one trains with its agent's own loop).
     remote_group = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(run_group)
     index = {cid: i for i, cid in enumerate(ids)}
     tasks: dict[Any, list[str]] = {}
@@ -171,20 +164,14 @@ def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], 
             for first in range(0, len(due), batch_clients):
                 group = due[first : first + batch_clients]
                 members = [(str(files[index[c]]), str(root / "clients" / f"v{index[c]}")) for c in group]
-                if batch_clients == 1:
-                    ref = remote.remote(running.address, *members[0])
-                else:
-                    ref = remote_group.remote(running.address, members, IDLE_SECONDS)
-                tasks[ref] = group
+                tasks[remote_group.remote(running.address, members, IDLE_SECONDS)] = group
                 launched.update((c, rnd.round, attempt) for c in group)
         if tasks:
             done, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=0.5)
             for ref in done:
                 group = tasks.pop(ref)
                 try:
-                    result = ray.get(ref, timeout=10)
-                    if batch_clients > 1:
-                        passes.extend(result["passes"])
+                    passes.extend(ray.get(ref, timeout=10)["passes"])
                 except Exception as e:  # noqa: BLE001 - a failed virtual client is a dropout, as a real one
                     log.warning("virtual client(s) %s failed: %s", ", ".join(group), e)
         else:
