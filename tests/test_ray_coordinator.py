@@ -81,8 +81,10 @@ def test_two_jobs_with_different_peft_share_one_base_and_both_publish(
         ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
         tmp_path: Path) -> None:
     data, eval_file = fed_data
-    a = ray_admin.create_job(_spec(eval_file, "qv-r4", 4, "q_proj, v_proj"))
-    b = ray_admin.create_job(_spec(eval_file, "mlp-r8", 8, "gate_proj, up_proj, down_proj"))
+    # Three rounds: one job's client may start seconds before the other's, and each job's engine
+    # must still be running when it is inspected after its first publication.
+    a = ray_admin.create_job(_spec(eval_file, "qv-r4", 4, "q_proj, v_proj", rounds=3))
+    b = ray_admin.create_job(_spec(eval_file, "mlp-r8", 8, "gate_proj, up_proj, down_proj", rounds=3))
     backend = ray_coordinator.coordinator.ray
     assert backend is not None
     # Both run at once as actors, on one copy of the base in the object store.
@@ -99,24 +101,28 @@ def test_two_jobs_with_different_peft_share_one_base_and_both_publish(
     compute_pid = ray.get(compute.actor.pid.remote())
     assert compute_pid not in pids | {os.getpid()}
 
-    engines_without_torch: list[bool] = []
+    engines_without_torch: dict[str, bool] = {}
+
+    def inspect_engines_after_their_first_publication() -> bool:
+        for j in (a, b):
+            if j not in engines_without_torch and any(h.state == "published" for h in ray_admin.job(j).history):
+                engines_without_torch[j] = not ray.get(backend.actor(j).imported.remote("torch"))
+        return len(engines_without_torch) == 2
 
     def kill_compute_after_round_1() -> None:
-        wait_until(lambda: all(any(h.state == "published" for h in ray_admin.job(j).history) for j in (a, b)),
-                   timeout=240, what="round 1 of both jobs")
-        engines_without_torch.extend(not ray.get(backend.actor(j).imported.remote("torch")) for j in (a, b))
+        wait_until(inspect_engines_after_their_first_publication, timeout=240, what="round 1 of both jobs")
         os.kill(compute_pid, signal.SIGKILL)
 
     # Killing the compute process mid-job: the scheduler starts a new one and both jobs go on.
     _run_clients(ray_coordinator, ray_admin, [a, b], data, tmp_path, while_running=kill_compute_after_round_1)
     # After aggregating, evaluating and publishing a round, neither engine process had imported
     # torch (~150 MiB each): they move adapters as bytes only.
-    assert engines_without_torch == [True, True]
+    assert engines_without_torch == {a: True, b: True}
     assert ray.get(next(iter(backend._computes.values())).actor.pid.remote()) != compute_pid
     for job, targets in ((a, {"q_proj", "v_proj"}), (b, {"gate_proj", "up_proj", "down_proj"})):
         status = ray_admin.job(job)
         assert status.state == "finished", status.message
-        assert [h.round for h in status.history] == [1, 2]
+        assert [h.round for h in status.history] == [1, 2, 3]
         # Evaluated over the shared base: the adapter improved the eval loss.
         base_loss = json.loads(status.base_metrics_json)["eval_loss"]
         assert json.loads(status.history[-1].metrics_json)["eval_loss"] < base_loss
