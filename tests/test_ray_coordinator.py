@@ -27,6 +27,7 @@ from fedtune.demo import wait_for_coordinator
 from fedtune.protos import fedtune_pb2 as pb
 from tests.conftest import Admin, fedtune_cmd, make_spec, spawn, wait_until
 from tests.test_offsite import _blocks_spec
+from tests.test_secure_rounds import SECURE, N, _drive, _expected, _federation, _published_delta
 
 pytest.importorskip("ray")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -217,6 +218,31 @@ def test_an_offsite_block_tuning_job_runs_and_publishes_on_ray(
     adapter = Path(ray_coordinator.coordinator.state.published(job)[-1][2])
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["layers.0", "layers.5"]
+
+
+def test_a_secure_aggregation_job_on_ray_gives_the_exact_fedavg_from_an_engine_without_torch(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin) -> None:
+    spec = (make_spec(clients=N, min_clients=9, deadline=60, rounds=2) + SECURE.format(phase=5, attempts=3)
+            + "resources: {cpus: 0.5}\n")
+    job = ray_admin.create_job(spec)
+    backend = ray_coordinator.coordinator.ray
+    assert backend is not None
+    import ray
+
+    # Client 9 masks its input, then drops before unmasking: its self-mask must still be removed.
+    clients = _federation(ray_coordinator, ray_admin, job, {9: pb.UNMASK})
+    state = ray_coordinator.coordinator.state
+    _drive(clients, lambda: (r := state.find_round(job, 1)) is not None and r.state == "published", timeout=180)
+    # The engine unmasked the sum with numpy alone; the compute actor made it tensors.
+    assert ray.get(backend.actor(job).imported.remote("torch")) is False
+    delta = _published_delta(ray_coordinator, job)
+    expected = _expected(clients, list(range(N)))
+    for v in delta.values():
+        assert float((v - expected).abs().max()) < 1e-5
+    assert state.round(job, 1).metrics["contributors"] == N
+    clients[9].drop_at = None  # round 2 without a dropout: it need not wait out the unmask phase
+    _drive(clients, lambda: state.job(job).state == "finished", timeout=180)
+    assert state.round(job, 2).metrics["contributors"] == N
 
 
 def test_unreachable_ray_address_fails_at_start_naming_it(tmp_path: Path) -> None:

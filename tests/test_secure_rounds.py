@@ -59,7 +59,7 @@ class SecureClient(RawClient):
                 self.upload_masked(attempt.task, masked, reply.secagg.attempt)
 
     def upload_masked(self, task: pb.Task, masked: bytes, attempt: int) -> pb.UploadReply:
-        update_id = f"m{attempt}-{self.client_id}"
+        update_id = f"m{task.round}.{attempt}-{self.client_id}"
         env = seal(masked, task.job_public_key, UpdateBinding(task.job_id, task.round, self.client_id, update_id))
         header = pb.UpdateHeader(job_id=task.job_id, round=task.round, task_id=task.task_id, update_id=update_id,
                                  num_examples=1, total_size=len(env), sha256=hashlib.sha256(env).hexdigest(),
@@ -190,11 +190,12 @@ def test_hostile_protocol_messages_get_stable_codes_and_change_nothing(coordinat
         for m in messages:
             assert _code(lambda m=m: c.stub.SecAgg(m, metadata=c.md("SecAgg"))) == code
     assert state.secagg_messages(job, 1, sec.attempt, "share") == before
-    # Let the protocol reach the mask phase, then send a masked vector of the wrong length.
-    _drive([x for x in clients if x is not c], lambda: (s := state.secagg_round(job, 1)) is not None
-           and s.phase == "mask", timeout=60)
+    # Let the protocol reach the mask phase (c now sends its real shares, so the share phase ends
+    # without waiting for its deadline), with nobody answering it: the phase stays open, and c
+    # then sends a masked vector of the wrong length.
     for x in clients:
         x.drop_at = pb.MASK
+    _drive(clients, lambda: (s := state.secagg_round(job, 1)) is not None and s.phase == "mask", timeout=60)
     task = c.participant._attempts[(job, 1, sec.attempt)].task
     short = MaskedInput(sender=0, peers=frozenset(params.graph[0]), vector=np.zeros(5, dtype=np.uint32)).to_bytes()
     assert _code(lambda: c.upload_masked(task, short, sec.attempt)) == grpc.StatusCode.INVALID_ARGUMENT

@@ -62,9 +62,11 @@ def test_bad_blobs_and_name_clashes_are_refused() -> None:
 
 
 def test_a_job_engine_reads_its_spec_and_publishes_without_importing_torch() -> None:
-    # What an engine actor on Ray imports: its module, the engine, state, store, keys, spec, publication.
+    # What an engine actor on Ray imports: its module, the engine, state, store, keys, spec,
+    # publication, and for secure aggregation the SecAgg+ server and its vector layout.
     code = ("import sys\n"
             "import fedtune.cluster.jobs, fedtune.coordinator.engine, fedtune.coordinator.publish\n"
+            "import fedtune.coordinator.secure_round, fedtune.secagg.adapter_vector\n"
             "from fedtune.spec import JobSpec\n"
             "JobSpec.stored(JobSpec.model_validate({'codec': 'fp32'}, context={'fedtune-stored-spec': True})"
             ".model_dump_json())\n"

@@ -133,6 +133,10 @@ class RayCompute:
         result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp)
         return result
 
+    def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None) -> bytes:
+        result: bytes = self._call("aggregate_sum", global_in, total, schema, clip, dp)
+        return result
+
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         if self.use_gpu:
             gpu: dict[str, float] = self.ray.get(

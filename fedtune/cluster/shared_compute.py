@@ -228,6 +228,12 @@ class SharedCompute:
 
         return next_global(global_in, plains, weights, codec, schema, strategy, dp)
 
+    def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None) -> bytes:
+        """See :func:`fedtune.coordinator.compute.next_global_from_sum` (``total``: a float64 vector)."""
+        from fedtune.coordinator.compute import next_global_from_sum
+
+        return next_global_from_sum(global_in, total, schema, clip, dp)
+
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         """See :meth:`EvalBatcher.evaluate`; ``adapter`` as safetensors bytes."""
         from fedtune.peft_io import bytes_to_tensors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from fedtune.compression.codecs import get_codec
@@ -16,6 +17,7 @@ from fedtune.coordinator.state import Job
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
 from fedtune.privacy import DpNoise, add_gaussian_noise, clip_update
+from fedtune.secagg.adapter_vector import unflatten_sum
 from fedtune.tensor_blobs import Schema
 
 if TYPE_CHECKING:
@@ -60,12 +62,29 @@ def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec
     return apply_mean(global_in, combined, dp.planned if dp else 1.0, dp)
 
 
+def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
+                         dp: DpNoise | None) -> bytes:
+    """A secure-aggregation round's new global adapter from its unmasked, decoded sum.
+
+    ``total`` holds the survivors' summed weighted deltas and, last, their summed weights (see
+    :mod:`fedtune.secagg.adapter_vector`); the mean divides by that sum, or under DP by the
+    planned cohort size after noising.
+    """
+    sums, weight = unflatten_sum(total, schema, clip)
+    return apply_mean(global_in, sums, dp.planned if dp else weight, dp)
+
+
 class Compute(Protocol):
     """Runs a job's aggregation and evaluation."""
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
                   strategy: str, dp: DpNoise | None) -> bytes:
         """See :func:`next_global`."""
+        ...
+
+    def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
+                      dp: DpNoise | None) -> bytes:
+        """See :func:`next_global_from_sum`."""
         ...
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
@@ -86,6 +105,10 @@ class InProcessCompute:
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
                   strategy: str, dp: DpNoise | None) -> bytes:
         return next_global(global_in, plains, weights, codec, schema, strategy, dp)
+
+    def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
+                      dp: DpNoise | None) -> bytes:
+        return next_global_from_sum(global_in, total, schema, clip, dp)
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         return self.evaluator.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))

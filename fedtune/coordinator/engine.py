@@ -5,8 +5,8 @@ after a crash: an open round keeps collecting, a closing round is aggregated aga
 durable updates (aggregation is deterministic), and publication replaces a half-written directory.
 
 The engine moves adapters as safetensors bytes and leaves tensor work to its :class:`Compute`, so
-on Ray an engine actor does not import torch; only a secure-aggregation job's engine does (SecAgg+
-unmasking is its own).
+on Ray an engine actor does not import torch. Under secure aggregation the engine unmasks the
+round's sum itself (numpy and cryptography only) and hands the decoded vector to its Compute.
 """
 
 from __future__ import annotations
@@ -263,18 +263,17 @@ class RoundEngine:
         privacy = self.spec.privacy
         dp = self._dp(rnd)
         if self.secure is not None:
-            from fedtune.coordinator.compute import apply_mean
             from fedtune.coordinator.secure_round import RoundAbandoned
 
             sec = self.state.secagg_round(self.job_id, rnd.round)
             assert sec is not None
             try:
-                sums, weight, _ = self.secure.aggregate(sec)
+                total, clip, _ = self.secure.aggregate(sec)
             except RoundAbandoned as e:
                 self.state.set_round_state(self.job_id, rnd.round, "open")
                 self._abandon(sec, str(e))
                 return
-            new_global = apply_mean(global_in, sums, dp.planned if dp else weight, dp)
+            new_global = self.compute.aggregate_sum(global_in, total, self.schema, clip, dp)
         else:
             plains = [self._open(u) for u in updates]
             new_global = self.compute.aggregate(global_in, plains, [u.num_examples for u in updates], self.spec.codec,

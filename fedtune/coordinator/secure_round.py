@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-import torch
+import numpy as np
 
 from fedtune.coordinator.keyring import KeyRing
 from fedtune.coordinator.state import CoordinatorState, SecAggRound
@@ -32,7 +32,7 @@ from fedtune.secagg import (
     decode_sum,
     max_scale,
 )
-from fedtune.secagg.adapter_vector import unflatten_sum, vector_len
+from fedtune.secagg.adapter_vector import vector_len
 from fedtune.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,9 @@ class SecureRound:
                  sec.phase, nxt, len(outbox))
         return False
 
-    def aggregate(self, sec: SecAggRound) -> tuple[dict[str, torch.Tensor], float, int]:
-        """The unmasked sum: (sum of weighted deltas per tensor, sum of weights, contributors).
+    def aggregate(self, sec: SecAggRound) -> tuple[np.ndarray, float, int]:
+        """The unmasked, decoded sum (float64, the layout of :mod:`fedtune.secagg.adapter_vector`),
+        the round's clip, and the number of contributors.
 
         Raises:
             RoundAbandoned: too many dropped to rebuild the masks (refused, never a wrong sum).
@@ -119,10 +120,8 @@ class SecureRound:
         except PreconditionFailed as e:
             raise RoundAbandoned(str(e)) from e
         params = SecAggParams.from_bytes(sec.params)
-        decoded = decode_sum(total, params.scale)
-        sums, weight = unflatten_sum(decoded, self.schema, params.clip)
         contributors = len(self._senders(sec, "mask"))
-        return sums, weight, contributors
+        return decode_sum(total, params.scale), params.clip, contributors
 
     # ------------------------------------------------------------------ progress
     def _senders(self, sec: SecAggRound, phase: str) -> set[int]:

@@ -3,12 +3,19 @@
 Layout: every tensor flattened in sorted name order, then one element carrying the client's
 weight, so the masked sum also yields the sum of weights and FedAvg's denominator stays hidden
 per client. The weight element is stored as ``weight * clip`` so that it survives clipping.
+
+torch is imported only where tensors are made: a coordinator's engine sizes vectors and unmasks
+sums with numpy alone (the sum becomes tensors in the compute actor).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def vector_len(schema: dict[str, tuple[int, ...]]) -> int:
@@ -18,12 +25,16 @@ def vector_len(schema: dict[str, tuple[int, ...]]) -> int:
 
 def flatten(delta: dict[str, torch.Tensor], weight: float, clip: float) -> np.ndarray:
     """``[weight * delta..., weight * clip]`` as float64."""
+    import torch
+
     parts = [delta[name].detach().to(torch.float64).reshape(-1).numpy() * weight for name in sorted(delta)]
     return np.concatenate([*parts, np.array([weight * clip])])
 
 
 def unflatten_sum(total: np.ndarray, schema: dict[str, tuple[int, ...]], clip: float) -> tuple[dict[str, torch.Tensor], float]:
     """Splits a decoded sum into per-tensor sums of weighted deltas and the sum of weights."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for name in sorted(schema):
