@@ -13,11 +13,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, tor
     Returns:
         `input_ids`, `attention_mask` and `labels`, each of shape (batch, longest sequence).
     """
+    import torch
+
     width = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

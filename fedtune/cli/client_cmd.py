@@ -33,14 +33,18 @@ def run(
 
     The data is validated in full before joining and never leaves this process.
     """
-    from fedtune.client.agent import ClientAgent
     from fedtune.client.channel import ClientTls
+    from fedtune.data import load_jsonl
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("--device must be auto, cpu or cuda")
     tls = ClientTls(ca_cert, client_cert, client_key, insecure)
+    # The data file and TLS settings are checked before the seconds of importing torch and peft.
+    examples = load_jsonl(data)
+    from fedtune.client.agent import ClientAgent
+
     agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,
-                        progress=progress)
+                        progress=progress, examples=examples)
     stats = agent.run()
     typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "
                f"{stats.bytes_down} bytes down", err=True)

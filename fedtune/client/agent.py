@@ -94,7 +94,9 @@ class ClientAgent:
     """One data owner's agent for one job."""
 
     def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path, tls: ClientTls,
-                 device: str = "auto", name: str | None = None, progress: bool = True) -> None:
+                 device: str = "auto", name: str | None = None, progress: bool = True,
+                 examples: list[Example] | None = None) -> None:
+        """``examples``: ``data`` already read with :func:`fedtune.data.load_jsonl` (else read at :meth:`run`)."""
         self.address = coordinator
         self.tls = tls
         self.token = token
@@ -107,7 +109,7 @@ class ClientAgent:
         self.cache = BlobCache(state_dir / "cache")
         self._prepared: Prepared | None = None
         self._model: tuple[str, Any] | None = None  # (base hash, peft model), reused across rounds
-        self._examples: list[Example] = []
+        self._examples: list[Example] = examples or []
         self._lock: IO[str] | None = None
         self._finished_tasks: set[str] = set()
         self._tasks_done = 0
@@ -203,7 +205,8 @@ class ClientAgent:
             idle_seconds: With ``max_tasks``, also return after this long without anything to do.
         """
         # Validate the whole private data file before anything touches the network.
-        self._examples = load_jsonl(self.data_path)
+        if not self._examples:
+            self._examples = load_jsonl(self.data_path)
         self._lock_state_dir()
         channel = open_channel(self.address, self.tls)
         try:

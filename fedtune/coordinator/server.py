@@ -12,18 +12,19 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedtune.coordinator.admin_api import AdminServicer
 from fedtune.coordinator.auth import AuthInterceptor
-from fedtune.coordinator.client_api import ClientServicer
-from fedtune.coordinator.service import Coordinator
+from fedtune.coordinator.state import CoordinatorState
 from fedtune.coordinator.tls import ServerTls, is_loopback
 from fedtune.errors import InvalidInput, StateConflict
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from fedtune.coordinator.service import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +107,20 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     if tls is None and not is_loopback(host):
         log.warning("plaintext gRPC on non-loopback address %s: anyone on the network can read the traffic", host)
     credentials = tls.credentials() if tls is not None else None
+    # What a user can get wrong (a state dir in use or of another version, a taken port) is found
+    # before the seconds of importing torch, transformers and peft that the service needs.
     lock = _lock_state_dir(state_dir)
     try:
-        coordinator = Coordinator(state_dir)
+        state = CoordinatorState(state_dir / "state.db")
     except BaseException:
         lock.close()
         raise
     token = admin_token(state_dir)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[AuthInterceptor(coordinator.state, token)],
+        interceptors=[AuthInterceptor(state, token)],
         options=SERVER_OPTIONS,
     )
-    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
-    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         if credentials is None:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -130,9 +129,24 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     except RuntimeError:
         bound = 0
     if not bound:
-        coordinator.stop()
+        state.close()
         lock.close()
         raise StateConflict(f"cannot listen on {host}:{port}: address in use or not available")
+    try:
+        from fedtune.coordinator.admin_api import AdminServicer
+        from fedtune.coordinator.client_api import ClientServicer
+        from fedtune.coordinator.service import Coordinator
+
+        coordinator = Coordinator(state_dir, state=state)
+    except BaseException:
+        server.stop(0)
+        state.close()
+        lock.close()
+        raise
+    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if ray or ray_address:
         try:
             coordinator.use_ray(ray_address)

@@ -88,9 +88,10 @@ class Coordinator:
     priority and quota (:mod:`fedtune.cluster.jobs`) on a local Ray or an existing cluster.
     """
 
-    def __init__(self, state_dir: Path, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
+    def __init__(self, state_dir: Path, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS, *,
+                 state: CoordinatorState | None = None) -> None:
         self.state_dir = state_dir
-        self.state = CoordinatorState(state_dir / "state.db")
+        self.state = state if state is not None else CoordinatorState(state_dir / "state.db")
         self.store = ArtifactStore(state_dir / "blobs")
         self.adapters_root = state_dir / "adapters"
         self.models_root = state_dir / "models"

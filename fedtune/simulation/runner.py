@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.client.agent import ClientAgent
 from fedtune.client.channel import INSECURE
 from fedtune.coordinator.server import start
 from fedtune.data import write_synthetic_federation
@@ -97,6 +96,9 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
             if not spec.eval_data:
                 spec = spec.model_copy(update={"eval_data": str(eval_file)})
         files = write_partitions(partition(data, n_clients, scheme), root / "clients-data")
+        # Imported once the settings and data are known to be good: torch and peft take seconds.
+        from fedtune.client.agent import ClientAgent
+
         # Ray first: an unreachable --ray-address fails before any job is created.
         # Keep a worker per concurrent virtual client alive between rounds: by default Ray keeps only
         # one per CPU, and each fresh worker spends seconds importing torch before it trains.
