@@ -180,6 +180,31 @@ def test_job_asking_for_more_than_the_cluster_has_is_queued_with_the_reason(
         ray_admin.stub.CancelJob(pb.GetJobRequest(job_id=job), metadata=ray_admin.md)
 
 
+def test_the_compute_actor_evaluates_with_the_running_jobs_cpu_quotas(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path]) -> None:
+    backend = ray_coordinator.coordinator.ray
+    assert backend is not None
+    if backend.total().cpus < 2:
+        pytest.skip("needs a Ray with 2 CPUs for two 1-CPU jobs at once")
+    import ray
+
+    _, eval_file = fed_data
+    first = ray_admin.create_job(_spec(eval_file, "one-cpu", 4, "q_proj", cpus=1))
+    (compute,) = backend._computes.values()
+
+    def threads(n: int) -> bool:
+        return bool(ray.get(compute.actor.threads.remote()) == n)
+
+    # Ray starts a 0-CPU actor with OMP_NUM_THREADS=1; the scheduler sizes it by the quotas instead.
+    wait_until(lambda: threads(1), timeout=30, what="1 evaluation thread for one 1-CPU job")
+    second = ray_admin.create_job(_spec(eval_file, "another-cpu", 4, "q_proj", cpus=1))
+    assert ray_admin.job(second).state == "running"
+    wait_until(lambda: threads(2), timeout=30, what="2 evaluation threads for two 1-CPU jobs")
+    ray_admin.stub.CancelJob(pb.GetJobRequest(job_id=second), metadata=ray_admin.md)
+    wait_until(lambda: threads(1), timeout=30, what="1 thread again once the second job ends")
+    ray_admin.stub.CancelJob(pb.GetJobRequest(job_id=first), metadata=ray_admin.md)
+
+
 def test_a_job_whose_base_cannot_be_shared_fails_with_the_reason(
         ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
         tmp_path: Path) -> None:

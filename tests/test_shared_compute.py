@@ -114,3 +114,19 @@ def test_a_failed_batched_pass_reaches_every_waiting_caller(
         batcher.evaluate_many([(jobs[0], good), (jobs[1], bad)])
     # The worker survives: the next evaluation works.
     assert batcher.evaluate(jobs[0], good)["eval_loss"] > 0
+
+
+def test_an_evaluation_pass_runs_with_the_threads_it_is_given(
+        tmp_path: Path, fed_data: tuple[list[Path], Path]) -> None:
+    _, eval_file = fed_data
+    base = materialize_preset(TINY_PRESET, tmp_path / "base")
+    job = _job("job-a", eval_file, "peft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", base)
+    adapter = _random_adapter(base, 0, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    batcher = EvalBatcher(Evaluator(lambda _job: base, CPU), base, load_causal_lm, CPU)
+    # The scheduler sizes the pool (see SharedCompute.set_threads); the worker thread applies it,
+    # since with OpenMP a thread count set in one thread does not reach another.
+    first = batcher.evaluate(job, adapter)
+    for threads in (2, 1):
+        batcher.threads = threads
+        assert batcher.evaluate(job, adapter)["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
+        assert batcher.pass_threads[-1] == threads

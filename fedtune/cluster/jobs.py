@@ -197,7 +197,9 @@ class _Running:
     actor: Any
     demand: Demand
     ping: Any = None
-    base_dir: str = ""
+    base_dir: str = ""  # a compute actor's base
+    base_hash: str = ""  # an engine's base
+    threads_sent: float = -1.0  # a compute actor's last thread budget
 
 
 class RayBackend:
@@ -221,6 +223,7 @@ class RayBackend:
 
         self._compute_cls = self.ray.remote(SharedCompute)
         self._compute_concurrency = DEFAULT_CONCURRENCY
+        self._threads_seq = 0
         self._thread = threading.Thread(target=self._supervise, name="ray-scheduler", daemon=True)
         self._thread.start()
 
@@ -284,7 +287,21 @@ class RayBackend:
         except self.ray.exceptions.ActorAlreadyExistsError:
             log.info("base %s: the dead compute actor's name is not free yet", base_hash[:12])
             return
+        run.threads_sent = -1.0
         log.info("base %s: compute actor started", base_hash[:12])
+        self._size_compute(base_hash)
+
+    def _size_compute(self, base_hash: str) -> None:
+        """Tells the base's compute actor the summed CPU quota of the running jobs on it."""
+        run = self._computes.get(base_hash)
+        if run is None or run.actor is None:
+            return
+        # A GPU job's CPU quota is held by its evaluation tasks, not by this actor.
+        cpus = sum(r.demand.cpus for r in self._running.values() if r.base_hash == base_hash and not r.demand.gpus)
+        if cpus != run.threads_sent:
+            self._threads_seq += 1
+            run.actor.set_threads.remote(cpus, self._threads_seq)
+            run.threads_sent = cpus
 
     def _start(self, job: Job) -> None:
         """Starts the job's engine actor; a job whose engine cannot start fails, naming why."""
@@ -304,7 +321,8 @@ class RayBackend:
             name=f"fedtune-engine-{job.job_id}-{restarts}", max_restarts=0, num_cpus=0,
             resources={self.pin: _PIN},
         ).remote(*args)
-        self._running[job.job_id] = _Running(actor, demand_of(spec))
+        self._running[job.job_id] = _Running(actor, demand_of(spec), base_hash=job.base_hash)
+        self._size_compute(job.base_hash)
         log.info("job %s: engine started (quota %s)", job.job_id, demand_of(spec).describe())
 
     def actor(self, job_id: str) -> Any:
@@ -370,9 +388,10 @@ class RayBackend:
         run = self._running.pop(job_id, None)
         if run is not None:
             self.ray.kill(run.actor, no_restart=True)
-            compute = self._computes.get(self.co.state.job(job_id).base_hash)
+            compute = self._computes.get(run.base_hash)
             if compute is not None and compute.actor is not None:
                 compute.actor.release.remote(job_id)
+            self._size_compute(run.base_hash)
 
     def cancel(self, job_id: str) -> None:
         """Stops a job's actor (the caller marks the job cancelled first)."""

@@ -8,7 +8,11 @@ store, and evaluations that are waiting at the same moment run as one batch thro
 :class:`fedtune.batching.MultiLoraModel` (each job's adapter on its own rows of one forward pass).
 
 A job's CPU quota is still what admits it (fedtune's scheduler starts a job only when its quota
-fits); GPU evaluations run as Ray tasks that hold the job's GPUs (:mod:`fedtune.cluster.jobs`).
+fits), and it also sizes the actor's torch threads: the scheduler sets them to the sum of the CPU
+quotas of the running jobs on the base (at least one, at most the node's cores), so evaluation
+neither exceeds what was admitted nor runs on one thread when jobs were granted more. (The actor
+itself reserves no CPU: Ray would otherwise start it with ``OMP_NUM_THREADS=1`` and keep it
+there.) GPU evaluations run as Ray tasks that hold the job's GPUs (:mod:`fedtune.cluster.jobs`).
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class EvalBatcher:
         self._data: dict[str, tuple[list[dict[str, list[int]]], int]] = {}
         self._tokenizer: Any = None
         self.passes: list[int] = []  # adapters per batched pass, for tests and logs
+        self.threads = 0  # torch threads of a pass; 0 leaves torch's own setting
+        self.pass_threads: list[int] = []  # torch threads each pass ran with, for tests
         self._worker = threading.Thread(target=self._work, name="eval-batcher", daemon=True)
         self._worker.start()
 
@@ -118,6 +124,8 @@ class EvalBatcher:
                 while not self._pending:
                     self._cond.wait()
                 taken, self._pending = self._pending, []
+            _use_threads(self.threads)
+            self.pass_threads.append(_torch_threads())
             together: list[_Request] = []
             alone: list[_Request] = []
             for r in taken:
@@ -197,6 +205,21 @@ class EvalBatcher:
         return [loss_metrics("", loss) for loss in losses]
 
 
+def _use_threads(n: int) -> None:
+    """Sets torch's intra-op threads for the calling thread (with OpenMP the setting is per thread)."""
+    if n > 0:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 class SharedCompute:
     """The body of a base's compute actor (made remote by :class:`fedtune.cluster.jobs.RayBackend`)."""
 
@@ -216,22 +239,40 @@ class SharedCompute:
         evaluator = Evaluator(lambda _job: Path(base_dir), device, load_base=load_base)
         self.batcher = EvalBatcher(evaluator, Path(base_dir), load_base, device,
                                    int(os.environ.get("FEDTUNE_EVAL_MAX_BATCH", DEFAULT_MAX_BATCH)))
+        self._threads_lock = threading.Lock()
+        self._threads_seq = 0
 
     def pid(self) -> int:
         """The actor's process id."""
         return os.getpid()
+
+    def set_threads(self, cpus: float, seq: int) -> int:
+        """Sizes evaluation and aggregation to ``cpus`` (the running jobs' summed quota): ``floor``,
+        at least 1, at most the node's cores. ``seq`` orders calls that a threaded actor may run out
+        of order; an older one is ignored. Returns the threads now in use."""
+        with self._threads_lock:
+            if seq > self._threads_seq:
+                self._threads_seq = seq
+                self.batcher.threads = max(1, min(int(cpus), os.cpu_count() or 1))
+            return self.batcher.threads
+
+    def threads(self) -> int:
+        """The torch threads an evaluation pass uses (0 until the scheduler has set them)."""
+        return self.batcher.threads
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
                   strategy: str, dp: DpNoise | None) -> bytes:
         """See :func:`fedtune.coordinator.compute.next_global`."""
         from fedtune.coordinator.compute import next_global
 
+        _use_threads(self.batcher.threads)
         return next_global(global_in, plains, weights, codec, schema, strategy, dp)
 
     def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None) -> bytes:
         """See :func:`fedtune.coordinator.compute.next_global_from_sum` (``total``: a float64 vector)."""
         from fedtune.coordinator.compute import next_global_from_sum
 
+        _use_threads(self.batcher.threads)
         return next_global_from_sum(global_in, total, schema, clip, dp)
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
