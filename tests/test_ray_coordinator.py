@@ -190,7 +190,7 @@ def test_the_compute_actor_evaluates_with_the_running_jobs_cpu_quotas(
 
     _, eval_file = fed_data
     first = ray_admin.create_job(_spec(eval_file, "one-cpu", 4, "q_proj", cpus=1))
-    (compute,) = backend._computes.values()
+    compute = backend._computes[ray_coordinator.coordinator.state.job(first).base_hash]
 
     def threads(n: int) -> bool:
         return bool(ray.get(compute.actor.threads.remote()) == n)
@@ -198,7 +198,8 @@ def test_the_compute_actor_evaluates_with_the_running_jobs_cpu_quotas(
     # Ray starts a 0-CPU actor with OMP_NUM_THREADS=1; the scheduler sizes it by the quotas instead.
     wait_until(lambda: threads(1), timeout=30, what="1 evaluation thread for one 1-CPU job")
     second = ray_admin.create_job(_spec(eval_file, "another-cpu", 4, "q_proj", cpus=1))
-    assert ray_admin.job(second).state == "running"
+    # (Running at once, or as soon as the scheduler reaps a job of an earlier test that just ended.)
+    wait_until(lambda: ray_admin.job(second).state == "running", timeout=30, what="the second job to start")
     wait_until(lambda: threads(2), timeout=30, what="2 evaluation threads for two 1-CPU jobs")
     ray_admin.stub.CancelJob(pb.GetJobRequest(job_id=second), metadata=ray_admin.md)
     wait_until(lambda: threads(1), timeout=30, what="1 thread again once the second job ends")
