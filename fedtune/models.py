@@ -13,19 +13,16 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
 
 from fedtune.errors import InvalidInput
+
+if TYPE_CHECKING:
+    # transformers is imported where a model or tokenizer is built: its import takes seconds,
+    # and a client agent should refuse a bad token or data file before paying for it.
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +75,7 @@ def materialize_preset(name: str, out_dir: Path) -> Path:
 def _char_tokenizer() -> PreTrainedTokenizerFast:
     # Imported here: only the preset build needs the low-level tokenizers API.
     from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if 32 <= ord(c) < 127 or c == "\n"]
     vocab = {tok: i for i, tok in enumerate([*_SPECIAL_TOKENS, *sorted(set(chars), key=ord)])}
@@ -102,6 +100,8 @@ def _char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _build_tiny_llama(out_dir: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tokenizer = _char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -234,6 +234,8 @@ def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
     Raises:
         InvalidInput: The directory does not hold a loadable causal LM.
     """
+    from transformers import AutoModelForCausalLM
+
     dtype = dtype_for(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -255,7 +257,7 @@ def skeleton_causal_lm(path: Path) -> PreTrainedModel:
         InvalidInput: The directory has no loadable config or no weight files.
     """
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     try:
@@ -289,6 +291,8 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     Raises:
         InvalidInput: No tokenizer can be loaded, or it has neither a pad nor an eos token.
     """
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,6 +84,22 @@ class Prepared:
     pad_id: int
     training: dict[str, Any]
     peft_config: dict[str, Any]
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def _import_training_libraries() -> None:
+    """Imports transformers and peft (seconds), once per process, one thread at a time.
+
+    The agent calls it right after joining, so a bad token, certificate or coordinator address is
+    refused before paying for them. The lock matters where several agents share a process (a
+    simulation's batched virtual clients): transformers' lazy module is not safe to import from
+    two threads at once ("cannot import name 'AutoTokenizer'" in one of them).
+    """
+    with _IMPORT_LOCK:
+        import peft  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 def train_seed(training: dict[str, Any], round_no: int) -> int:
@@ -213,6 +230,7 @@ class ClientAgent:
             stub = pb_grpc.ClientServiceStub(channel)
             ident = self._identity(stub)
             client_id = self._client_id = ident["client_id"]
+            _import_training_libraries()
             idle_since = time.monotonic()
             while max_tasks is None or self._tasks_done < max_tasks:
                 if idle_seconds is not None and time.monotonic() - idle_since > idle_seconds:
