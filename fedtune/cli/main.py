@@ -79,14 +79,12 @@ def simulate(
     """Many virtual clients on Ray, through the same code path as real agents."""
     from fedtune.errors import InvalidInput
 
-    # Settings are checked before the seconds of importing torch and Ray.
-    if not config.is_file():
-        raise InvalidInput(f"job spec {config} does not exist")
-    if batch_clients < 1:
-        raise InvalidInput(f"--batch-clients must be at least 1, got {batch_clients}")
+    # Imports neither torch nor Ray: the runner checks the settings and data before they load.
     from fedtune.simulation.runner import ClientResources
     from fedtune.simulation.runner import simulate as run_simulation
 
+    if not config.is_file():
+        raise InvalidInput(f"job spec {config} does not exist")
     run_simulation(config, clients, partition, data, ClientResources.parse(client_resources), out, ray_address,
                    batch_clients)
 

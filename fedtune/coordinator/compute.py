@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from fedtune.coordinator.evaluator import Evaluator
 
 
-
 def combine_updates(plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
                     clip_norm: float | None) -> dict[str, torch.Tensor]:
     """Decodes opened updates and combines them.

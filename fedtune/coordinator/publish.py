@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from fedtune.coordinator.state import Job
 
 
-
-
 def publish_adapter(
     root: Path,
     *,
