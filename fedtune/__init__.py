@@ -5,3 +5,10 @@ __version__ = "0.1.0"
 # Bumped whenever the coordinator's on-disk layout (SQLite schema, store layout) changes
 # incompatibly; a coordinator refuses a state dir written with another value.
 STATE_FORMAT = 2
+
+# fedtune's own peft tuners (bitfit, bottleneck) register with peft once peft is imported, so that
+# `import fedtune` then `PeftModel.from_pretrained(base, dir)` loads them. torch and peft are not
+# imported here: the coordinator's job engines import fedtune without them.
+from fedtune.methods.tuners.registration import install_import_hook as _install_import_hook
+
+_install_import_hook()

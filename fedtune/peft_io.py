@@ -29,7 +29,7 @@ from fedtune.errors import InvalidInput
 if TYPE_CHECKING:
     # peft (which imports bitsandbytes) costs ~180 MB per process: the coordinator's job engines,
     # which only move tensors and files, never import it.
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig, PeftConfig, PeftModel
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -106,16 +106,19 @@ def block_names(layers: list[int], layers_pattern: str) -> list[str]:
 def build_peft_model(
     base_model: PreTrainedModel,
     *,
-    r: int,
-    alpha: float,
-    dropout: float,
-    target_modules: list[str],
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
     seed: int = 0,
     layers: list[int] | None = None,
     layers_pattern: str | None = None,
     whole_blocks: bool = False,
+    config: PeftConfig | None = None,
 ) -> PeftModel:
-    """Wraps a base model with a freshly initialised LoRA adapter (or trainable copies of whole blocks).
+    """Wraps a base model with a freshly initialised adapter: LoRA from the keyword arguments, any
+    registered method from ``config`` (see `fedtune.methods.config_for`), or trainable copies of
+    whole blocks.
 
     The adapter's random init depends only on `seed`, so participants that build with the same
     arguments start from the same adapter. The base model is modified in place (peft injects its
@@ -132,6 +135,7 @@ def build_peft_model(
         layers_pattern: Name of the block list in module paths, with ``layers``.
         whole_blocks: Train the ``layers`` blocks' own weights instead (see `lora_config`); the
             adapter then starts as a copy of them.
+        config: A ready peft config of any method; the LoRA arguments are then ignored.
 
     Returns:
         The peft model with the adapter named "default" active.
@@ -141,7 +145,11 @@ def build_peft_model(
     """
     from peft import get_peft_model
 
-    config = lora_config(r, alpha, dropout, target_modules, layers, layers_pattern, whole_blocks=whole_blocks)
+    if config is None or whole_blocks:
+        config = lora_config(r, alpha, dropout, target_modules or ["q_proj", "v_proj"], layers, layers_pattern,
+                             whole_blocks=whole_blocks)
+    # As users name it in messages: LoRA, LOHA, PROMPT_TUNING ...
+    method = str(getattr(config.peft_type, "value", config.peft_type)).replace("LORA", "LoRA")
     # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG
     # (manual_seed seeds CUDA too, hence its device in the fork).
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -152,7 +160,7 @@ def build_peft_model(
         try:
             model = get_peft_model(base_model, config)
         except ValueError as e:
-            raise InvalidInput(f"cannot add LoRA to the base model: {e}") from e
+            raise InvalidInput(f"cannot add {method} to the base model: {e}") from e
     if whole_blocks:
         # peft skips a modules_to_save name that matches nothing; a block that is not there is an error here.
         keys = list(_peft_state(model))
@@ -160,6 +168,18 @@ def build_peft_model(
         if missing:
             raise InvalidInput(f"cannot tune whole blocks: the base model has no block {_names(missing)}")
     return model
+
+
+def check_sequence_room(model: PreTrainedModel, virtual_tokens: int, max_seq_len: int) -> None:
+    """Checks that a method's virtual tokens and the job's sequences fit the model's positions.
+
+    Raises:
+        InvalidInput: naming both lengths and the model's limit.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if virtual_tokens and limit is not None and virtual_tokens + max_seq_len > limit:
+        raise InvalidInput(f"job spec: peft.num_virtual_tokens ({virtual_tokens}) plus training.max_seq_len "
+                           f"({max_seq_len}) is more than the base's {limit} positions")
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -222,6 +242,11 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     # peft reports every base weight as missing (they are not in an adapter state), so only
     # unexpected keys tell us something; they mean peft's key mapping disagreed with ours.
     not_taken = list(result.unexpected_keys)  # type: ignore[attr-defined]  # peft annotates a bare namedtuple
+    if "prompt_embeddings" in state and model.active_peft_config.is_prompt_learning:
+        # peft loads a soft prompt into its encoder's embedding by hand and still reports the key.
+        taken = model.prompt_encoder[model.active_adapter].embedding.weight
+        if torch.equal(taken.detach().cpu().float(), state["prompt_embeddings"].float()):
+            not_taken.remove("prompt_embeddings")
     if not_taken:
         raise InvalidInput(
             f"adapter state has {len(not_taken)} key(s) the model did not take: {_names(not_taken)}"
@@ -266,7 +291,7 @@ def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise InvalidInput(f"update is not a valid safetensors blob: {e}") from e
 
 
-def adapter_config_text(peft_config: LoraConfig, base_model_name_or_path: str) -> str:
+def adapter_config_text(peft_config: PeftConfig, base_model_name_or_path: str) -> str:
     """The ``adapter_config.json`` that `PeftModel.save_pretrained` would write for this config.
 
     Computed once where peft is loaded, so processes that only publish need not import it.
@@ -291,7 +316,7 @@ def write_adapter_files(config_text: str, state: dict[str, torch.Tensor], out_di
 
 
 def save_adapter_dir(
-    peft_config: LoraConfig,
+    peft_config: PeftConfig,
     state: dict[str, torch.Tensor],
     out_dir: Path,
     base_model_name_or_path: str,

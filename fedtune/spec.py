@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from fedtune.errors import InvalidInput
+from fedtune.methods import METHODS, MethodOptions, get_method
 
 # Validation context key of specs read back from the coordinator's state (see JobSpec.stored).
 _STORED = "fedtune-stored-spec"
@@ -23,14 +33,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PeftSpec(_Strict):
-    """Adapter configuration (LoRA today; other peft methods plug in here)."""
+def _method_tag(value: object) -> str:
+    # peft.method picks the options model; a spec without one means LoRA, as before methods had names.
+    if isinstance(value, dict):
+        return str(value.get("method", "lora"))
+    return str(getattr(value, "method", "lora"))
 
-    method: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+# The options of every registered PEFT method (fedtune.methods), told apart by ``method``.
+PeftSpec = Annotated[
+    Union[tuple(Annotated[m.options, Tag(name)] for name, m in METHODS.items())],  # type: ignore[misc]  # noqa: UP007
+    Discriminator(_method_tag, custom_error_type="unknown_method",
+                  custom_error_message=f"unknown PEFT method; known: {', '.join(METHODS)}"),
+]
+
+
+def default_peft() -> MethodOptions:
+    """The ``peft`` section of a spec that gives none: LoRA with its defaults."""
+    return METHODS["lora"].options.model_validate({})
 
 
 class TrainingSpec(_Strict):
@@ -61,6 +81,10 @@ class AggregationSpec(_Strict):
     """How accepted updates become the next global adapter."""
 
     strategy: Literal["fedavg"] = "fedavg"
+    # LoRA only. factors: FedAvg of A and B apart; exact: mean of the products B·A, re-factored to
+    # rank r by SVD; ffa: A frozen at its shared init, only B trains and travels (FFA-LoRA);
+    # fedsa: A is shared and averaged, each client keeps training its own B (FedSA-LoRA).
+    lora: Literal["factors", "exact", "ffa", "fedsa"] = "factors"
     # Updates whose L2 norm is above this are rejected at upload (None: no bound).
     max_update_norm: float | None = Field(None, gt=0)
 
@@ -173,7 +197,7 @@ class JobSpec(_Strict):
     offsite: OffsiteSpec | None = None
     # Clients load the base (or emulator) quantized with bitsandbytes and train LoRA on top (QLoRA).
     client_quantization: Literal["nf4", "int8"] | None = None
-    peft: PeftSpec = Field(default_factory=lambda: PeftSpec.model_validate({}))
+    peft: PeftSpec = Field(default_factory=default_peft)
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec.model_validate({}))
     # fp32, fp16, bf16, int8, int4, int2, topk:FRACTION, topk:FRACTION+int8|int4 (fedtune.compression.codecs)
@@ -216,9 +240,10 @@ class JobSpec(_Strict):
         if self.tunes_blocks and self.client_quantization:
             raise ValueError(f"offsite.tune: blocks trains the adapter blocks' own weights, which "
                              f"client_quantization {self.client_quantization} would quantize; drop one")
-        if self.tunes_blocks and self.peft != PeftSpec.model_validate({}):
+        if self.tunes_blocks and self.peft != default_peft():
             raise ValueError("peft settings have no effect with offsite.tune: blocks (no LoRA is added); "
                              "remove them or use tune: lora")
+        self._method_fits()
         codec = None
         if not (info.context and info.context.get(_STORED)):  # a stored spec's codec was checked at creation
             from fedtune.compression.codecs import get_codec
@@ -239,6 +264,31 @@ class JobSpec(_Strict):
                                  f"({self.min_clients}): every cohort needs that many neighbours per client")
         return self
 
+    def _method_fits(self) -> None:
+        method = get_method(self.peft.method)
+        name = method.name
+        why = method.refusal(self.peft, self)
+        if why:
+            raise ValueError(f"peft.method {name}: {why}")
+        if self.mode == "offsite" and not self.tunes_blocks and not method.blocks:
+            raise ValueError(f"peft.method {name} cannot be confined to offsite tuning's adapter blocks "
+                             "(peft has no layers_to_transform for it); use lora, loha, lokr, vera, bitfit "
+                             "or bottleneck")
+        if self.client_quantization and not method.quantized_base:
+            raise ValueError(f"client_quantization {self.client_quantization}: peft cannot train {name} on a "
+                             "bitsandbytes-quantized base; use lora, ia3 or a prompt method, or drop it")
+        mode = self.aggregation.lora
+        if mode != "factors" and not method.lora:
+            raise ValueError(f"aggregation.lora {mode} is for peft.method lora, not {name}")
+        if self.secure_aggregation is not None and mode in ("exact", "fedsa"):
+            raise ValueError(f"aggregation.lora {mode} is not a sum of what clients send, and secure aggregation "
+                             "reveals only the sum; use ffa (exact and additive) or factors")
+        if self.privacy is not None and mode == "exact":
+            raise ValueError("aggregation.lora exact re-factors the mean product by SVD, which the DP noise on "
+                             "the clipped sum does not bound; use ffa or factors with privacy")
+        if self.tunes_blocks and mode != "factors":
+            raise ValueError("aggregation.lora applies to LoRA; offsite.tune: blocks trains no LoRA")
+
     @property
     def tunes_blocks(self) -> bool:
         """Whether clients train the adapter blocks themselves rather than LoRA on them."""
@@ -247,10 +297,16 @@ class JobSpec(_Strict):
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    parts = [str(p) for p in first["loc"]]
+    if len(parts) > 1 and parts[0] == "peft" and parts[1] in METHODS:
+        del parts[1]  # the union's tag: peft.r, not peft.lora.r
+    loc = ".".join(parts)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["type"] == "unknown_method" and isinstance(first.get("input"), dict):
+        loc += ".method"
+        msg = f"unknown PEFT method {first['input'].get('method')!r}; known: {', '.join(METHODS)}"
     return f"job spec: {loc}: {msg}" if loc else f"job spec: {msg}"
 
 

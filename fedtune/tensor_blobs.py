@@ -40,6 +40,13 @@ def shapes(data: bytes) -> Schema:
             if k != _METADATA}
 
 
+def metadata(data: bytes) -> dict[str, str]:
+    """The blob's ``__metadata__`` string pairs (empty when it has none)."""
+    header, _ = _split(data)
+    meta = header.get(_METADATA) or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def rename(data: bytes, new_name: Callable[[str], str]) -> bytes:
     """The same blob with every tensor ``k`` called ``new_name(k)``; data and metadata unchanged.
 

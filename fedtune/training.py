@@ -192,6 +192,8 @@ def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     on any architecture, and in fp32 whatever dtype the model runs in.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Prompt tuning prepends its virtual tokens to the logits; the labels are the real tokens'.
+    logits = logits[:, logits.size(1) - batch["input_ids"].size(1):, :]
     # Position t predicts token t + 1.
     logits = logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]

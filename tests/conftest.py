@@ -139,12 +139,13 @@ def tiny_training_setup(tmp_path_factory: pytest.TempPathFactory, n_clients: int
 
 
 def run_agents(coordinator: RunningCoordinator, admin: Admin, job: str, data: list[Path], tmp_path: Path,
-               timeout: float = 240) -> None:
+               timeout: float = 240, extra: list[list[str]] | None = None) -> None:
     """Runs one plaintext client agent process per data file against an in-process coordinator
-    until the job ends; fails with an agent's log when one exits non-zero."""
+    until the job ends; fails with an agent's log when one exits non-zero. ``extra``: each
+    agent's own further arguments."""
     agents = [spawn("client", "run", "--coordinator", coordinator.address, "--token", admin.token(job),
                     "--data", str(path), "--state-dir", str(tmp_path / f"c{i}"), "--no-progress", "--insecure",
-                    log=tmp_path / f"c{i}.log") for i, path in enumerate(data)]
+                    *(extra[i] if extra else []), log=tmp_path / f"c{i}.log") for i, path in enumerate(data)]
     try:
         for i, a in enumerate(agents):
             assert a.wait(timeout=timeout) == 0, (tmp_path / f"c{i}.log").read_text()[-3000:]

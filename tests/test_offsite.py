@@ -191,18 +191,18 @@ def test_publishing_block_weights_under_a_lora_config_fails_and_writes_nothing(t
     # would load it and silently drop the tuned blocks. The job must fail instead, naming a tensor.
     from fedtune.coordinator.publish import publish_adapter, published_adapter_config
     from fedtune.errors import FedtuneError
-    from fedtune.spec import PeftSpec
+    from fedtune.spec import default_peft
 
-    peft = PeftSpec.model_validate({})
+    peft = default_peft()
     from fedtune.peft_io import tensors_to_bytes
 
     state = tensors_to_bytes({"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)})
-    lora_config = published_adapter_config(peft, "base", [0, 5], "layers")
+    lora_config = published_adapter_config(peft.model_dump(), "base", [0, 5], "layers")
     with pytest.raises(FedtuneError, match=r"does not load tensor 'base_model\.model\.model\.layers\.0\.mlp"):
         publish_adapter(tmp_path, job_id="j", job_name="j", rnd=1, state=state, peft=peft, base_model="base",
                         base_hash="h", metrics={}, contributors=1, adapter_config=lora_config)
     assert not (tmp_path / "j").exists()
-    blocks_config = published_adapter_config(peft, "base", [0, 5], "layers", whole_blocks=True)
+    blocks_config = published_adapter_config(peft.model_dump(), "base", [0, 5], "layers", whole_blocks=True)
     path, _ = publish_adapter(tmp_path, job_id="j", job_name="j", rnd=1, state=state, peft=peft, base_model="base",
                               base_hash="h", metrics={}, contributors=1, adapter_config=blocks_config)
     assert json.loads((path / "adapter_config.json").read_text())["modules_to_save"] == ["layers.0", "layers.5"]

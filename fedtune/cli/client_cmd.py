@@ -24,6 +24,9 @@ def run(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     name: Annotated[str | None, typer.Option("--name", help="Name shown to the operator.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    max_rank: Annotated[int | None, typer.Option(
+        "--max-rank", min=1, help="Train a LoRA job at most at this rank (small devices); the job's rank by default.")
+    ] = None,
     ca_cert: CaCert = None,
     client_cert: ClientCert = None,
     client_key: ClientKey = None,
@@ -44,7 +47,7 @@ def run(
     from fedtune.client.agent import ClientAgent
 
     agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,
-                        progress=progress, examples=examples)
+                        progress=progress, examples=examples, max_rank=max_rank)
     stats = agent.run()
     typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "
                f"{stats.bytes_down} bytes down", err=True)

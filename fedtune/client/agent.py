@@ -35,6 +35,7 @@ from fedtune.crypto.keys import load_or_create, raw_public_bytes
 from fedtune.crypto.requests import sign_request
 from fedtune.data import Example, load_jsonl, tokenize
 from fedtune.errors import AuthError, FedtuneError, InvalidInput, StateConflict, from_rpc_error
+from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.models import load_causal_lm, load_tokenizer, pick_device
 from fedtune.peft_io import (
     adapter_state,
@@ -112,8 +113,10 @@ class ClientAgent:
 
     def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path, tls: ClientTls,
                  device: str = "auto", name: str | None = None, progress: bool = True,
-                 examples: list[Example] | None = None) -> None:
-        """``examples``: ``data`` already read with :func:`fedtune.data.load_jsonl` (else read at :meth:`run`)."""
+                 examples: list[Example] | None = None, max_rank: int | None = None) -> None:
+        """``examples``: ``data`` already read with :func:`fedtune.data.load_jsonl` (else read at :meth:`run`).
+        ``max_rank``: train LoRA at most at this rank (small devices; the job's rank otherwise)."""
+        self.max_rank = max_rank
         self.address = coordinator
         self.tls = tls
         self.token = token
@@ -281,6 +284,12 @@ class ClientAgent:
                                   peft_config)
         return self._prepared
 
+    def _plan(self, prepared: Prepared) -> ClientPlan:
+        """How this client trains the task's adapter (its rank, what it keeps, what it sends)."""
+        # One file per enrollment: a fedsa client's own B belongs to its job.
+        personal = self.state_dir / "personal" / f"{self._client_id or 'client'}.safetensors"
+        return client_plan(prepared.peft_config, self.max_rank, personal)
+
     def _peft_model(self, prepared: Prepared) -> Any:
         """The job's peft model on this agent's device, loaded once per model."""
         if self._model is not None and self._model[0] == prepared.base_hash:
@@ -300,9 +309,12 @@ class ClientAgent:
         else:
             base = load_causal_lm(model_dir, self.device)
         cfg = prepared.peft_config
-        model = build_peft_model(base, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
-                                 target_modules=cfg["target_modules"], layers=cfg.get("layers_to_transform"),
-                                 layers_pattern=cfg.get("layers_pattern"), whole_blocks=cfg.get("tune") == "blocks")
+        blocks = cfg.get("tune") == "blocks"
+        plan = self._plan(prepared)
+        model = build_peft_model(base, config=None if blocks else plan.peft_config(),
+                                 layers=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                                 whole_blocks=blocks)
+        plan.prepare(model)
         self._model = (prepared.base_hash, model)
         return model
 
@@ -314,7 +326,7 @@ class ClientAgent:
         adapters in one pass instead (:mod:`fedtune.simulation.batched`).
         """
         model = self._peft_model(prepared)
-        load_adapter_state(model, global_state)
+        load_adapter_state(model, self._plan(prepared).start(global_state))
         t = prepared.training
         result = train_adapter(
             model, prepared.tokenized, pad_id=prepared.pad_id, lr=float(t["lr"]), batch_size=int(t["batch_size"]),
@@ -338,7 +350,10 @@ class ClientAgent:
         result, trained = self._train(prepared, global_state, task)
         t1 = time.perf_counter()
         codec = get_codec(training.get("codec", "fp32"))
-        delta = {k: trained[k] - global_state[k] for k in global_state}
+        plan = self._plan(prepared)
+        secure = bool(task.secagg.params)
+        delta = plan.delta(trained, plan.start(global_state), pad=secure)
+        plan.finish(trained)
         feedback = None
         if not codec.additive:
             # What a lossy codec leaves out this round is carried into the next (error feedback),
@@ -350,8 +365,8 @@ class ClientAgent:
             delta, norm = clip_update(delta, float(privacy["clip_norm"]))
             log.info("round %d: update norm %.4g clipped to %.4g for DP", task.round, norm, privacy["clip_norm"])
         metrics = {"train_loss": result.mean_loss, "final_loss": result.final_loss, "train_seconds": result.seconds,
-                   "steps": float(result.steps), "fetch_seconds": fetch_seconds}
-        if task.secagg.params:
+                   "steps": float(result.steps), "fetch_seconds": fetch_seconds, **plan.metrics(pad=secure)}
+        if secure:
             self._finished_tasks.add(task.task_id)
             message = self.secure.begin(task, delta, result.num_examples, privacy is not None, metrics)
             self._send_secagg(stub, message)

@@ -129,8 +129,8 @@ class RayCompute:
                 time.sleep(1.0)
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None) -> bytes:
-        result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp)
+                  strategy: str, dp: DpNoise | None, lora: Any = None) -> bytes:
+        result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp, lora)
         return result
 
     def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None) -> bytes:

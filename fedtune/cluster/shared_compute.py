@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.coordinator.state import Job
+from fedtune.methods.lora import plain_lora
 from fedtune.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def batchable(job: Job, adapter: dict[str, torch.Tensor] | None) -> bool:
     if adapter is None or job.emulator_dir:
         return False
     spec = JobSpec.stored(job.spec_json)
-    return bool(spec.eval_data) and spec.peft.method == "lora"
+    return bool(spec.eval_data) and plain_lora(spec.peft.model_dump()) and not spec.tunes_blocks
 
 
 class EvalBatcher:
@@ -185,7 +186,8 @@ class EvalBatcher:
             model = self._models.get(key)
         if model is None:
             specs = [JobSpec.stored(r.job.spec_json) for r in group]
-            adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout, s.peft.target_modules))
+            adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout,  # type: ignore[union-attr]
+                                                        s.peft.target_modules))  # type: ignore[union-attr]
                         for s in specs]
             model = MultiLoraModel(self.load_base(self.base_dir, self.device), "base", adapters)
         with self._cond:
@@ -261,12 +263,12 @@ class SharedCompute:
         return self.batcher.threads
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None) -> bytes:
+                  strategy: str, dp: DpNoise | None, lora: Any = None) -> bytes:
         """See :func:`fedtune.coordinator.compute.next_global`."""
         from fedtune.coordinator.compute import next_global
 
         _use_threads(self.batcher.threads)
-        return next_global(global_in, plains, weights, codec, schema, strategy, dp)
+        return next_global(global_in, plains, weights, codec, schema, strategy, dp, lora)
 
     def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None) -> bytes:
         """See :func:`fedtune.coordinator.compute.next_global_from_sum` (``total``: a float64 vector)."""

@@ -15,6 +15,7 @@ import torch
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.state import Job
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
+from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
 from fedtune.privacy import DpNoise, add_gaussian_noise, clip_update
 from fedtune.secagg.adapter_vector import unflatten_sum
@@ -25,40 +26,111 @@ if TYPE_CHECKING:
 
 
 def combine_updates(plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
-                    clip_norm: float | None) -> dict[str, torch.Tensor]:
+                    clip_norm: float | None, lora: LoraAggregation | None = None) -> dict[str, torch.Tensor]:
     """Decodes opened updates and combines them.
 
     Without ``clip_norm``: the strategy's weighted aggregate (FedAvg: the example-weighted mean).
     With it (central DP): the plain sum of the updates clipped to ``clip_norm``, to be noised.
+    With ``lora``: each update is decoded at its client's rank and zero-padded to the job's (a
+    lower-rank client leaves the components above its rank unchanged; HetLoRA's padding), and
+    under ffa only B's deltas are there (A is never updated).
     """
-    decoder = get_codec(codec)
-    deltas = [decoder.decode(bytes_to_tensors(p), schema) for p in plains]
+    deltas = decode_updates(plains, codec, schema, lora)
+    keys = list(deltas[0])
     if clip_norm is not None:
         clipped = [clip_update(d, clip_norm)[0] for d in deltas]
-        return {k: torch.stack([c[k] for c in clipped]).sum(0) for k in schema}
+        return {k: torch.stack([c[k] for c in clipped]).sum(0) for k in keys}
     return get_strategy(strategy).aggregate([WeightedDelta(d, n) for d, n in zip(deltas, weights, strict=True)])
+
+
+def decode_updates(plains: list[bytes], codec: str, schema: Schema,
+                   lora: LoraAggregation | None = None) -> list[dict[str, torch.Tensor]]:
+    """Each opened update as an fp32 delta with the job's shapes (LoRA: padded to the job's rank)."""
+    decoder = get_codec(codec)
+    if lora is None:
+        return [decoder.decode(bytes_to_tensors(p), schema) for p in plains]
+    from fedtune.methods.lora_aggregation import pad_rank
+
+    return [pad_rank(decoder.decode(bytes_to_tensors(p), lora.update_schema(schema, i)), lora.rank)
+            for i, p in enumerate(plains)]
 
 
 def apply_mean(global_in: bytes, total: dict[str, torch.Tensor], denominator: float,
                dp: DpNoise | None) -> bytes:
-    """The next global adapter: ``global_in`` plus ``total / denominator`` (noised first under DP)."""
+    """The next global adapter: ``global_in`` plus ``total / denominator`` (noised first under DP).
+
+    A tensor that ``total`` lacks (LoRA's frozen A under ffa) is carried over unchanged.
+    """
     if dp is not None:
         total = add_gaussian_noise(total, dp.noise_multiplier, dp.clip_norm)
     current = bytes_to_tensors(global_in)
-    return tensors_to_bytes({k: (current[k] + total[k] / denominator).contiguous() for k in current},
-                            metadata={"format": "pt"})
+    return tensors_to_bytes({k: (current[k] + total[k] / denominator).contiguous() if k in total else current[k]
+                             for k in current}, metadata={"format": "pt"})
+
+
+def exact_lora_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
+                      lora: LoraAggregation) -> bytes:
+    """An ``aggregation.lora: exact`` round: the weighted mean of the clients' products B·A,
+    re-factored to the job's rank by SVD (other tensors: their weighted mean).
+
+    Each client's factors are the global ones cut to its rank plus its delta. The relative
+    truncation error of the re-factoring travels in the blob's metadata (see PRODUCT_ERROR_METADATA).
+    """
+    from fedtune.methods.lora_aggregation import exact_aggregate
+
+    states = _client_states(global_in, plains, codec, schema, lora)
+    new, error = exact_aggregate(states, [float(w) for w in weights], lora.rank)
+    return tensors_to_bytes({k: v.contiguous() for k, v in new.items()},
+                            metadata={"format": "pt", PRODUCT_ERROR_METADATA: repr(float(error))})
 
 
 def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                strategy: str, dp: DpNoise | None) -> bytes:
+                strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None) -> bytes:
     """A round's new global adapter from the opened updates, as safetensors bytes.
 
     Without ``dp``: ``global_in`` plus the strategy's aggregate (FedAvg: the example-weighted mean
     of the deltas). With it: plus the noised sum of the updates clipped to its norm, over its
-    planned cohort size.
+    planned cohort size. ``lora``: a LoRA job's aggregation mode and its clients' ranks.
     """
-    combined = combine_updates(plains, weights, codec, schema, strategy, dp.clip_norm if dp else None)
-    return apply_mean(global_in, combined, dp.planned if dp else 1.0, dp)
+    if lora is not None and lora.mode == "exact":
+        return exact_lora_global(global_in, plains, weights, codec, schema, lora)
+    combined = combine_updates(plains, weights, codec, schema, strategy, dp.clip_norm if dp else None, lora)
+    out = apply_mean(global_in, combined, dp.planned if dp else 1.0, dp)
+    if lora is not None and dp is None:
+        out = _with_product_error(out, global_in, plains, weights, codec, schema, lora)
+    return out
+
+
+def _client_states(global_in: bytes, plains: list[bytes], codec: str, schema: Schema,
+                   lora: LoraAggregation) -> list[dict[str, torch.Tensor]]:
+    # What each client ended its round with: the global factors at its rank plus its delta.
+    from fedtune.methods.lora_aggregation import truncate_rank
+
+    decoder = get_codec(codec)
+    current = bytes_to_tensors(global_in)
+    states = []
+    for i, plain in enumerate(plains):
+        delta = decoder.decode(bytes_to_tensors(plain), lora.update_schema(schema, i))
+        start = truncate_rank(current, lora.ranks[i]) if lora.ranks[i] != lora.rank else current
+        states.append({k: start[k] + delta.get(k, 0) for k in start})
+    return states
+
+
+def _with_product_error(out: bytes, global_in: bytes, plains: list[bytes], weights: list[int], codec: str,
+                        schema: Schema, lora: LoraAggregation) -> bytes:
+    """``out`` with its distance from the exact aggregate in its metadata: ‖mean(B·A) − B'·A'‖ / ‖mean(B·A)‖
+    over all LoRA modules (0 for ffa, which is exact; what factors and fedsa give up)."""
+    from fedtune.methods.lora_aggregation import lora_pairs, product_mean
+
+    mean = product_mean(_client_states(global_in, plains, codec, schema, lora), [float(w) for w in weights])
+    new = bytes_to_tensors(out)
+    num = den = 0.0
+    for module, (a, b) in lora_pairs(new).items():
+        product = new[b].double() @ new[a].double()
+        num += float((mean[module] - product).pow(2).sum())
+        den += float(mean[module].pow(2).sum())
+    error = (num / den) ** 0.5 if den > 0 else 0.0
+    return tensors_to_bytes(new, metadata={"format": "pt", PRODUCT_ERROR_METADATA: repr(error)})
 
 
 def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
@@ -77,7 +149,7 @@ class Compute(Protocol):
     """Runs a job's aggregation and evaluation."""
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None) -> bytes:
+                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None) -> bytes:
         """See :func:`next_global`."""
         ...
 
@@ -102,8 +174,8 @@ class InProcessCompute:
         self.evaluator = evaluator
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None) -> bytes:
-        return next_global(global_in, plains, weights, codec, schema, strategy, dp)
+                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None) -> bytes:
+        return next_global(global_in, plains, weights, codec, schema, strategy, dp, lora)
 
     def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
                       dp: DpNoise | None) -> bytes:

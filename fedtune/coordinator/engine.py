@@ -28,8 +28,11 @@ from fedtune.coordinator.publish import MANIFEST, job_adapter_config, publish_ad
 from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
 from fedtune.crypto.envelope import UpdateBinding
+from fedtune.methods import get_method
+from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation, declared_rank, travelling
 from fedtune.privacy import DpNoise, RdpAccountant
 from fedtune.spec import JobSpec
+from fedtune.tensor_blobs import metadata as blob_metadata
 from fedtune.tensor_blobs import shapes
 
 if TYPE_CHECKING:
@@ -81,11 +84,15 @@ class RoundEngine:
         self.spec = JobSpec.stored(job.spec_json)
         # The spec names a known codec and strategy (checked when the job was created).
         self.schema = shapes(store.read(job.initial_adapter))
+        # LoRA jobs: what clients send under the job's aggregation.lora (ffa: B only).
+        self.lora_rank: int | None = getattr(self.spec.peft, "r", None) if get_method(self.spec.peft.method).lora \
+            and not self.spec.tunes_blocks else None
         self.secure: Any = None
         if self.spec.secure_aggregation:
             from fedtune.coordinator.secure_round import SecureRound
 
-            self.secure = SecureRound(job_id, self.spec, state, store, keys, self.schema)
+            wire = travelling(self.schema, self.spec.aggregation.lora) if self.lora_rank else self.schema
+            self.secure = SecureRound(job_id, self.spec, state, store, keys, wire)
         self.accountant = (RdpAccountant.from_dict(json.loads(job.privacy_json)) if job.privacy_json
                            else RdpAccountant())
         self._ready_since: float | None = None
@@ -276,9 +283,15 @@ class RoundEngine:
             new_global = self.compute.aggregate_sum(global_in, total, self.schema, clip, dp)
         else:
             plains = [self._open(u) for u in updates]
+            lora = None
+            if self.lora_rank is not None:
+                # Each update's rank was checked against the job's at upload.
+                ranks = tuple(declared_rank(u.metrics, self.lora_rank) for u in updates)
+                lora = LoraAggregation(self.spec.aggregation.lora, self.lora_rank, ranks)
             new_global = self.compute.aggregate(global_in, plains, [u.num_examples for u in updates], self.spec.codec,
-                                                self.schema, self.spec.aggregation.strategy, dp)
+                                                self.schema, self.spec.aggregation.strategy, dp, lora)
         global_out = self.store.put_bytes(new_global)
+        product_error = blob_metadata(new_global).get(PRODUCT_ERROR_METADATA)
         examples = sum(u.num_examples for u in updates)
         losses = [(u.metrics.get("train_loss", math.nan), u.num_examples) for u in updates]
         metrics: dict[str, float] = {
@@ -289,6 +302,12 @@ class RoundEngine:
             "bytes_down": float(self.state.bytes_down(self.job_id, rnd.round)),
             "seconds": time.time() - rnd.opened,
         }
+        if product_error is not None:
+            metrics["lora_product_error"] = float(product_error)
+        if self.lora_rank is not None:
+            ranks = [u.metrics.get("lora_rank", float(self.lora_rank)) for u in updates]
+            if ranks:
+                metrics["client_lora_rank_min"] = min(ranks)
         for key in ("train_seconds", "fetch_seconds"):
             values = [u.metrics[key] for u in updates if key in u.metrics]
             if values:

@@ -21,6 +21,7 @@ from fedtune.compression.emulator_storage import load_emulator
 from fedtune.coordinator.offsite import OffsitePlan, plan_for
 from fedtune.coordinator.state import Job
 from fedtune.data import load_jsonl, tokenize
+from fedtune.methods import config_for
 from fedtune.models import load_causal_lm, load_tokenizer
 from fedtune.peft_io import build_peft_model, load_adapter_state
 from fedtune.spec import JobSpec
@@ -65,14 +66,21 @@ class Evaluator:
             base_dir = self.base_dir(job)
             plan = plan_for(job.emulator_dir)
             tokenizer = load_tokenizer(base_dir)
-            lora: dict[str, Any] = {"r": spec.peft.r, "alpha": spec.peft.alpha, "dropout": spec.peft.dropout,
-                    "target_modules": spec.peft.target_modules, "whole_blocks": spec.tunes_blocks}
-            full = build_peft_model(self.load_base(base_dir, self.device), **lora,
-                                    layers=plan.full_layers if plan else None,
+            peft_cfg = spec.peft.model_dump(mode="json")
+
+            def scoped(layers: list[int] | None) -> Any:
+                if spec.tunes_blocks:
+                    return None
+                scope = {"layers_to_transform": layers, "layers_pattern": plan.layers_pattern} if layers else {}
+                return config_for({**peft_cfg, **scope})
+
+            full = build_peft_model(self.load_base(base_dir, self.device), config=scoped(plan.full_layers if plan else None),
+                                    whole_blocks=spec.tunes_blocks, layers=plan.full_layers if plan else None,
                                     layers_pattern=plan.layers_pattern if plan else None)
             emulator = None
             if plan is not None:
-                emulator = build_peft_model(load_emulator(plan.emulator_dir, self.device), **lora,
+                emulator = build_peft_model(load_emulator(plan.emulator_dir, self.device),
+                                            config=scoped(plan.emulator_layers), whole_blocks=spec.tunes_blocks,
                                             layers=plan.emulator_layers, layers_pattern=plan.layers_pattern)
             tokenized = tokenize(load_jsonl(Path(spec.eval_data)), tokenizer, spec.training.max_seq_len)
             self._loaded[job.job_id] = _Loaded(full, emulator, plan, tokenized, tokenizer.pad_token_id,

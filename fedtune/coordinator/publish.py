@@ -17,7 +17,7 @@ from fedtune.adapters import ADAPTER_CONFIG_NAME, MANIFEST, SAFETENSORS_WEIGHTS_
 from fedtune.crypto.signing import sign_manifest
 from fedtune.errors import FedtuneError
 from fedtune.hashing import file_sha256
-from fedtune.spec import JobSpec, PeftSpec
+from fedtune.spec import JobSpec
 from fedtune.tensor_blobs import shapes
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def publish_adapter(
     job_name: str,
     rnd: int,
     state: bytes,
-    peft: PeftSpec,
+    peft: Any,
     base_model: str,
     base_hash: str,
     metrics: dict[str, float],
@@ -88,22 +88,26 @@ def publish_adapter(
     return final, manifest
 
 
-def published_adapter_config(peft: PeftSpec, base_model: str, layers: list[int] | None = None,
+def published_adapter_config(peft: dict[str, Any], base_model: str, layers: list[int] | None = None,
                              layers_pattern: str | None = None, *, whole_blocks: bool = False) -> str:
     """The ``adapter_config.json`` a job publishes (for engines that run without peft loaded).
 
     Args:
-        peft: The job's LoRA settings.
+        peft: The job's ``peft`` mapping (its spec's options: any registered method).
         base_model: What the config names as base.
         layers: Full-model indices of the blocks the adapter is confined to (offsite jobs).
         layers_pattern: Name of the block list, with ``layers``.
         whole_blocks: The adapter is those blocks' own weights (``offsite.tune: blocks``), not LoRA.
     """
+    from fedtune.methods import config_for
     from fedtune.peft_io import adapter_config_text, lora_config
 
-    return adapter_config_text(lora_config(r=peft.r, alpha=peft.alpha, dropout=peft.dropout,
-                                           target_modules=peft.target_modules, layers=layers,
-                                           layers_pattern=layers_pattern, whole_blocks=whole_blocks), base_model)
+    if whole_blocks:
+        config = lora_config(8, 16.0, 0.0, ["q_proj"], layers, layers_pattern, whole_blocks=True)
+    else:
+        scope = {"layers_to_transform": layers, "layers_pattern": layers_pattern} if layers is not None else {}
+        config = config_for({**peft, **scope})
+    return adapter_config_text(config, base_model)
 
 
 def job_adapter_config(job: Job, spec: JobSpec) -> str:
@@ -112,23 +116,29 @@ def job_adapter_config(job: Job, spec: JobSpec) -> str:
     from fedtune.coordinator.offsite import plan_for
 
     plan = plan_for(job.emulator_dir)
-    return published_adapter_config(spec.peft, job.base_model, plan.full_layers if plan else None,
+    return published_adapter_config(spec.peft.model_dump(mode="json"), job.base_model, plan.full_layers if plan else None,
                                     plan.layers_pattern if plan else None, whole_blocks=spec.tunes_blocks)
 
 
 def check_config_covers(adapter_config: str, state: Iterable[str]) -> None:
     """Checks that peft, loading ``adapter_config``, takes every tensor of ``state``.
 
-    A LoRA tensor (``...lora_A.weight``) goes into an injected LoRA layer; any other tensor only
-    into a module the config lists in ``modules_to_save``. A config made for the wrong kind of
-    adapter would be published, and peft would then silently leave the tuned weights out.
+    A method's own tensor (``...lora_A.weight`` for LoRA, ``...hada_w1_a`` for LoHa, see each
+    method's ``markers``) goes into a layer peft injects; any other tensor only into a module the
+    config lists in ``modules_to_save``. A config made for the wrong kind of adapter would be
+    published, and peft would then silently leave the tuned weights out.
 
     Raises:
         FedtuneError: naming a tensor the config does not cover.
     """
-    saved = json.loads(adapter_config).get("modules_to_save") or []
+    from fedtune.methods import method_of_config
+
+    config = json.loads(adapter_config)
+    saved = config.get("modules_to_save") or []
+    method = method_of_config(config)
+    markers = method.markers if method is not None else ()
     for key in state:
-        if ".lora_" in key or any(f".{name}." in f".{key}" for name in saved):
+        if any(m in key for m in markers) or any(f".{name}." in f".{key}" for name in saved):
             continue
         raise FedtuneError(f"the published adapter config does not load tensor {key!r} (modules_to_save: "
                            f"{saved or 'none'}); the adapter config and the tensors disagree")

@@ -34,8 +34,16 @@ from fedtune.crypto.keys import ed25519_public
 from fedtune.data import load_jsonl
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
 from fedtune.hashing import model_dir_hash
+from fedtune.methods import config_for, get_method
+from fedtune.methods.lora import declared_rank, schema_at_rank, travelling
 from fedtune.models import is_preset, resolve_base, skeleton_causal_lm
-from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, tensors_to_bytes
+from fedtune.peft_io import (
+    adapter_state,
+    build_peft_model,
+    bytes_to_tensors,
+    check_sequence_room,
+    tensors_to_bytes,
+)
 from fedtune.secagg import EncryptedShare, MaskedInput, SecAggParams, UnmaskShares
 from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
 from fedtune.secagg.adverts import verify_advert
@@ -173,18 +181,21 @@ class Coordinator:
         # (weights never loaded) is enough, so creating a job does not hold the base in memory.
         model = load_emulator(client_dir, torch.device("cpu")) if plan else skeleton_causal_lm(base_dir)
         peft_cfg: dict[str, object] = spec.peft.model_dump(mode="json")
+        method = get_method(spec.peft.method)
+        if method.lora:
+            peft_cfg["lora_aggregation"] = spec.aggregation.lora
         if plan is not None:
             peft_cfg |= {"layers_to_transform": plan.emulator_layers, "layers_pattern": plan.layers_pattern,
                          "tune": "blocks" if spec.tunes_blocks else "lora"}
+        check_sequence_room(model, method.virtual_tokens(spec.peft), spec.training.max_seq_len)
         try:
             peft_model = build_peft_model(
-                model, r=spec.peft.r, alpha=spec.peft.alpha, dropout=spec.peft.dropout,
-                target_modules=spec.peft.target_modules, seed=spec.training.seed,
+                model, config=None if spec.tunes_blocks else config_for(peft_cfg), seed=spec.training.seed,
                 layers=plan.emulator_layers if plan else None, layers_pattern=plan.layers_pattern if plan else None,
                 whole_blocks=spec.tunes_blocks,
             )
         except (ValueError, InvalidInput) as e:
-            what = "offsite.tune blocks" if spec.tunes_blocks else f"peft.target_modules {spec.peft.target_modules}"
+            what = "offsite.tune blocks" if spec.tunes_blocks else f"peft.method {method.name}"
             raise InvalidInput(f"job spec: {what}: {str(e).splitlines()[0]}") from e
         initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
         del peft_model, model
@@ -311,6 +322,21 @@ class Coordinator:
             self._schemas[job.job_id] = {k: tuple(v.shape) for k, v in tensors.items()}
         return self._schemas[job.job_id]
 
+    def _update_schema(self, job: Job, spec: JobSpec, metrics: dict[str, float]) -> dict[str, tuple[int, ...]]:
+        """The shapes an update must have: the job's adapter, or for LoRA the tensors its mode sends at
+        the rank the client declares (``lora_rank``, at most the job's)."""
+        schema = self._schema(job)
+        if not get_method(spec.peft.method).lora or spec.tunes_blocks:
+            return schema
+        job_rank = spec.peft.r  # type: ignore[union-attr]  # a LoRA method's options
+        try:
+            rank = declared_rank(metrics, job_rank)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from e
+        if rank != job_rank and spec.peft.rank_pattern:  # type: ignore[union-attr]
+            raise InvalidInput("update declares a LoRA rank below the job's, which has a rank_pattern")
+        return travelling(schema_at_rank(schema, rank), spec.aggregation.lora)
+
     def accept_update(self, client: Client, inc: IncomingUpdate) -> bool:
         """Validates, stores durably and records an update. Returns False for a retry of an
         update already stored (nothing changes)."""
@@ -332,7 +358,8 @@ class Coordinator:
             self._check_masked_input(client, inc, plain)
         else:
             wire = bytes_to_tensors(plain)
-            validate_update(wire, self._schema(job), get_codec(spec.codec), spec.aggregation.max_update_norm)
+            validate_update(wire, self._update_schema(job, spec, inc.metrics), get_codec(spec.codec),
+                            spec.aggregation.max_update_norm)
         # The envelope is what is stored: updates stay encrypted at rest until aggregation.
         sha = self.store.put_bytes(inc.payload)
         fresh = self.state.add_update(Update(

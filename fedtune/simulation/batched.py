@@ -25,14 +25,13 @@ import torch
 
 from fedtune.client.agent import ClientAgent, Prepared, train_seed
 from fedtune.client.channel import INSECURE
+from fedtune.methods.lora import plain_lora
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.training import TrainResult
 
 log = logging.getLogger(__name__)
 
 Trained = tuple[TrainResult, dict[str, torch.Tensor]]
-# The adapter settings batched training understands; anything else trains alone.
-_LORA_KEYS = {"method", "r", "alpha", "dropout", "target_modules", "layers_to_transform", "layers_pattern", "tune"}
 DEFAULT_WAIT_SECONDS = 30.0
 
 
@@ -53,10 +52,8 @@ class TrainRequest:
 def batch_key(req: TrainRequest) -> tuple[str, str] | None:
     """Requests with equal keys train in one pass; None: this one trains alone."""
     p = req.prepared
-    if p.training.get("client_quantization") or not set(p.peft_config) <= _LORA_KEYS:
-        return None
-    if p.peft_config.get("method", "lora") != "lora" or p.peft_config.get("tune", "lora") != "lora":
-        return None  # e.g. offsite.tune: blocks trains whole blocks, not LoRA
+    if p.training.get("client_quantization") or not plain_lora(p.peft_config):
+        return None  # e.g. offsite.tune: blocks trains whole blocks, another method, a LoRA variant
     return p.base_hash, str(req.device)
 
 

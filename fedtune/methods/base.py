@@ -1,0 +1,83 @@
+"""What a PEFT method is to fedtune: a small unit, registered by name, as peft has one folder per tuner.
+
+A unit states its options (a pydantic model, validated at the job spec's boundary, torch-free so
+that job engines can read specs without importing torch), how its peft config is built (peft is
+imported there only), and what the rest of the system may do with it: whether it can be confined
+to offsite tuning's adapter blocks, whether its update is a plain sum (secure aggregation),
+whether clients may load the base quantized under it, whether batched LoRA passes can carry it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeftMethod:
+    """One PEFT method. Subclasses set the class attributes and implement :meth:`peft_config`.
+
+    Attributes:
+        name: The value of ``peft.method`` in a job spec.
+        summary: One line for ``fedtune job init --list-methods``.
+        family: additive, selective, reparameterised or hybrid (the survey's taxonomy).
+        options: The pydantic model of its options (with ``method: Literal[name]``).
+        blocks: It can be confined to chosen decoder blocks (``layers_to_transform``), which
+            offsite tuning needs: the emulator's middle is frozen and shipped compressed.
+        quantized_base: It trains on top of a bitsandbytes-quantized base (QLoRA-style).
+        prompt: It prepends virtual tokens (their count takes room in the sequence).
+        lora: It is LoRA (the LoRA-aware aggregation modes and heterogeneous ranks apply).
+        example: Commented YAML of its ``peft:`` section, for ``fedtune job init --method``.
+        markers: Substrings of the saved tensor names that are this method's own (what a
+            published adapter_config of this peft type loads).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    family: ClassVar[str]
+    options: ClassVar[type[MethodOptions]]
+    blocks: ClassVar[bool] = False
+    quantized_base: ClassVar[bool] = False
+    prompt: ClassVar[bool] = False
+    lora: ClassVar[bool] = False
+    example: ClassVar[str]
+    markers: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def peft_config(cls, opts: Any, *, layers: list[int] | None = None,
+                    layers_pattern: str | None = None) -> PeftConfig:
+        """The peft config every participant of a job builds (peft imported here only).
+
+        Args:
+            opts: This method's validated options.
+            layers: Confine the adapter to these decoder blocks (offsite tuning); only for
+                methods with ``blocks``.
+            layers_pattern: Name of the block list in module paths ("layers", "h"), with ``layers``.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def refusal(cls, opts: Any, job: Any) -> str | None:
+        """Why this method cannot run the job as specified (None: it can). ``job`` is the JobSpec."""
+        return None
+
+    @classmethod
+    def virtual_tokens(cls, opts: Any) -> int:
+        """How many positions of each sequence the method's virtual tokens take."""
+        return 0
+
+
+def blocks_kwargs(layers: list[int] | None, layers_pattern: str | None) -> dict[str, Any]:
+    """peft's ``layers_to_transform``/``layers_pattern`` arguments, or none without ``layers``."""
+    if layers is None:
+        return {}
+    return {"layers_to_transform": list(layers), "layers_pattern": layers_pattern}
