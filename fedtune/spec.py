@@ -371,13 +371,7 @@ mode: federated            # or offsite: clients get an emulator, never the full
 #   keep: 0.5              # fraction of the middle blocks the emulator keeps
 #   quantize: null         # int8 or nf4 for the emulator's frozen middle
 # client_quantization: nf4 # QLoRA: clients load the base/emulator in nf4 or int8
-peft:
-  method: lora
-  r: 8
-  alpha: 16
-  dropout: 0.0
-  target_modules: [q_proj, v_proj]
-training:                  # each client's local training, per round
+{peft}training:                  # each client's local training, per round
   steps: 20                # or epochs: 1.0 (set exactly one)
   lr: 0.003
   batch_size: 8
@@ -386,6 +380,7 @@ training:                  # each client's local training, per round
 aggregation:
   strategy: fedavg         # weighted by each client's example count
   max_update_norm: null    # reject updates with a larger L2 norm
+{lora_aggregation}
 codec: fp32                # fp32, fp16, bf16, int8, int4, int2, topk:0.05, topk:0.5+int4 (lossy: error feedback)
 rounds: 3
 clients_per_round: 3
@@ -408,6 +403,22 @@ resources:                 # Ray coordinator: the job's quota for its engine, ag
 """
 
 
-def example_spec(base: str = "tiny-llama") -> str:
-    """The commented example printed by ``fedtune job init``."""
-    return EXAMPLE_SPEC.format(base=base)
+def example_spec(base: str = "tiny-llama", method: str = "lora") -> str:
+    """The commented example printed by ``fedtune job init`` (``--method`` picks its peft section).
+
+    Raises:
+        InvalidInput: ``method`` is not a registered PEFT method.
+    """
+    unit = get_method(method)
+    lora = ("  lora: factors            # LoRA: factors (FedAvg of A and B), exact (mean of B·A, re-factored\n"
+            "                           # by SVD), ffa (A frozen, B only: half the bytes), fedsa (B stays local)\n"
+            if unit.lora else "")
+    # The method's example goes in after formatting: its YAML has braces of its own ({}).
+    text = EXAMPLE_SPEC.replace("{peft}", "\0peft\0").replace("{lora_aggregation}\n", "\0agg\0").format(base=base)
+    return text.replace("\0peft\0", unit.example).replace("\0agg\0", lora)
+
+
+def method_list() -> str:
+    """One line per registered PEFT method, for ``fedtune job init --list-methods``."""
+    width = max(len(n) for n in METHODS)
+    return "".join(f"{name:<{width}}  {m.family:<15}  {m.summary}\n" for name, m in METHODS.items())

@@ -86,7 +86,7 @@ def test_method_federates_lowers_eval_loss_and_publishes_what_peft_loads(  # typ
     job = admin.create_job(method_spec(eval_file, OPTIONS[method]))
     run_agents(coordinator, admin, job, clients[:3], tmp_path)
     state = coordinator.coordinator.state
-    assert state.job(job).state == "finished", state.job(job).reason
+    assert state.job(job).state == "finished", state.job(job).message
     rounds = state.rounds(job)
     assert [r.metrics["contributors"] for r in rounds] == [3.0, 3.0]
     base_loss = json.loads(state.job(job).base_eval_json)["eval_loss"]
@@ -131,7 +131,7 @@ def test_exact_and_ffa_publish_the_weighted_mean_of_the_clients_products(  # typ
     run_agents(coordinator, admin, job, clients[:3], tmp_path,
                extra=[["--max-rank", "4"]] * 3 if mode == "exact" else None)
     service = coordinator.coordinator
-    assert service.state.job(job).state == "finished", service.state.job(job).reason
+    assert service.state.job(job).state == "finished", service.state.job(job).message
     base_loss = json.loads(service.state.job(job).base_eval_json)["eval_loss"]
     for rnd in service.state.rounds(job):
         start, states, weights = _client_products(coordinator, job, rnd)
@@ -169,7 +169,7 @@ def test_clients_of_ranks_2_4_and_8_train_one_exact_job(coordinator, admin, fed_
     run_agents(coordinator, admin, job, clients[:3], tmp_path,
                extra=[["--max-rank", "2"], ["--max-rank", "4"], []])
     service = coordinator.coordinator
-    assert service.state.job(job).state == "finished", service.state.job(job).reason
+    assert service.state.job(job).state == "finished", service.state.job(job).message
     rounds = service.state.rounds(job)
     for rnd in rounds:
         ranks = sorted(u.metrics["lora_rank"] for u in service.state.updates(job, rnd.round))
@@ -188,3 +188,29 @@ def test_clients_of_ranks_2_4_and_8_train_one_exact_job(coordinator, admin, fed_
     cut = truncate_rank(out, 2)
     assert {v.shape[0] for k, v in cut.items() if k.endswith("lora_A.weight")} == {2}
     assert rounds[-1].metrics["eval_loss"] < json.loads(service.state.job(job).base_eval_json)["eval_loss"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("peft", ["{method: lora, r: 4, alpha: 8}\naggregation: {lora: ffa}", "{method: ia3}"])
+def test_secure_aggregation_of_ffa_with_a_lower_rank_client_and_of_another_method(  # type: ignore[no-untyped-def]
+        peft: str, coordinator, admin, fed_data, tmp_path: Path) -> None:
+    clients, eval_file = fed_data
+    spec = method_spec(eval_file, peft, rounds=2, lr=0.03) + (
+        "secure_aggregation: {degree: 2, threshold: 2, clip: 0.5, phase_seconds: 30}\n")
+    job = admin.create_job(spec)
+    ffa = "ffa" in peft
+    run_agents(coordinator, admin, job, clients[:3], tmp_path, extra=[["--max-rank", "2"], [], []] if ffa else None)
+    service = coordinator.coordinator
+    assert service.state.job(job).state == "finished", service.state.job(job).message
+    rounds = service.state.rounds(job)
+    assert [r.metrics["contributors"] for r in rounds] == [3.0, 3.0]
+    assert all(u.codec == "secagg" for u in service.state.updates(job, 2))
+    assert rounds[-1].metrics["eval_loss"] < json.loads(service.state.job(job).base_eval_json)["eval_loss"]
+    if ffa:  # A is never touched: it is not even in the masked vector
+        first = bytes_to_tensors(service.store.read(rounds[0].global_in))
+        last = bytes_to_tensors(service.store.read(rounds[-1].global_out))
+        for k, v in first.items():
+            if ".lora_A." in k:
+                assert torch.equal(last[k], v)
+            else:
+                assert not torch.equal(last[k], v)

@@ -206,3 +206,21 @@ def test_publishing_block_weights_under_a_lora_config_fails_and_writes_nothing(t
     path, _ = publish_adapter(tmp_path, job_id="j", job_name="j", rnd=1, state=state, peft=peft, base_model="base",
                               base_hash="h", metrics={}, contributors=1, adapter_config=blocks_config)
     assert json.loads((path / "adapter_config.json").read_text())["modules_to_save"] == ["layers.0", "layers.5"]
+
+
+@pytest.mark.parametrize("peft", ["{method: bottleneck, bottleneck_size: 8}", "{method: loha, r: 4, alpha: 4}"])
+def test_offsite_with_other_methods_on_the_adapter_blocks_plugs_into_the_full_model(  # type: ignore[no-untyped-def]
+        peft: str, coordinator, admin: Admin, base6: Path, fed_data, tmp_path: Path) -> None:
+    clients, eval_file = fed_data
+    spec = _offsite_spec(base6, eval_file).replace("peft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+                                                   f"peft: {peft}").replace("lr: 0.01", "lr: 0.03")
+    state, job = _run_to_the_end(coordinator, admin, spec, clients[:2], tmp_path)
+    _assert_clients_never_got_the_full_weights(state, job, base6, tmp_path)
+    _assert_offsite_columns_and_plugin_beats_zero_shot(state, job)
+    path = Path(state.published(job)[0][2])
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [0, 5]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base6)), str(path))
+    marker = "bottleneck_" if "bottleneck" in peft else "hada_"
+    blocks = {int(k.split(".layers.")[1].split(".")[0]) for k, _ in tuned.named_parameters() if marker in k}
+    assert blocks == {0, 5}

@@ -350,3 +350,26 @@ def test_without_ray_jobs_run_in_process_and_the_coordinator_says_how_to_enable_
         coord.wait(30)
     log = (tmp_path / "coord.log").read_text()
     assert "Ray is not installed: jobs run in this process without quotas; pip install 'fedtune[ray]'" in log
+
+
+def test_jobs_of_different_peft_methods_share_one_base_on_ray(
+        ray_coordinator: RunningCoordinator, ray_admin: Admin, fed_data: tuple[list[Path], Path],
+        tmp_path: Path) -> None:
+    data, eval_file = fed_data
+    specs = {"bottleneck": "{method: bottleneck, bottleneck_size: 8}", "ia3": "{method: ia3}"}
+    jobs = {}
+    for method, peft in specs.items():
+        spec = _spec(eval_file, method, 4, "q_proj, v_proj").replace(
+            "peft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", f"peft: {peft}")
+        jobs[method] = ray_admin.create_job(spec.replace("lr: 0.01", "lr: 0.03"))
+    backend = ray_coordinator.coordinator.ray
+    assert backend is not None
+    _run_clients(ray_coordinator, ray_admin, list(jobs.values()), data, tmp_path)
+    assert len(backend._bases) == 1  # one copy of the base for both methods
+    for method, job in jobs.items():
+        status = ray_admin.job(job)
+        assert status.state == "finished", status.message
+        base_loss = json.loads(status.base_metrics_json)["eval_loss"]
+        assert json.loads(status.history[-1].metrics_json)["eval_loss"] < base_loss
+        adapter = Path(ray_coordinator.coordinator.state.published(job)[-1][2])
+        assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"].lower() == method

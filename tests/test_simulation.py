@@ -126,3 +126,21 @@ def test_batch_clients_below_one_is_refused(tmp_path: Path) -> None:
     proc = fedtune_cmd("simulate", "--config", str(_sim_spec(tmp_path, 2)), "--clients", "2", "--batch-clients", "0")
     assert proc.returncode == ExitCode.BAD_INPUT
     assert "--batch-clients must be at least 1, got 0" in proc.stderr
+
+
+@pytest.mark.integration
+def test_a_simulation_of_another_peft_method_and_batching_that_falls_back(tmp_path: Path) -> None:
+    # LoHa cannot share batched LoRA passes: with --batch-clients its virtual clients train alone
+    # (same code path as real agents) and the job still publishes a LoHa adapter.
+    spec = _sim_spec(tmp_path, 3)
+    spec.write_text(spec.read_text().replace("peft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj, lm_head]}",
+                                             "peft: {method: loha, r: 4, alpha: 4}"))
+    proc = fedtune_cmd("simulate", "--config", str(spec), "--clients", "3", "--batch-clients", "3",
+                       "--client-resources", "cpus=1", "--out", str(tmp_path / "sim"), timeout=600,
+                       env={"RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\s+\d+\s+\d+/\d+\s", line)]
+    assert [r.split()[:2] for r in rows] == [["1", "3/3"], ["2", "3/3"]]
+    assert "batched training: 0 shared passes trained 0 client updates" in proc.stdout
+    (adapter,) = (tmp_path / "sim" / "coordinator" / "adapters").glob("*/round-2")
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LOHA"

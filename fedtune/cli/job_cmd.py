@@ -16,15 +16,22 @@ from fedtune.cli.options import (
 from fedtune.errors import InvalidInput
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.report import HEADER, round_row, status_dict
-from fedtune.spec import example_spec, parse_spec, spec_to_yaml
+from fedtune.spec import example_spec, method_list, parse_spec, spec_to_yaml
 
 app = typer.Typer(help="Create and follow tuning jobs.", no_args_is_help=True)
 
 
 @app.command("init")
-def init(base: Annotated[str, typer.Option("--base", help="Base model: preset, local dir or hub id.")] = "tiny-llama") -> None:
+def init(
+    base: Annotated[str, typer.Option("--base", help="Base model: preset, local dir or hub id.")] = "tiny-llama",
+    method: Annotated[str, typer.Option("--method", help="PEFT method of the example (see --list-methods).")] = "lora",
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="List the PEFT methods, one per line.")] = False,
+) -> None:
     """Print a commented example job spec to stdout."""
-    typer.echo(example_spec(base), nl=False)
+    if list_methods:
+        typer.echo(method_list(), nl=False)
+        return
+    typer.echo(example_spec(base, method), nl=False)
 
 
 @app.command("create")

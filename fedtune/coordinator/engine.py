@@ -87,12 +87,12 @@ class RoundEngine:
         # LoRA jobs: what clients send under the job's aggregation.lora (ffa: B only).
         self.lora_rank: int | None = getattr(self.spec.peft, "r", None) if get_method(self.spec.peft.method).lora \
             and not self.spec.tunes_blocks else None
+        self.wire_schema = travelling(self.schema, self.spec.aggregation.lora) if self.lora_rank else self.schema
         self.secure: Any = None
         if self.spec.secure_aggregation:
             from fedtune.coordinator.secure_round import SecureRound
 
-            wire = travelling(self.schema, self.spec.aggregation.lora) if self.lora_rank else self.schema
-            self.secure = SecureRound(job_id, self.spec, state, store, keys, wire)
+            self.secure = SecureRound(job_id, self.spec, state, store, keys, self.wire_schema)
         self.accountant = (RdpAccountant.from_dict(json.loads(job.privacy_json)) if job.privacy_json
                            else RdpAccountant())
         self._ready_since: float | None = None
@@ -280,7 +280,7 @@ class RoundEngine:
                 self.state.set_round_state(self.job_id, rnd.round, "open")
                 self._abandon(sec, str(e))
                 return
-            new_global = self.compute.aggregate_sum(global_in, total, self.schema, clip, dp)
+            new_global = self.compute.aggregate_sum(global_in, total, self.wire_schema, clip, dp)
         else:
             plains = [self._open(u) for u in updates]
             lora = None

@@ -195,7 +195,9 @@ class Coordinator:
                 whole_blocks=spec.tunes_blocks,
             )
         except (ValueError, InvalidInput) as e:
-            what = "offsite.tune blocks" if spec.tunes_blocks else f"peft.method {method.name}"
+            targets = getattr(spec.peft, "target_modules", None)
+            what = ("offsite.tune blocks" if spec.tunes_blocks else f"peft.target_modules {targets}" if targets
+                    else f"peft.method {method.name}")
             raise InvalidInput(f"job spec: {what}: {str(e).splitlines()[0]}") from e
         initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
         del peft_model, model
