@@ -65,11 +65,17 @@ import transformers
 import fedtune  # noqa: F401  (registers fedtune's own peft tuners: bitfit, bottleneck)
 from fedtune.coordinator.compute import next_global
 from fedtune.data import Example, collate, load_jsonl, tokenize, write_synthetic_federation
-from fedtune.methods import METHODS, config_for
+from fedtune.methods import METHODS
 from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
-from fedtune.peft_io import adapter_state, build_peft_model, bytes_to_tensors, load_adapter_state, tensors_to_bytes
+from fedtune.peft_io import (
+    adapter_state,
+    build_peft_model,
+    bytes_to_tensors,
+    load_adapter_state,
+    tensors_to_bytes,
+)
 from fedtune.simulation.partition import partition
 from fedtune.tensor_blobs import metadata as blob_metadata
 from fedtune.training import evaluate_loss, train_adapter
@@ -485,7 +491,7 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     s, m, d, b = result["settings"], result["machine"], result["data"], result["base"]
-    lines = [f"# PEFT methods, federated: `benchmarks/peft_methods.py`", "",
+    lines = ["# PEFT methods, federated: `benchmarks/peft_methods.py`", "",
              f"Date {result['date']}; {m['cpus']} CPU cores ({m['threads']} torch threads), {m['platform']}, "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; "
              f"load average {m['load_start']} at the start, {m['load_end']} at the end (the machine was shared). "

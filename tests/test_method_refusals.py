@@ -25,6 +25,8 @@ from tests.test_rpc_contract import RawClient
         ("peft: {method: bottleneck, placement: diagonal}", "job spec: peft.placement: Input should be 'serial'"),
         ("peft: {method: ia3, feedforward_modules: [up_proj]}", "feedforward_modules ['up_proj'] are not in target"),
         ("peft: {method: lora, rank_pattern: {o_proj: 0}}", "rank_pattern['o_proj'] must be in 1..1024"),
+        ("peft: {method: adalora, init_r: 4, target_r: 8}", "target_r (8) is larger than init_r (4)"),
+        ("peft: {method: adalora, tinit: 2, tfinal: 1}\nrounds: 3", "leave no round of the job's 3 to prune in"),
         ("peft: {method: p_tuning}", "job spec: peft.method: unknown PEFT method 'p_tuning'; known: "),
         ("mode: offsite\npeft: {method: prefix_tuning}",
          "peft.method prefix_tuning: prefix_tuning adds virtual tokens that every block attends to"),
@@ -52,7 +54,7 @@ def test_what_secure_aggregation_and_offsite_accept() -> None:
     assert parse_spec("aggregation: {lora: ffa}" + secure).aggregation.lora == "ffa"
     for name in METHODS:  # every method's update is a sum of tensors under FedAvg
         assert parse_spec(f"peft: {{method: {name}}}" + secure).peft.method == name
-    for name in ("lora", "loha", "lokr", "vera", "bitfit", "bottleneck"):
+    for name in ("lora", "adalora", "loha", "lokr", "vera", "bitfit", "bottleneck"):
         assert parse_spec(f"mode: offsite\npeft: {{method: {name}}}").peft.method == name
 
 

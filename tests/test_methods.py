@@ -22,6 +22,7 @@ from tests.conftest import make_spec, run_agents
 # Small options per method so that 2 rounds of 3 clients finish in seconds on the tiny preset.
 OPTIONS = {
     "lora": "{method: lora, r: 4, alpha: 8, use_rslora: true}",
+    "adalora": "{method: adalora, init_r: 6, target_r: 2, alpha: 8}",
     "loha": "{method: loha, r: 4, alpha: 4}",
     "lokr": "{method: lokr, r: 4, alpha: 4}",
     "vera": "{method: vera, r: 16, d_initial: 0.5}",
@@ -214,3 +215,39 @@ def test_secure_aggregation_of_ffa_with_a_lower_rank_client_and_of_another_metho
                 assert torch.equal(last[k], v)
             else:
                 assert not torch.equal(last[k], v)
+
+
+@pytest.mark.integration
+def test_adalora_budget_prunes_round_by_round_and_pruned_components_stay_zero(  # type: ignore[no-untyped-def]
+        coordinator, admin, fed_data, tmp_path: Path) -> None:
+    from fedtune.methods.adalora import AdaloraOptions, round_budget
+
+    clients, eval_file = fed_data
+    job = admin.create_job(method_spec(eval_file, "{method: adalora, init_r: 6, target_r: 2, alpha: 8}", rounds=3))
+    run_agents(coordinator, admin, job, clients[:3], tmp_path)
+    service = coordinator.coordinator
+    assert service.state.job(job).state == "finished", service.state.job(job).message
+    rounds = service.state.rounds(job)
+    opts = AdaloraOptions(init_r=6, target_r=2, alpha=8)
+    modules = 4  # q_proj and v_proj of 2 blocks
+    want = [round_budget(opts, modules, r.round, 3) for r in rounds]
+    assert want[0] > want[1] > want[2] == 2 * modules  # cubic: from 24 down to 8 components
+    for rnd, budget in zip(rounds, want, strict=True):
+        out = bytes_to_tensors(service.store.read(rnd.global_out))
+        kept = sum(int((v != 0).sum()) for k, v in out.items() if k.endswith(".lora_E"))
+        assert kept == budget == rnd.metrics["adalora_components"]
+        # A pruned component is zero whole: its P row and Q column too.
+        for key, e in out.items():
+            if key.endswith(".lora_E"):
+                dead = (e.reshape(-1) == 0)
+                module = key[: -len(".lora_E")]
+                assert torch.all(out[f"{module}.lora_A"][dead] == 0)
+                assert torch.all(out[f"{module}.lora_B"][:, dead] == 0)
+    # Pruned components stay pruned: the clients' next-round updates leave them at zero.
+    first = bytes_to_tensors(service.store.read(rounds[0].global_out))
+    for u in service.state.updates(job, 2):
+        delta = _wire_tensors(coordinator, u)
+        for key, e in first.items():
+            if key.endswith(".lora_E"):
+                dead = e.reshape(-1) == 0
+                assert torch.all(delta[key].reshape(-1)[dead] == 0)

@@ -129,12 +129,13 @@ class RayCompute:
                 time.sleep(1.0)
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: Any = None) -> bytes:
-        result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp, lora)
+                  strategy: str, dp: DpNoise | None, lora: Any = None, after: Any = None) -> bytes:
+        result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp, lora, after)
         return result
 
-    def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None) -> bytes:
-        result: bytes = self._call("aggregate_sum", global_in, total, schema, clip, dp)
+    def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None,
+                      after: Any = None) -> bytes:
+        result: bytes = self._call("aggregate_sum", global_in, total, schema, clip, dp, after)
         return result
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:

@@ -7,6 +7,7 @@ compute actor, so engine actors move adapters only as safetensors bytes and neve
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.state import Job
 from fedtune.coordinator.strategies import WeightedDelta, get_strategy
+from fedtune.methods import method_options
+from fedtune.methods.base import METHOD_METRICS_METADATA, AfterAggregate
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
 from fedtune.privacy import DpNoise, add_gaussian_noise, clip_update
@@ -56,7 +59,7 @@ def decode_updates(plains: list[bytes], codec: str, schema: Schema,
 
 
 def apply_mean(global_in: bytes, total: dict[str, torch.Tensor], denominator: float,
-               dp: DpNoise | None) -> bytes:
+               dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
     """The next global adapter: ``global_in`` plus ``total / denominator`` (noised first under DP).
 
     A tensor that ``total`` lacks (LoRA's frozen A under ffa) is carried over unchanged.
@@ -64,8 +67,15 @@ def apply_mean(global_in: bytes, total: dict[str, torch.Tensor], denominator: fl
     if dp is not None:
         total = add_gaussian_noise(total, dp.noise_multiplier, dp.clip_norm)
     current = bytes_to_tensors(global_in)
-    return tensors_to_bytes({k: (current[k] + total[k] / denominator).contiguous() if k in total else current[k]
-                             for k in current}, metadata={"format": "pt"})
+    new = {k: (current[k] + total[k] / denominator).contiguous() if k in total else current[k] for k in current}
+    metadata = {"format": "pt"}
+    if after is not None:
+        # The method's own step on the aggregate (AdaLoRA: prune to the round's rank budget); its
+        # metrics ride in the blob's metadata to the engine, which never imports torch.
+        method, opts = method_options(after.peft)
+        new, metrics = method.after_aggregate(opts, new, after.budget)
+        metadata[METHOD_METRICS_METADATA] = json.dumps(metrics)
+    return tensors_to_bytes({k: v.contiguous() for k, v in new.items()}, metadata=metadata)
 
 
 def exact_lora_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
@@ -85,7 +95,8 @@ def exact_lora_global(global_in: bytes, plains: list[bytes], weights: list[int],
 
 
 def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None) -> bytes:
+                strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None,
+                after: AfterAggregate | None = None) -> bytes:
     """A round's new global adapter from the opened updates, as safetensors bytes.
 
     Without ``dp``: ``global_in`` plus the strategy's aggregate (FedAvg: the example-weighted mean
@@ -95,7 +106,7 @@ def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec
     if lora is not None and lora.mode == "exact":
         return exact_lora_global(global_in, plains, weights, codec, schema, lora)
     combined = combine_updates(plains, weights, codec, schema, strategy, dp.clip_norm if dp else None, lora)
-    out = apply_mean(global_in, combined, dp.planned if dp else 1.0, dp)
+    out = apply_mean(global_in, combined, dp.planned if dp else 1.0, dp, after)
     if lora is not None and dp is None:
         out = _with_product_error(out, global_in, plains, weights, codec, schema, lora)
     return out
@@ -134,7 +145,7 @@ def _with_product_error(out: bytes, global_in: bytes, plains: list[bytes], weigh
 
 
 def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
-                         dp: DpNoise | None) -> bytes:
+                         dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
     """A secure-aggregation round's new global adapter from its unmasked, decoded sum.
 
     ``total`` holds the survivors' summed weighted deltas and, last, their summed weights (see
@@ -142,19 +153,20 @@ def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, cl
     planned cohort size after noising.
     """
     sums, weight = unflatten_sum(total, schema, clip)
-    return apply_mean(global_in, sums, dp.planned if dp else weight, dp)
+    return apply_mean(global_in, sums, dp.planned if dp else weight, dp, after)
 
 
 class Compute(Protocol):
     """Runs a job's aggregation and evaluation."""
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None) -> bytes:
+                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None,
+                  after: AfterAggregate | None = None) -> bytes:
         """See :func:`next_global`."""
         ...
 
     def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
-                      dp: DpNoise | None) -> bytes:
+                      dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
         """See :func:`next_global_from_sum`."""
         ...
 
@@ -174,12 +186,13 @@ class InProcessCompute:
         self.evaluator = evaluator
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None) -> bytes:
-        return next_global(global_in, plains, weights, codec, schema, strategy, dp, lora)
+                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None,
+                  after: AfterAggregate | None = None) -> bytes:
+        return next_global(global_in, plains, weights, codec, schema, strategy, dp, lora, after)
 
     def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
-                      dp: DpNoise | None) -> bytes:
-        return next_global_from_sum(global_in, total, schema, clip, dp)
+                      dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
+        return next_global_from_sum(global_in, total, schema, clip, dp, after)
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         return self.evaluator.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))

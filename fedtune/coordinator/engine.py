@@ -29,6 +29,7 @@ from fedtune.coordinator.state import CoordinatorState, Job, Round, SecAggRound,
 from fedtune.coordinator.store import ArtifactStore
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.methods import get_method
+from fedtune.methods.base import METHOD_METRICS_METADATA, AfterAggregate
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation, declared_rank, travelling
 from fedtune.privacy import DpNoise, RdpAccountant
 from fedtune.spec import JobSpec
@@ -263,6 +264,13 @@ class RoundEngine:
     def _open(self, u: Update) -> bytes:
         return self.keys.open_update(self.store.read(u.sha256), UpdateBinding(u.job_id, u.round, u.client_id, u.update_id))
 
+    def _after_aggregate(self, rnd: int) -> AfterAggregate | None:
+        """The method's own step on round ``rnd``'s aggregate, if it has one (AdaLoRA's budget)."""
+        if self.spec.tunes_blocks:
+            return None
+        budget = get_method(self.spec.peft.method).round_budget(self.spec.peft, self.schema, rnd, self.spec.rounds)
+        return None if budget is None else AfterAggregate(self.spec.peft.model_dump(mode="json"), budget)
+
     def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
         t0 = time.perf_counter()
         updates = self.state.updates(self.job_id, rnd.round)
@@ -280,7 +288,8 @@ class RoundEngine:
                 self.state.set_round_state(self.job_id, rnd.round, "open")
                 self._abandon(sec, str(e))
                 return
-            new_global = self.compute.aggregate_sum(global_in, total, self.wire_schema, clip, dp)
+            new_global = self.compute.aggregate_sum(global_in, total, self.wire_schema, clip, dp,
+                                                    self._after_aggregate(rnd.round))
         else:
             plains = [self._open(u) for u in updates]
             lora = None
@@ -289,7 +298,8 @@ class RoundEngine:
                 ranks = tuple(declared_rank(u.metrics, self.lora_rank) for u in updates)
                 lora = LoraAggregation(self.spec.aggregation.lora, self.lora_rank, ranks)
             new_global = self.compute.aggregate(global_in, plains, [u.num_examples for u in updates], self.spec.codec,
-                                                self.schema, self.spec.aggregation.strategy, dp, lora)
+                                                self.schema, self.spec.aggregation.strategy, dp, lora,
+                                                self._after_aggregate(rnd.round))
         global_out = self.store.put_bytes(new_global)
         product_error = blob_metadata(new_global).get(PRODUCT_ERROR_METADATA)
         examples = sum(u.num_examples for u in updates)
@@ -304,6 +314,9 @@ class RoundEngine:
         }
         if product_error is not None:
             metrics["lora_product_error"] = float(product_error)
+        method_metrics = blob_metadata(new_global).get(METHOD_METRICS_METADATA)
+        if method_metrics:
+            metrics |= {k: float(v) for k, v in json.loads(method_metrics).items()}
         if self.lora_rank is not None:
             ranks = [u.metrics.get("lora_rank", float(self.lora_rank)) for u in updates]
             if ranks:

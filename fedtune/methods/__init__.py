@@ -87,6 +87,7 @@ def method_of_config(adapter_config: dict[str, Any]) -> type[PeftMethod] | None:
 def _load_builtin() -> None:
     # Imported for their registration; each module is one method (or one family of prompts).
     from fedtune.methods import (  # noqa: F401
+        adalora,
         bitfit,
         bottleneck,
         ia3,

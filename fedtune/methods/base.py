@@ -9,6 +9,7 @@ whether clients may load the base quantized under it, whether batched LoRA passe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -71,9 +72,34 @@ class PeftMethod:
         return None
 
     @classmethod
+    def round_budget(cls, opts: Any, schema: dict[str, tuple[int, ...]], rnd: int, rounds: int) -> int | None:
+        """A budget the coordinator applies after aggregating round ``rnd`` (None: no such step).
+
+        Torch-free: job engines compute it from the adapter's shapes and hand it to the compute
+        process with the round's updates (see :meth:`after_aggregate`)."""
+        return None
+
+    @classmethod
+    def after_aggregate(cls, opts: Any, state: dict[str, Any], budget: int) -> tuple[dict[str, Any], dict[str, float]]:
+        """The aggregated adapter after the method's own step (AdaLoRA: rank pruning), and metrics."""
+        return state, {}
+
+    @classmethod
     def virtual_tokens(cls, opts: Any) -> int:
         """How many positions of each sequence the method's virtual tokens take."""
         return 0
+
+
+# Key of the safetensors metadata that carries a method's after-aggregation metrics (JSON) to the engine.
+METHOD_METRICS_METADATA = "fedtune_method_metrics"
+
+
+@dataclass(frozen=True)
+class AfterAggregate:
+    """A method's step on the aggregated adapter, as the engine hands it to the compute process."""
+
+    peft: dict[str, Any]
+    budget: int
 
 
 def blocks_kwargs(layers: list[int] | None, layers_pattern: str | None) -> dict[str, Any]:
