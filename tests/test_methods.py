@@ -42,6 +42,36 @@ def method_spec(eval_file: Path, peft: str, *, rounds: int = 2, clients: int = 3
     return spec.replace("lr: 0.01", f"lr: {lr}") + extra
 
 
+def run_agent_threads(coordinator, admin, job: str, data: list[Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The real client agent, one per data file, in threads of this process (over real gRPC to the
+    coordinator): the method sweep pays the agents' imports once instead of once per process. The
+    aggregation-mode tests below run agents as separate processes."""
+    import threading
+
+    from fedtune.client.agent import ClientAgent
+    from fedtune.client.channel import INSECURE
+    from fedtune.data import load_jsonl
+
+    agents = [ClientAgent(coordinator.address, admin.token(job), path, tmp_path / f"c{i}", INSECURE, device="cpu",
+                          name=f"c{i}", progress=False, examples=load_jsonl(path)) for i, path in enumerate(data)]
+    errors: list[BaseException] = []
+
+    def run(agent: ClientAgent) -> None:
+        try:
+            agent.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(a,), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "an agent did not finish"
+    if errors:
+        raise errors[0]
+
+
 def test_every_registered_method_has_a_federated_test() -> None:
     assert set(OPTIONS) == set(METHODS)
 
@@ -85,7 +115,7 @@ def test_method_federates_lowers_eval_loss_and_publishes_what_peft_loads(  # typ
         method: str, coordinator, admin, fed_data, tmp_path: Path) -> None:
     clients, eval_file = fed_data
     job = admin.create_job(method_spec(eval_file, OPTIONS[method]))
-    run_agents(coordinator, admin, job, clients[:3], tmp_path)
+    run_agent_threads(coordinator, admin, job, clients[:3], tmp_path)
     state = coordinator.coordinator.state
     assert state.job(job).state == "finished", state.job(job).message
     rounds = state.rounds(job)
@@ -251,3 +281,30 @@ def test_adalora_budget_prunes_round_by_round_and_pruned_components_stay_zero(  
             if key.endswith(".lora_E"):
                 dead = e.reshape(-1) == 0
                 assert torch.all(delta[key].reshape(-1)[dead] == 0)
+
+
+@pytest.mark.integration
+def test_fedsa_clients_keep_their_own_b_and_take_the_global_a(coordinator, admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    clients, eval_file = fed_data
+    job = admin.create_job(method_spec(eval_file, "{method: lora, r: 4, alpha: 8}", rounds=2,
+                                       extra="aggregation: {lora: fedsa}\n"))
+    run_agents(coordinator, admin, job, clients[:3], tmp_path)
+    service = coordinator.coordinator
+    assert service.state.job(job).state == "finished", service.state.job(job).message
+    r1, r2 = service.state.rounds(job)
+    g1, g2 = (bytes_to_tensors(service.store.read(r.global_in)) for r in (r1, r2))
+    for i in range(3):
+        (personal,) = (tmp_path / f"c{i}" / "personal").glob("*.safetensors")
+        client_id = personal.stem
+        (u1,) = [u for u in service.state.updates(job, 1) if u.client_id == client_id]
+        (u2,) = [u for u in service.state.updates(job, 2) if u.client_id == client_id]
+        d1, d2 = _wire_tensors(coordinator, u1), _wire_tensors(coordinator, u2)
+        own = load_file(str(personal))
+        assert own and all(".lora_B." in k for k in own)
+        for k, b in own.items():
+            # Round 2 started from this client's own round-1 B, not from the averaged one.
+            torch.testing.assert_close(b, g1[k] + d1[k] + d2[k], rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(g1[k] + d1[k], g2[k])
+    assert r2.metrics["lora_product_error"] > 0  # fedsa's consensus is not the exact mean product
