@@ -164,7 +164,8 @@ def build_peft_model(
     if whole_blocks:
         # peft skips a modules_to_save name that matches nothing; a block that is not there is an error here.
         keys = list(_peft_state(model))
-        missing = [n for n in config.modules_to_save or [] if not any(f".{n}." in k for k in keys)]
+        saved = getattr(config, "modules_to_save", None) or []
+        missing = [n for n in saved if not any(f".{n}." in k for k in keys)]
         if missing:
             raise InvalidInput(f"cannot tune whole blocks: the base model has no block {_names(missing)}")
     return model
@@ -244,7 +245,7 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     not_taken = list(result.unexpected_keys)  # type: ignore[attr-defined]  # peft annotates a bare namedtuple
     if "prompt_embeddings" in state and model.active_peft_config.is_prompt_learning:
         # peft loads a soft prompt into its encoder's embedding by hand and still reports the key.
-        taken = model.prompt_encoder[model.active_adapter].embedding.weight
+        taken: torch.Tensor = model.prompt_encoder[model.active_adapter].embedding.weight  # type: ignore[index,union-attr,assignment]
         if torch.equal(taken.detach().cpu().float(), state["prompt_embeddings"].float()):
             not_taken.remove("prompt_embeddings")
     if not_taken:

@@ -186,8 +186,8 @@ class EvalBatcher:
             model = self._models.get(key)
         if model is None:
             specs = [JobSpec.stored(r.job.spec_json) for r in group]
-            adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout,  # type: ignore[union-attr]
-                                                        s.peft.target_modules))  # type: ignore[union-attr]
+            adapters = [AdapterSpec("base", lora_config(s.peft.r, s.peft.alpha, s.peft.dropout,
+                                                        s.peft.target_modules))
                         for s in specs]
             model = MultiLoraModel(self.load_base(self.base_dir, self.device), "base", adapters)
         with self._cond:

@@ -318,9 +318,9 @@ class RoundEngine:
         if method_metrics:
             metrics |= {k: float(v) for k, v in json.loads(method_metrics).items()}
         if self.lora_rank is not None:
-            ranks = [u.metrics.get("lora_rank", float(self.lora_rank)) for u in updates]
-            if ranks:
-                metrics["client_lora_rank_min"] = min(ranks)
+            declared = [u.metrics.get("lora_rank", float(self.lora_rank)) for u in updates]
+            if declared:
+                metrics["client_lora_rank_min"] = min(declared)
         for key in ("train_seconds", "fetch_seconds"):
             values = [u.metrics[key] for u in updates if key in u.metrics]
             if values:

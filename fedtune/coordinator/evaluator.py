@@ -71,7 +71,7 @@ class Evaluator:
             def scoped(layers: list[int] | None) -> Any:
                 if spec.tunes_blocks:
                     return None
-                scope = {"layers_to_transform": layers, "layers_pattern": plan.layers_pattern} if layers else {}
+                scope = {"layers_to_transform": layers, "layers_pattern": plan.layers_pattern} if layers and plan else {}
                 return config_for({**peft_cfg, **scope})
 
             full = build_peft_model(self.load_base(base_dir, self.device), config=scoped(plan.full_layers if plan else None),

@@ -102,6 +102,7 @@ def published_adapter_config(peft: dict[str, Any], base_model: str, layers: list
     from fedtune.methods import config_for
     from fedtune.peft_io import adapter_config_text, lora_config
 
+    config: Any
     if whole_blocks:
         config = lora_config(8, 16.0, 0.0, ["q_proj"], layers, layers_pattern, whole_blocks=True)
     else:

@@ -330,12 +330,12 @@ class Coordinator:
         schema = self._schema(job)
         if not get_method(spec.peft.method).lora or spec.tunes_blocks:
             return schema
-        job_rank = spec.peft.r  # type: ignore[union-attr]  # a LoRA method's options
+        job_rank = spec.peft.r
         try:
             rank = declared_rank(metrics, job_rank)
         except ValueError as e:
             raise InvalidInput(str(e)) from e
-        if rank != job_rank and spec.peft.rank_pattern:  # type: ignore[union-attr]
+        if rank != job_rank and spec.peft.rank_pattern:
             raise InvalidInput("update declares a LoRA rank below the job's, which has a rank_pattern")
         return travelling(schema_at_rank(schema, rank), spec.aggregation.lora)
 
