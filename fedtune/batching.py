@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 
 from fedtune.data import IGNORE_INDEX, collate
 from fedtune.errors import InvalidInput
+from fedtune.models import MODEL_BUILD_LOCK
 
 # The isolated loop's batch order, step count and clip norm, reused so both agree exactly.
 from fedtune.training import _MAX_GRAD_NORM, TrainResult, _batches, _cuda_devices, _total_steps
@@ -143,7 +144,7 @@ class MultiLoraModel:
             peft: PeftModel | None = None
             for k, (name, spec) in enumerate(zip(self.names, adapters, strict=True)):
                 # Seeded as build_peft_model seeds, without touching the caller's global RNG.
-                with torch.random.fork_rng(devices=cuda):
+                with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=cuda):
                     torch.manual_seed(spec.init_seed)
                     try:
                         # A copy: peft writes the base's name into the config it is given.

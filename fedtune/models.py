@@ -12,12 +12,20 @@ import os
 import shutil
 import string
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.errors import InvalidInput
+
+# Held while a model or an adapter is built. transformers replaces torch.nn.init's functions
+# process-wide while it constructs a model (no-ops under no_init_weights) and puts back what it
+# found: two threads building at once (virtual clients sharing a process) can leave them as no-ops
+# for good, and every later init (peft's LoRA A, a test's normal_) then silently does nothing.
+# Seeding an adapter's init uses torch's one global RNG, which threads share too.
+MODEL_BUILD_LOCK = threading.RLock()
 
 if TYPE_CHECKING:
     # transformers is imported where a model or tokenizer is built: its import takes seconds,
@@ -238,7 +246,8 @@ def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
 
     dtype = dtype_for(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidInput(f"cannot load a causal language model from {path}: {e}") from e
     logger.debug("loaded %s as %s on %s", path, dtype, device)
@@ -262,7 +271,7 @@ def skeleton_causal_lm(path: Path) -> PreTrainedModel:
 
     try:
         config = AutoConfig.from_pretrained(path)
-        with no_init_weights():
+        with MODEL_BUILD_LOCK, no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidInput(f"cannot load a causal language model from {path}: {e}") from e

@@ -153,7 +153,9 @@ def build_peft_model(
     # fork_rng: seeding for a reproducible adapter must not reset the caller's global RNG
     # (manual_seed seeds CUDA too, hence its device in the fork).
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
+    from fedtune.models import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         # peft itself reads a property transformers 5 deprecated; users cannot act on the warning.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)

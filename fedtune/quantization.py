@@ -23,6 +23,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from fedtune.errors import InvalidInput
+from fedtune.models import MODEL_BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,13 @@ def load_quantized_causal_lm(path: Path, device: torch.device, quantize: str) ->
     # (whatever the architecture names it) and any weight tied to it unquantized. Naming modules
     # here would replace that default, not add to it.
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            quantization_config=config,
-            dtype=dtype,
-            device_map={"": _placement(device)},
-        )
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                quantization_config=config,
+                dtype=dtype,
+                device_map={"": _placement(device)},
+            )
     except (OSError, ValueError, KeyError) as e:
         raise InvalidInput(f"cannot load a causal language model from {path}: {e}") from e
     # Before anything runs a forward: a repacked layer stays repacked.

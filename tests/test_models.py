@@ -165,3 +165,44 @@ def test_load_tokenizer_pads_right_and_falls_back_to_eos(preset_dir: Path, tmp_p
     no_pad.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_an_adapter_is_never_initialised_inside_another_threads_model_build(tmp_path: Path) -> None:
+    # transformers swaps torch.nn.init's functions for no-ops while it builds a model (and puts back
+    # what it found, so two overlapping builds can leave the no-ops for good). A peft adapter
+    # initialised in that window silently gets uninitialised memory. Builds hold MODEL_BUILD_LOCK; here
+    # one thread sits in transformers' no-init window and the other must wait for it.
+    import threading
+    import time
+
+    import torch
+    from transformers.initialization import no_init_weights
+
+    from fedtune.models import MODEL_BUILD_LOCK, TINY_PRESET, load_causal_lm, materialize_preset
+    from fedtune.peft_io import adapter_state, build_peft_model
+
+    preset = materialize_preset(TINY_PRESET, tmp_path / "preset")
+    bases = [load_causal_lm(preset, torch.device("cpu")) for _ in range(2)]
+
+    def adapter() -> dict[str, torch.Tensor]:
+        return adapter_state(build_peft_model(bases.pop(), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
+                                              seed=7))
+
+    reference = adapter()
+    inside = threading.Event()
+
+    def another_build() -> None:
+        with MODEL_BUILD_LOCK, no_init_weights():
+            inside.set()
+            time.sleep(0.5)
+
+    other = threading.Thread(target=another_build)
+    other.start()
+    inside.wait()
+    state = adapter()
+    other.join()
+    # The seeded init, exactly as built with no other thread around.
+    assert all(torch.equal(v, reference[k]) for k, v in state.items())
+    probe = torch.zeros(8)
+    torch.nn.init.normal_(probe)
+    assert probe.abs().sum() > 0

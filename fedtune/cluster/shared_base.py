@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from fedtune.errors import InvalidInput
-from fedtune.models import dtype_for
+from fedtune.models import MODEL_BUILD_LOCK, dtype_for
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def build_from_shared(base_dir: Path, arrays: dict[str, np.ndarray], device: tor
     config = AutoConfig.from_pretrained(base_dir)
     # no_init_weights: the skeleton's weight memory is allocated lazily and never written, so it
     # never becomes resident before the shared arrays replace it.
-    with no_init_weights():
+    with MODEL_BUILD_LOCK, no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with warnings.catch_warnings():
         # The views are read-only by design: the base is frozen.

@@ -51,7 +51,7 @@ from fedtune.compression.pruning import (
 from fedtune.data import collate, load_jsonl, tokenize
 from fedtune.errors import InvalidInput
 from fedtune.hashing import model_dir_hash
-from fedtune.models import load_causal_lm, load_tokenizer
+from fedtune.models import MODEL_BUILD_LOCK, load_causal_lm, load_tokenizer
 from fedtune.quantization import QUANTIZATIONS, check_quantization_supported
 
 __all__ = [
@@ -294,7 +294,7 @@ def _blocks_of(base_dir: Path) -> tuple[BlockList, str]:
     if getattr(config, "quantization_config", None) is not None:
         raise InvalidInput(f"base model at {base_dir} is already quantized; build emulators from a floating-point base")
     try:
-        with torch.device("meta"):
+        with MODEL_BUILD_LOCK, torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as e:
         raise InvalidInput(f"architecture {config.model_type!r} is not supported: not a causal LM ({e})") from e

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from fedtune.compression.blocks import find_blocks
 from fedtune.compression.emulator_manifest import read_emulator_manifest
 from fedtune.errors import InvalidInput
-from fedtune.models import load_causal_lm
+from fedtune.models import MODEL_BUILD_LOCK, load_causal_lm
 from fedtune.quantization import check_quantization_supported, guard_cpu_linear4bit
 
 # Top-level files of a model directory that are weights or model config; everything else
@@ -69,9 +69,10 @@ def save_quantized(fp_dir: Path, out_dir: Path, quantize: str, skip: list[str], 
         skip: Full names of the linear layers to leave unquantized.
         dtype: Dtype of the unquantized weights.
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        fp_dir, quantization_config=quantization_config(quantize, skip), dtype=dtype, device_map={"": "cpu"}
-    )
+    with MODEL_BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(
+            fp_dir, quantization_config=quantization_config(quantize, skip), dtype=dtype, device_map={"": "cpu"}
+        )
     model.save_pretrained(out_dir)
 
 
@@ -115,7 +116,8 @@ def load_emulator(path: Path, device: torch.device) -> PreTrainedModel:
         if device.type == "cuda":
             placement = device.index if device.index is not None else torch.cuda.current_device()
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": placement})
+            with MODEL_BUILD_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": placement})
         except (OSError, ValueError, KeyError) as e:
             raise InvalidInput(f"cannot load the emulator at {path}: {e}") from e
         guard_cpu_linear4bit(model)
