@@ -125,6 +125,10 @@ def test_method_federates_lowers_eval_loss_and_publishes_what_peft_loads(  # typ
     published = _published(coordinator, job, rounds[-1].round)
     config = json.loads((published / "adapter_config.json").read_text())
     assert config["peft_type"].lower() == method
+    from fedtune.adapters import verify_adapter_dir
+
+    manifest = verify_adapter_dir(published)  # signature and file hashes, as `adapters verify` checks
+    assert manifest["peft"]["method"] == method
     ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_peft_loaded_logits(coordinator, job, ids), _hand_applied_logits(coordinator, job, ids),
                                rtol=1e-5, atol=1e-5)
