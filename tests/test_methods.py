@@ -307,8 +307,32 @@ def test_fedsa_clients_keep_their_own_b_and_take_the_global_a(coordinator, admin
         d1, d2 = _wire_tensors(coordinator, u1), _wire_tensors(coordinator, u2)
         own = load_file(str(personal))
         assert own and all(".lora_B." in k for k in own)
+        assert len(d1) == len(g1)  # both A and B travel
         for k, b in own.items():
-            # Round 2 started from this client's own round-1 B, not from the averaged one.
-            torch.testing.assert_close(b, g1[k] + d1[k] + d2[k], rtol=1e-5, atol=1e-6)
+            # What the client keeps is the B it trained; its delta is against the global B, so the
+            # coordinator's mean is the mean of the clients' own B.
+            torch.testing.assert_close(b, g2[k] + d2[k], rtol=1e-5, atol=1e-6)
+            # Its own round-1 B, not the average that became round 2's global B.
             assert not torch.allclose(g1[k] + d1[k], g2[k])
     assert r2.metrics["lora_product_error"] > 0  # fedsa's consensus is not the exact mean product
+
+
+def test_fedsa_client_starts_from_its_own_b_and_sends_deltas_against_the_global(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fedtune.methods.client_plan import client_plan
+
+    personal = tmp_path / "personal" / "c.safetensors"
+    plan = client_plan({"method": "lora", "r": 2, "lora_aggregation": "fedsa"}, None, personal)
+    g = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.zeros(4, 2)}
+    assert torch.equal(plan.start(g)["m.lora_B.weight"], g["m.lora_B.weight"])  # no own B yet
+    own = torch.full((4, 2), 0.5)
+    personal.parent.mkdir()
+    save_file({"m.lora_B.weight": own}, str(personal))
+    start = plan.start(g)
+    assert torch.equal(start["m.lora_B.weight"], own) and torch.equal(start["m.lora_A.weight"], g["m.lora_A.weight"])
+    trained = {"m.lora_A.weight": g["m.lora_A.weight"] + 0.1, "m.lora_B.weight": own + 0.2}
+    delta = plan.delta(trained, g, pad=False)
+    torch.testing.assert_close(delta["m.lora_B.weight"], own + 0.2)  # against the global B (zeros)
+    plan.finish(trained)
+    assert plan.start(g)["m.lora_B.weight"].equal(own + 0.2)  # kept for the next round, on disk

@@ -352,7 +352,7 @@ class ClientAgent:
         codec = get_codec(training.get("codec", "fp32"))
         plan = self._plan(prepared)
         secure = bool(task.secagg.params)
-        delta = plan.delta(trained, plan.start(global_state), pad=secure)
+        delta = plan.delta(trained, global_state, pad=secure)
         plan.finish(trained)
         feedback = None
         if not codec.additive:

@@ -8,8 +8,9 @@ LoRA adds three things (:mod:`fedtune.methods.lora`):
   aggregation, where every vector must have one length, the delta is zero-padded to the job's rank;
 - ``ffa``: A stays frozen at its shared init and only B's delta travels;
 - ``fedsa``: A comes from the global adapter each round, B is the client's own, kept in its state
-  dir across rounds and restarts (FedSA-LoRA's personal half); both deltas travel, so the
-  coordinator can publish the consensus adapter (global A, mean B) for consumers.
+  dir across rounds and restarts (FedSA-LoRA's personal half); both travel as deltas against the
+  global adapter, so the coordinator's mean is the consensus adapter (global A, the mean of the
+  clients' own B) that it publishes for consumers.
 """
 
 from __future__ import annotations
@@ -69,14 +70,21 @@ class ClientPlan:
                 state.update(personal)
         return state
 
-    def delta(self, trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+    def delta(self, trained: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor],
               pad: bool) -> dict[str, torch.Tensor]:
-        """What travels: the trained adapter minus where it started, of this mode's tensors.
+        """What travels: the trained adapter minus the global one (cut to this client's rank), of
+        this mode's tensors. Against the global adapter even where training started elsewhere
+        (fedsa's own B), so that the coordinator's mean of deltas is the mean of the adapters.
 
         Args:
             pad: Zero-pad a lower-rank delta to the job's rank (secure aggregation's fixed length).
         """
-        delta = {k: trained[k] - start[k] for k in start}
+        reference = dict(global_state)
+        if self.rank is not None and self.rank != self.job_rank:
+            from fedtune.methods.lora_aggregation import truncate_rank
+
+            reference = truncate_rank(reference, self.rank)
+        delta = {k: trained[k] - reference[k] for k in reference}
         if self.mode == "ffa":
             delta = {k: v for k, v in delta.items() if not is_lora_a(k)}
         if pad and self.rank is not None and self.job_rank is not None and self.rank != self.job_rank:
