@@ -23,7 +23,7 @@ the federated adapter next to the same method trained centrally on the union of 
 local-only training (each client alone for R·K steps of batch B; mean over clients).
 Then LoRA's aggregation modes (factors, exact, ffa, fedsa) and heterogeneous client ranks.
 
-    nice -n 10 .venv/bin/python benchmarks/peft_methods.py --threads 1 --out benchmarks/peft_methods_results.md
+    nice -n 10 .venv/bin/python benchmarks/peft_methods.py --threads 1 --out benchmarks/out/peft_methods.md
 
 About 20 minutes with ``--threads 1`` on 2 shared cores. At this model size 2 torch threads are no
 faster than 1 on an idle machine (35 vs 33 ms per step of batch 8) and were 7x slower whenever
