@@ -67,12 +67,11 @@ import torch
 import transformers
 
 import fedtune  # noqa: F401  (registers fedtune's own peft tuners: bitfit, bottleneck)
-from fedtune.coordinator.compute import next_global
+from fedtune.coordinator.compute import next_global, product_error
 from fedtune.data import Example, collate, load_jsonl, tokenize, write_synthetic_federation
 from fedtune.methods import METHODS
 from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation
-from fedtune.methods.lora_aggregation import lora_pairs, product_mean
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
 from fedtune.peft_io import (
     adapter_state,
@@ -286,17 +285,6 @@ def measure_memory(base_dir: Path, cfg: dict[str, Any], tokenized: list[dict[str
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(client_memory, str(base_dir), cfg, tokenized, pad, lr, args.batch, args.steps, args.seed,
                            args.threads).result()
-
-
-def product_error(states: list[dict[str, torch.Tensor]], weights: list[int], new: dict[str, torch.Tensor]) -> float:
-    """‖mean(B_i·A_i) − B'·A'‖ / ‖mean(B_i·A_i)‖ over all LoRA modules, from the adapters the clients
-    actually ended the round with (the coordinator's figure rebuilds them as global + delta)."""
-    mean = product_mean(states, [float(w) for w in weights])
-    num = den = 0.0
-    for module, (a, b) in lora_pairs(new).items():
-        num += float((mean[module] - new[b].double() @ new[a].double()).pow(2).sum())
-        den += float(mean[module].pow(2).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 def trainable(model: torch.nn.Module) -> int:

@@ -384,8 +384,7 @@ mode: federated            # or offsite: clients get an emulator, never the full
 aggregation:
   strategy: fedavg         # weighted by each client's example count
   max_update_norm: null    # reject updates with a larger L2 norm
-{lora_aggregation}
-codec: fp32                # fp32, fp16, bf16, int8, int4, int2, topk:0.05, topk:0.5+int4 (lossy: error feedback)
+{lora_aggregation}codec: fp32                # fp32, fp16, bf16, int8, int4, int2, topk:0.05, topk:0.5+int4 (lossy: error feedback)
 rounds: 3
 clients_per_round: 3
 min_clients: 2             # a round closes at its deadline with at least this many updates
@@ -417,9 +416,8 @@ def example_spec(base: str = "tiny-llama", method: str = "lora") -> str:
     lora = ("  lora: factors            # LoRA: factors (FedAvg of A and B), exact (mean of B·A, re-factored\n"
             "                           # by SVD), ffa (A frozen, B only: half the bytes), fedsa (B stays local)\n"
             if unit.lora else "")
-    # The method's example goes in after formatting: its YAML has braces of its own ({}).
-    text = EXAMPLE_SPEC.replace("{peft}", "\0peft\0").replace("{lora_aggregation}\n", "\0agg\0").format(base=base)
-    return text.replace("\0peft\0", unit.example).replace("\0agg\0", lora)
+    # str.format parses only the template: the method's YAML may hold braces of its own ({}).
+    return EXAMPLE_SPEC.format(base=base, peft=unit.example, lora_aggregation=lora)
 
 
 def method_list() -> str:

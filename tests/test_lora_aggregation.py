@@ -12,8 +12,6 @@ from fedtune.methods.lora_aggregation import (
     exact_aggregate,
     factor_mean,
     lora_pairs,
-    only_a,
-    only_b,
     pad_rank,
     product_mean,
     rank_of_pairs,
@@ -275,16 +273,12 @@ def test_plain_tensors_are_the_weighted_mean():
         exact_aggregate([states[0], client(22, 4)], [1, 1], 4)
 
 
-def test_split_and_only_a_only_b():
+def test_split_ab_separates_factors_from_plain_tensors():
     state = client(30, 4, magnitude=True)
     a_part, b_part, plain = split_ab(state)
     assert set(a_part) == {f"{Q}.lora_A.weight", f"{V}.lora_A.weight"}
     assert set(b_part) == {f"{Q}.lora_B.weight", f"{V}.lora_B.weight"}
     assert set(plain) == {f"{Q}.lora_magnitude_vector", f"{V}.lora_magnitude_vector"}
-    # Both sub-dicts keep the plain tensors: they are trained by every client and always travel.
-    assert set(only_b(state)) == set(b_part) | set(plain)
-    assert set(only_a(state)) == set(a_part) | set(plain)
-    assert list(only_b(state)) == [k for k in state if k not in a_part]
 
 
 def test_real_peft_dora_and_embedding_keys():

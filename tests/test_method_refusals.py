@@ -10,10 +10,9 @@ import torch
 from fedtune.errors import InvalidInput
 from fedtune.methods import METHODS
 from fedtune.peft_io import tensors_to_bytes
-from fedtune.protos import fedtune_pb2 as pb
 from fedtune.spec import parse_spec
 from tests.conftest import Admin, make_spec, wait_until
-from tests.test_rpc_contract import RawClient
+from tests.test_rpc_contract import round_setup  # noqa: F401 - the fixture: a rank-4 LoRA job, one open round
 
 
 @pytest.mark.parametrize(
@@ -77,25 +76,12 @@ def test_create_refuses_targets_the_base_lacks_and_prompts_that_do_not_fit(coord
     assert coordinator.coordinator.state.jobs() == []
 
 
-@pytest.fixture
-def lora_round(coordinator, admin: Admin):  # type: ignore[no-untyped-def]
-    """A rank-4 LoRA job of 2 clients with one open round: (coordinator, job, c1, c2, t1, t2)."""
-    job = admin.create_job(make_spec(clients=2, min_clients=2))
-    c1 = RawClient(coordinator.address, admin.token(job))
-    c2 = RawClient(coordinator.address, admin.token(job))
-    c2.stub.Heartbeat(pb.HeartbeatRequest(client_id=c2.client_id), metadata=c2.md("Heartbeat"))
-    t1, t2 = c1.task(), c2.task()
-    yield coordinator, job, c1, c2, t1, t2
-    c1.channel.close()
-    c2.channel.close()
-
-
 def _cut(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     return {k: (v[:rank] if ".lora_A." in k else v[:, :rank]).clone() * 0 + 0.01 for k, v in state.items()}
 
 
-def test_updates_of_another_rank_or_method_are_invalid_and_not_counted(lora_round) -> None:  # type: ignore[no-untyped-def]
-    running, job, c1, c2, t1, t2 = lora_round
+def test_updates_of_another_rank_or_method_are_invalid_and_not_counted(round_setup) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    running, job, c1, c2, t1, t2 = round_setup
     state = running.coordinator.state
     g = c1.global_state(t1)
 

@@ -136,7 +136,7 @@ def test_method_federates_lowers_eval_loss_and_publishes_what_peft_loads(  # typ
 
 def _client_products(coordinator, job: str, rnd) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:  # type: ignore[no-untyped-def]
     """(the round's global-in adapter, each client's end-of-round adapter) from the stored updates."""
-    from fedtune.coordinator.compute import _client_states
+    from fedtune.coordinator.compute import client_states, decode_updates
     from fedtune.crypto.envelope import UpdateBinding
     from fedtune.methods.lora import LoraAggregation, declared_rank
 
@@ -149,7 +149,7 @@ def _client_products(coordinator, job: str, rnd) -> tuple[dict[str, torch.Tensor
     schema = {k: tuple(v.shape) for k, v in bytes_to_tensors(global_in).items()}
     lora = LoraAggregation(spec.aggregation.lora, spec.peft.r,
                            tuple(declared_rank(u.metrics, spec.peft.r) for u in updates))
-    states = _client_states(global_in, plains, spec.codec, schema, lora)
+    states = client_states(bytes_to_tensors(global_in), decode_updates(plains, spec.codec, schema, lora), lora)
     return bytes_to_tensors(global_in), states, [u.num_examples for u in updates]  # type: ignore[return-value]
 
 

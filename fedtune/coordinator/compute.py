@@ -28,45 +28,37 @@ if TYPE_CHECKING:
     from fedtune.coordinator.evaluator import Evaluator
 
 
-def combine_updates(plains: list[bytes], weights: list[int], codec: str, schema: Schema, strategy: str,
-                    clip_norm: float | None, lora: LoraAggregation | None = None) -> dict[str, torch.Tensor]:
-    """Decodes opened updates and combines them.
+def combine_updates(deltas: list[dict[str, torch.Tensor]], weights: list[int], strategy: str,
+                    clip_norm: float | None) -> dict[str, torch.Tensor]:
+    """Combines decoded deltas (of the job's shapes).
 
     Without ``clip_norm``: the strategy's weighted aggregate (FedAvg: the example-weighted mean).
     With it (central DP): the plain sum of the updates clipped to ``clip_norm``, to be noised.
-    With ``lora``: each update is decoded at its client's rank and zero-padded to the job's (a
-    lower-rank client leaves the components above its rank unchanged; HetLoRA's padding), and
-    under ffa only B's deltas are there (A is never updated).
     """
-    deltas = decode_updates(plains, codec, schema, lora)
-    keys = list(deltas[0])
     if clip_norm is not None:
         clipped = [clip_update(d, clip_norm)[0] for d in deltas]
-        return {k: torch.stack([c[k] for c in clipped]).sum(0) for k in keys}
+        return {k: torch.stack([c[k] for c in clipped]).sum(0) for k in deltas[0]}
     return get_strategy(strategy).aggregate([WeightedDelta(d, n) for d, n in zip(deltas, weights, strict=True)])
 
 
 def decode_updates(plains: list[bytes], codec: str, schema: Schema,
                    lora: LoraAggregation | None = None) -> list[dict[str, torch.Tensor]]:
-    """Each opened update as an fp32 delta with the job's shapes (LoRA: padded to the job's rank)."""
+    """Each opened update as an fp32 delta, as its client sent it: the job's shapes, or for LoRA
+    its client's rank and its mode's tensors (ffa: no A)."""
     decoder = get_codec(codec)
-    if lora is None:
-        return [decoder.decode(bytes_to_tensors(p), schema) for p in plains]
-    from fedtune.methods.lora_aggregation import pad_rank
-
-    return [pad_rank(decoder.decode(bytes_to_tensors(p), lora.update_schema(schema, i)), lora.rank)
+    return [decoder.decode(bytes_to_tensors(p), lora.update_schema(schema, i) if lora else schema)
             for i, p in enumerate(plains)]
 
 
-def apply_mean(global_in: bytes, total: dict[str, torch.Tensor], denominator: float,
-               dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
-    """The next global adapter: ``global_in`` plus ``total / denominator`` (noised first under DP).
+def _next_state(current: dict[str, torch.Tensor], total: dict[str, torch.Tensor], denominator: float,
+                dp: DpNoise | None, after: AfterAggregate | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``current`` plus ``total / denominator`` (noised first under DP), then the method's own step,
+    and the blob metadata that carries its metrics.
 
     A tensor that ``total`` lacks (LoRA's frozen A under ffa) is carried over unchanged.
     """
     if dp is not None:
         total = add_gaussian_noise(total, dp.noise_multiplier, dp.clip_norm)
-    current = bytes_to_tensors(global_in)
     new = {k: (current[k] + total[k] / denominator).contiguous() if k in total else current[k] for k in current}
     metadata = {"format": "pt"}
     if after is not None:
@@ -75,23 +67,38 @@ def apply_mean(global_in: bytes, total: dict[str, torch.Tensor], denominator: fl
         method, opts = method_options(after.peft)
         new, metrics = method.after_aggregate(opts, new, after.budget)
         metadata[METHOD_METRICS_METADATA] = json.dumps(metrics)
-    return tensors_to_bytes({k: v.contiguous() for k, v in new.items()}, metadata=metadata)
+    return new, metadata
 
 
-def exact_lora_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                      lora: LoraAggregation) -> bytes:
-    """An ``aggregation.lora: exact`` round: the weighted mean of the clients' products B·A,
-    re-factored to the job's rank by SVD (other tensors: their weighted mean).
+def _blob(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    return tensors_to_bytes({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
 
-    Each client's factors are the global ones cut to its rank plus its delta. The relative
-    truncation error of the re-factoring travels in the blob's metadata (see PRODUCT_ERROR_METADATA).
-    """
-    from fedtune.methods.lora_aggregation import exact_aggregate
 
-    states = _client_states(global_in, plains, codec, schema, lora)
-    new, error = exact_aggregate(states, [float(w) for w in weights], lora.rank)
-    return tensors_to_bytes({k: v.contiguous() for k, v in new.items()},
-                            metadata={"format": "pt", PRODUCT_ERROR_METADATA: repr(float(error))})
+def client_states(current: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]],
+                  lora: LoraAggregation) -> list[dict[str, torch.Tensor]]:
+    """What each LoRA client ended its round with: the global factors cut to its rank plus its
+    delta (a tensor it did not send, ffa's A, is the global one)."""
+    from fedtune.methods.lora_aggregation import truncate_rank
+
+    states = []
+    for rank, delta in zip(lora.ranks, deltas, strict=True):
+        start = truncate_rank(current, rank) if rank != lora.rank else current
+        states.append({k: start[k] + delta[k] if k in delta else start[k] for k in start})
+    return states
+
+
+def product_error(states: list[dict[str, torch.Tensor]], weights: list[int], new: dict[str, torch.Tensor]) -> float:
+    """‖mean(B·A) − B'·A'‖ / ‖mean(B·A)‖ over all LoRA modules of ``new`` (0 for ffa, which is
+    exact; what factors and fedsa give up)."""
+    from fedtune.methods.lora_aggregation import lora_pairs, product_mean
+
+    mean = product_mean(states, [float(w) for w in weights])
+    num = den = 0.0
+    for module, (a, b) in lora_pairs(new).items():
+        product = new[b].double() @ new[a].double()
+        num += float((mean[module] - product).pow(2).sum())
+        den += float(mean[module].pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
@@ -101,47 +108,31 @@ def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec
 
     Without ``dp``: ``global_in`` plus the strategy's aggregate (FedAvg: the example-weighted mean
     of the deltas). With it: plus the noised sum of the updates clipped to its norm, over its
-    planned cohort size. ``lora``: a LoRA job's aggregation mode and its clients' ranks.
+    planned cohort size.
+
+    ``lora``: a LoRA job's mode and its clients' ranks. exact: the weighted mean of the clients'
+    products B·A, re-factored to the job's rank by SVD (other tensors: their weighted mean). Other
+    modes: each delta zero-padded to the job's rank (a lower-rank client leaves the components above
+    its rank unchanged; HetLoRA's padding), then as above. Without DP the round's
+    ``lora_product_error`` (exact: the SVD's truncation error) travels in the blob's metadata.
     """
-    if lora is not None and lora.mode == "exact":
-        return exact_lora_global(global_in, plains, weights, codec, schema, lora)
-    combined = combine_updates(plains, weights, codec, schema, strategy, dp.clip_norm if dp else None, lora)
-    out = apply_mean(global_in, combined, dp.planned if dp else 1.0, dp, after)
-    if lora is not None and dp is None:
-        out = _with_product_error(out, global_in, plains, weights, codec, schema, lora)
-    return out
-
-
-def _client_states(global_in: bytes, plains: list[bytes], codec: str, schema: Schema,
-                   lora: LoraAggregation) -> list[dict[str, torch.Tensor]]:
-    # What each client ended its round with: the global factors at its rank plus its delta.
-    from fedtune.methods.lora_aggregation import truncate_rank
-
-    decoder = get_codec(codec)
+    deltas = decode_updates(plains, codec, schema, lora)
     current = bytes_to_tensors(global_in)
-    states = []
-    for i, plain in enumerate(plains):
-        delta = decoder.decode(bytes_to_tensors(plain), lora.update_schema(schema, i))
-        start = truncate_rank(current, lora.ranks[i]) if lora.ranks[i] != lora.rank else current
-        states.append({k: start[k] + delta.get(k, 0) for k in start})
-    return states
+    if lora is None:
+        combined = combine_updates(deltas, weights, strategy, dp.clip_norm if dp else None)
+        return _blob(*_next_state(current, combined, dp.planned if dp else 1.0, dp, after))
+    from fedtune.methods.lora_aggregation import exact_aggregate, pad_rank
 
-
-def _with_product_error(out: bytes, global_in: bytes, plains: list[bytes], weights: list[int], codec: str,
-                        schema: Schema, lora: LoraAggregation) -> bytes:
-    """``out`` with its distance from the exact aggregate in its metadata: ‖mean(B·A) − B'·A'‖ / ‖mean(B·A)‖
-    over all LoRA modules (0 for ffa, which is exact; what factors and fedsa give up)."""
-    from fedtune.methods.lora_aggregation import lora_pairs, product_mean
-
-    mean = product_mean(_client_states(global_in, plains, codec, schema, lora), [float(w) for w in weights])
-    new = bytes_to_tensors(out)
-    num = den = 0.0
-    for module, (a, b) in lora_pairs(new).items():
-        product = new[b].double() @ new[a].double()
-        num += float((mean[module] - product).pow(2).sum())
-        den += float(mean[module].pow(2).sum())
-    error = (num / den) ** 0.5 if den > 0 else 0.0
-    return tensors_to_bytes(new, metadata={"format": "pt", PRODUCT_ERROR_METADATA: repr(error)})
+    states = client_states(current, deltas, lora)
+    if lora.mode == "exact":
+        new, error = exact_aggregate(states, [float(w) for w in weights], lora.rank)
+        return _blob(new, {"format": "pt", PRODUCT_ERROR_METADATA: repr(float(error))})
+    padded = [pad_rank(d, lora.rank) for d in deltas]
+    combined = combine_updates(padded, weights, strategy, dp.clip_norm if dp else None)
+    new, metadata = _next_state(current, combined, dp.planned if dp else 1.0, dp, after)
+    if dp is None:
+        metadata[PRODUCT_ERROR_METADATA] = repr(product_error(states, weights, new))
+    return _blob(new, metadata)
 
 
 def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
@@ -153,7 +144,7 @@ def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, cl
     planned cohort size after noising.
     """
     sums, weight = unflatten_sum(total, schema, clip)
-    return apply_mean(global_in, sums, dp.planned if dp else weight, dp, after)
+    return _blob(*_next_state(bytes_to_tensors(global_in), sums, dp.planned if dp else weight, dp, after))
 
 
 class Compute(Protocol):

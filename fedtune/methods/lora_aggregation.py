@@ -461,34 +461,3 @@ def split_ab(state: Mapping[str, torch.Tensor]) -> tuple[State, State, State]:
         target = a_part if key in a_keys else b_part if key in b_keys else plain
         target[key] = tensor
     return a_part, b_part, plain
-
-
-def only_b(state: Mapping[str, torch.Tensor]) -> State:
-    """What an FFA-LoRA client sends: the B factors and the plain tensors.
-
-    FFA-LoRA freezes A at its shared initialisation, so only B travels; the plain tensors (DoRA
-    magnitudes, ``modules_to_save``, biases) are trained by every client and travel too.
-
-    Args:
-        state: An adapter state.
-
-    Returns:
-        The sub-dict without the A factors, in the input's key order.
-    """
-    a_part, _, _ = split_ab(state)
-    return {key: tensor for key, tensor in state.items() if key not in a_part}
-
-
-def only_a(state: Mapping[str, torch.Tensor]) -> State:
-    """What a FedSA-LoRA client shares: the A factors and the plain tensors.
-
-    FedSA-LoRA keeps B local (client-specific) and shares A; the plain tensors are shared as well.
-
-    Args:
-        state: An adapter state.
-
-    Returns:
-        The sub-dict without the B factors, in the input's key order.
-    """
-    _, b_part, _ = split_ab(state)
-    return {key: tensor for key, tensor in state.items() if key not in b_part}

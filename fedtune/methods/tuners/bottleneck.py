@@ -27,10 +27,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 from torch import nn
 
-from fedtune.methods.tuners.bitfit import (
+from fedtune.methods.tuners.common import (
     check_target_modules_present,
     in_out_features,
     validate_layer_selection,
+    wrap_target,
 )
 
 # After attention's output projection and after the MLP (Llama-style names).
@@ -239,18 +240,5 @@ class BottleneckModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
-        if not isinstance(peft_config, BottleneckConfig):
-            raise TypeError(f"expected a BottleneckConfig, got {type(peft_config).__name__}")
-        if isinstance(target, BottleneckLayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        if isinstance(target, BaseTunerLayer):
-            # ValueError, as peft raises for targets it cannot adapt.
-            raise ValueError(  # noqa: TRY004
-                f"{current_key} already carries a {type(target).__name__}; a bottleneck cannot wrap it"
-            )
-        new_module = BottleneckLayer(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            # An added, inactive adapter must not become trainable.
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        wrap_target(self, BottleneckLayer, BottleneckConfig, "a bottleneck", peft_config, adapter_name, target, target_name, parent,
+                    current_key)
