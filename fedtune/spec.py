@@ -58,7 +58,15 @@ def default_peft() -> MethodOptions:
 
 
 class TrainingSpec(_Strict):
-    """Local training hyper-parameters handed to each client with its task."""
+    """Local training hyper-parameters handed to each client with its task (the training recipe).
+
+    ``batch_size`` is the effective batch of one optimizer step. A client runs it as
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size / gradient_accumulation_steps``
+    examples (or of its own ``--micro-batch``), so every client's step means the same thing.
+    The learning-rate schedule runs over the whole job by global step: round ``r`` (from 1) starts
+    at step ``(r - 1) * steps`` (with ``epochs``, the client's own steps per round), so warmup and
+    decay continue across rounds instead of restarting in each.
+    """
 
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
@@ -66,6 +74,21 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(8, gt=0, le=4096)
     max_seq_len: int = Field(128, gt=1, le=131072)
     seed: int = 0
+    gradient_accumulation_steps: int = Field(1, gt=0, le=4096)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    # Gradients of the adapter are clipped to this L2 norm per optimizer step; null: no clipping.
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    # Recompute each block's activations in the backward pass instead of keeping them (memory for time).
+    gradient_checkpointing: bool = False
+    # auto: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU. bf16/fp16 load the frozen
+    # base in that type and run the forward under autocast; the adapter's weights stay fp32
+    # (fp16 adds a GradScaler).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Pack short examples into sequences of max_seq_len; attention stays within each example.
+    packing: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -78,7 +101,47 @@ class TrainingSpec(_Strict):
     def _steps_or_epochs(self) -> TrainingSpec:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("set only one of training.steps and training.epochs")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set only one of training.warmup_steps and training.warmup_ratio")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide "
+                             f"batch_size ({self.batch_size}): the micro-batch is batch_size / accumulation")
         return self
+
+
+class DataSpec(_Strict):
+    """How every client (and the coordinator's evaluation) reads and renders its examples.
+
+    A record's schema is found from its keys: ``{prompt, response}``, ``{text}``, alpaca
+    ``{instruction, input, output}``, chat ``{messages: [{role, content}]}`` or ShareGPT
+    ``{conversations: [{from, value}]}``. The column keys below name the field of the data that
+    plays each part, for files with other names (``data: {prompt: question, response: answer}``).
+    """
+
+    prompt: str | None = Field(None, min_length=1)
+    response: str | None = Field(None, min_length=1)
+    text: str | None = Field(None, min_length=1)
+    instruction: str | None = Field(None, min_length=1)
+    input: str | None = Field(None, min_length=1)
+    output: str | None = Field(None, min_length=1)
+    messages: str | None = Field(None, min_length=1)
+    conversations: str | None = Field(None, min_length=1)
+    # How conversations are rendered: auto (the base tokenizer's own chat template, else fedtune's
+    # default ChatML template), tokenizer (its own; an error if it has none), default (ChatML), or
+    # a Jinja template of its own. The loss covers the assistant turns only.
+    chat_template: str = Field("auto", min_length=1)
+    # Put before every conversation that has no system turn of its own.
+    system_prompt: str | None = None
+    # Also render prompt/response and alpaca records through the chat template (one user turn, one
+    # assistant turn), as an instruct model expects; off: prompt and response are joined as text.
+    pairs_as_chat: bool = False
+    # An example longer than training.max_seq_len is cut to it (truncate) or left out (drop).
+    too_long: Literal["truncate", "drop"] = "truncate"
+
+    def columns(self) -> dict[str, str]:
+        """The data's name for each part that the spec maps (the part's own name where unmapped)."""
+        parts = ("prompt", "response", "text", "instruction", "input", "output", "messages", "conversations")
+        return {part: getattr(self, part) or part for part in parts}
 
 
 class AggregationSpec(_Strict):
@@ -199,10 +262,14 @@ class JobSpec(_Strict):
     base_model: str = Field("tiny-llama", min_length=1)
     mode: Literal["federated", "offsite"] = "federated"
     offsite: OffsiteSpec | None = None
-    # Clients load the base (or emulator) quantized with bitsandbytes and train LoRA on top (QLoRA).
-    client_quantization: Literal["nf4", "int8"] | None = None
+    # A hub revision (branch, tag or commit) of base_model, pinned for the job's life.
+    base_revision: str | None = Field(None, min_length=1)
+    # Clients load the base (or emulator) quantized with bitsandbytes and train LoRA on top (QLoRA);
+    # allowed: each client chooses (fedtune client run --quantize nf4|int8), full precision otherwise.
+    client_quantization: Literal["nf4", "int8", "allowed"] | None = None
     peft: PeftSpec = Field(default_factory=default_peft)
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
+    data: DataSpec = Field(default_factory=lambda: DataSpec.model_validate({}))
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec.model_validate({}))
     # fp32, fp16, bf16, int8, int4, int2, topk:FRACTION, topk:FRACTION+int8|int4 (fedtune.compression.codecs)
     codec: str = "fp32"
@@ -281,6 +348,9 @@ class JobSpec(_Strict):
         if self.client_quantization and not method.quantized_base:
             raise ValueError(f"client_quantization {self.client_quantization}: peft cannot train {name} on a "
                              "bitsandbytes-quantized base; use lora, ia3 or a prompt method, or drop it")
+        if self.training.packing and method.prompt:
+            raise ValueError(f"training.packing: peft.method {name} prepends virtual tokens to each sequence, "
+                             "which would then be shared by every packed example; turn packing off")
         mode = self.aggregation.lora
         if mode != "factors" and not method.lora:
             raise ValueError(f"aggregation.lora {mode} is for peft.method lora, not {name}")
@@ -374,13 +444,29 @@ mode: federated            # or offsite: clients get an emulator, never the full
 #   tune: lora             # LoRA on them, or blocks: every weight of them (no peft settings then)
 #   keep: 0.5              # fraction of the middle blocks the emulator keeps
 #   quantize: null         # int8 or nf4 for the emulator's frozen middle
-# client_quantization: nf4 # QLoRA: clients load the base/emulator in nf4 or int8
+# base_revision: null      # a hub base: pin a branch, tag or commit
+# client_quantization: nf4 # QLoRA: clients load the base/emulator in nf4 or int8 (allowed: each chooses)
 {peft}training:                  # each client's local training, per round
   steps: 20                # or epochs: 1.0 (set exactly one)
   lr: 0.003
-  batch_size: 8
+  batch_size: 8            # examples per optimizer step (the effective batch)
+  gradient_accumulation_steps: 1   # micro-batches per step (a client may pick its own --micro-batch)
   max_seq_len: 128
   seed: 0
+  lr_scheduler: constant   # constant, linear or cosine, over the job's global steps
+  warmup_steps: null       # or warmup_ratio: 0.03
+  weight_decay: 0.0
+  max_grad_norm: 1.0
+  gradient_checkpointing: false
+  precision: auto          # auto, fp32, bf16, fp16 (autocast; the base is loaded in that type)
+  packing: false           # pack short examples into max_seq_len sequences
+data:                      # how examples are read and rendered, the same on every client
+  chat_template: auto      # auto, tokenizer, default (ChatML), or a Jinja template
+  system_prompt: null
+  pairs_as_chat: false     # render prompt/response and alpaca records as a chat turn
+  too_long: truncate       # or drop: examples longer than max_seq_len
+  # prompt: question       # column mapping: the data's name for prompt, response, text,
+  # response: answer       #   instruction, input, output, messages or conversations
 aggregation:
   strategy: fedavg         # weighted by each client's example count
   max_update_norm: null    # reject updates with a larger L2 norm
