@@ -20,7 +20,7 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from fedtune.errors import InvalidInput
 from fedtune.models import MODEL_BUILD_LOCK
 
 # The isolated loop's batch order, step count and clip norm, reused so both agree exactly.
-from fedtune.training import _MAX_GRAD_NORM, TrainResult, _batches, _cuda_devices, _total_steps
+from fedtune.training import Recipe, TrainResult, _batches, _cuda_devices, count_steps
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class TrainingPlan:
         steps: Exact number of optimizer steps; takes precedence over `epochs`.
         epochs: Passes over the data when `steps` is None; rounded up to whole steps.
         seed: Seed of the batch order.
+        recipe: Its schedule, weight decay and clipping (`fedtune.training.Recipe`); accumulation,
+            checkpointing and half precision are not batched (such clients train alone).
     """
 
     examples: Tokenized
@@ -81,6 +83,7 @@ class TrainingPlan:
     steps: int | None = None
     epochs: float | None = None
     seed: int = 0
+    recipe: Recipe = field(default_factory=Recipe)
 
 
 @dataclass(frozen=True)
@@ -302,8 +305,8 @@ def train_adapters(model: MultiLoraModel, plans: Sequence[TrainingPlan], *, pad_
                    progress: bool = False, desc: str = "train batched") -> list[TrainResult]:
     """Trains every adapter of `model` by its plan, all of them in one pass of the base per step.
 
-    Per adapter this is `fedtune.training.train_adapter`: its own AdamW, token-mean loss, gradient
-    clipping to norm 1.0, and batches of `min(batch_size, n)` examples drawn from reshuffled passes
+    Per adapter this is `fedtune.training.train_adapter`: its own AdamW (with its recipe's weight
+    decay and learning-rate schedule), token-mean loss, gradient clipping, and batches of `min(batch_size, n)` examples drawn from reshuffled passes
     with a generator seeded by its `seed`. An adapter with fewer steps leaves the batch when done.
     With LoRA dropout above 0 the masks come from one RNG seeded by the first plan's seed, so they
     differ from an isolated run's; with dropout 0 the weights match isolated training.
@@ -323,7 +326,9 @@ def train_adapters(model: MultiLoraModel, plans: Sequence[TrainingPlan], *, pad_
         InvalidInput: The plans do not match the adapters, or a plan has no examples or a bad setting.
     """
     totals = _plan_steps(plans, model.num_adapters)
-    optimizers = [torch.optim.AdamW(model.parameters(k), lr=plan.lr) for k, plan in enumerate(plans)]
+    optimizers = [torch.optim.AdamW(model.parameters(k), lr=plan.lr, weight_decay=plan.recipe.weight_decay)
+                  for k, plan in enumerate(plans)]
+    horizons = [p.recipe.total_steps or p.recipe.first_step + n for p, n in zip(plans, totals, strict=True)]
     orders = [_batches(len(p.examples), p.batch_size, n, torch.Generator().manual_seed(p.seed))
               for p, n in zip(plans, totals, strict=True)]
     losses: list[list[float]] = [[] for _ in plans]
@@ -342,11 +347,16 @@ def train_adapters(model: MultiLoraModel, plans: Sequence[TrainingPlan], *, pad_
                 step_losses = torch.stack([loss_sum / max(n, 1) for loss_sum, n in sums])
                 for k in active:
                     optimizers[k].zero_grad(set_to_none=True)
+                    recipe = plans[k].recipe
+                    for group in optimizers[k].param_groups:
+                        group["lr"] = plans[k].lr * recipe.lr_factor(recipe.first_step + step, horizons[k])
                 # Adapters share no parameters, so the sum's gradient for each is its own loss's.
                 step_losses.sum().backward()
                 values = step_losses.tolist()
                 for k, value in zip(active, values, strict=True):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(k), _MAX_GRAD_NORM)
+                    max_norm = plans[k].recipe.max_grad_norm
+                    if max_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(k), max_norm)
                     optimizers[k].step()
                     losses[k].append(value)
                 bar.update(1)
@@ -375,8 +385,12 @@ def _plan_steps(plans: Sequence[TrainingPlan], n_adapters: int) -> list[int]:
             raise InvalidInput(f"adapter {k}: batch_size must be at least 1, got {plan.batch_size}")
         if plan.lr <= 0:
             raise InvalidInput(f"adapter {k}: learning rate must be positive, got {plan.lr}")
+        r = plan.recipe
+        if r.micro_batch is not None or r.gradient_checkpointing or r.precision != "fp32":
+            raise InvalidInput(f"adapter {k}: micro-batches, gradient checkpointing and half precision are not "
+                               "batched; train this adapter alone")
         try:
-            totals.append(_total_steps(len(plan.examples), plan.batch_size, plan.steps, plan.epochs))
+            totals.append(count_steps(len(plan.examples), plan.batch_size, plan.steps, plan.epochs))
         except InvalidInput as e:
             raise InvalidInput(f"adapter {k}: {e}") from e
     return totals

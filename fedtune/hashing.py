@@ -49,3 +49,38 @@ def model_dir_hash(path: Path) -> str:
     for rel, file_digest in sorted(entries):
         digest.update(f"{rel}\0{file_digest}\n".encode())
     return digest.hexdigest()
+
+
+# Weight files of formats other than safetensors (and their shard indexes): for other loaders.
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".bin.index.json",
+                  ".h5.index.json", ".msgpack.index.json")
+_TORCH_BIN = (".bin", ".bin.index.json")
+_DOCS = (".md", ".png", ".jpg", ".jpeg", ".gif", ".pdf")
+_DOC_NAMES = ("license", "notice", "use_policy", "copying")
+
+
+def loadable_files(path: Path) -> list[Path]:
+    """The files of a model directory that loading the model and its tokenizer needs.
+
+    What a hub snapshot holds beside them never travels to clients: subfolders (``original/``
+    consolidated checkpoints, ``onnx/``, ...), documentation and licences, and weights in other
+    formats when safetensors are there (``pytorch_model*.bin``, TensorFlow, Flax, GGUF). Without
+    safetensors the PyTorch ``.bin`` weights and their index are kept. Hidden files are left out.
+
+    Args:
+        path: A model directory.
+
+    Returns:
+        The files, sorted by name (directly in ``path``).
+    """
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    has_safetensors = any(p.name.endswith(".safetensors") for p in files)
+    keep = []
+    for p in files:
+        name = p.name.lower()
+        if name.endswith(_DOCS) or name.startswith(_DOC_NAMES):
+            continue
+        if name.endswith(_OTHER_WEIGHTS) and (has_safetensors or not name.endswith(_TORCH_BIN)):
+            continue
+        keep.append(p)
+    return keep

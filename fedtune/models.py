@@ -166,12 +166,13 @@ def _ensure_preset(name: str, cache_dir: Path) -> Path:
     return target
 
 
-def resolve_base(base: str, cache_dir: Path) -> Path:
+def resolve_base(base: str, cache_dir: Path, revision: str | None = None) -> Path:
     """Turns a `--base` value into a local model directory.
 
     Args:
         base: A preset name, a local directory, or a Hugging Face hub id.
         cache_dir: Where presets are materialized (under `presets/<name>`).
+        revision: A hub id's branch, tag or commit (the hub's default branch when None).
 
     Returns:
         A directory holding the model and tokenizer files.
@@ -187,7 +188,7 @@ def resolve_base(base: str, cache_dir: Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(base))
+        return Path(snapshot_download(base, revision=revision))
     # Broad on purpose: the hub client raises many unrelated types (HTTP, validation, OS, offline).
     except Exception as e:
         raise InvalidInput(
@@ -199,23 +200,27 @@ def pick_device(pref: str) -> torch.device:
     """Chooses the torch device for `--device`.
 
     Args:
-        pref: "auto" (CUDA when available, else CPU), "cuda" or "cpu".
+        pref: "auto" (CUDA when available, else CPU), "cuda", "cuda:N" (GPU N) or "cpu".
 
     Returns:
         The device.
 
     Raises:
-        InvalidInput: CUDA was asked for but is not available, or `pref` is unknown.
+        InvalidInput: CUDA (or GPU N) was asked for but is not there, or `pref` is unknown.
     """
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInput("--device cuda requested but CUDA is not available")
-        return torch.device("cuda")
     if pref == "cpu":
         return torch.device("cpu")
-    raise InvalidInput(f"--device must be auto, cuda or cpu, got {pref!r}")
+    kind, _, index = pref.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InvalidInput(f"--device must be auto, cpu, cuda or cuda:N, got {pref!r}")
+    if not torch.cuda.is_available():
+        raise InvalidInput(f"--device {pref} requested but CUDA is not available")
+    if index and int(index) >= torch.cuda.device_count():
+        raise InvalidInput(f"--device {pref}: this machine has {torch.cuda.device_count()} GPU(s), "
+                           f"numbered 0 to {torch.cuda.device_count() - 1}")
+    return torch.device(pref)
 
 
 def dtype_for(device: torch.device) -> torch.dtype:
@@ -227,14 +232,14 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
+def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Loads a causal language model from a local directory onto `device`.
-
-    Uses fp32 on CPU; on CUDA, bf16 where the GPU supports it and fp16 otherwise.
 
     Args:
         path: A model directory (see `resolve_base`).
         device: Where to put the model.
+        dtype: Its weights' type; by default fp32 on CPU and, on CUDA, bf16 where the GPU supports
+            it and fp16 otherwise.
 
     Returns:
         The model, in eval mode.
@@ -244,7 +249,7 @@ def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
     """
     from transformers import AutoModelForCausalLM
 
-    dtype = dtype_for(device)
+    dtype = dtype or dtype_for(device)
     try:
         with MODEL_BUILD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

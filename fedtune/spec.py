@@ -78,7 +78,8 @@ class TrainingSpec(_Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, lt=1)
+    # AdamW's decoupled weight decay (torch's default).
+    weight_decay: float = Field(0.01, ge=0, lt=1)
     # Gradients of the adapter are clipped to this L2 norm per optimizer step; null: no clipping.
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Recompute each block's activations in the backward pass instead of keeping them (memory for time).
@@ -455,7 +456,7 @@ mode: federated            # or offsite: clients get an emulator, never the full
   seed: 0
   lr_scheduler: constant   # constant, linear or cosine, over the job's global steps
   warmup_steps: null       # or warmup_ratio: 0.03
-  weight_decay: 0.0
+  weight_decay: 0.01
   max_grad_norm: 1.0
   gradient_checkpointing: false
   precision: auto          # auto, fp32, bf16, fp16 (autocast; the base is loaded in that type)

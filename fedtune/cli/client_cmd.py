@@ -21,12 +21,21 @@ def run(
                                               help="Enrollment token (not needed once joined).")] = None,
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Identity, cache and models.")] = Path(
         "~/.fedtune/client"),
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (GPU N).")] = "auto",
     name: Annotated[str | None, typer.Option("--name", help="Name shown to the operator.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
     max_rank: Annotated[int | None, typer.Option(
         "--max-rank", min=1, help="Train a LoRA job at most at this rank (small devices); the job's rank by default.")
     ] = None,
+    micro_batch: Annotated[int | None, typer.Option(
+        "--micro-batch", min=1, help="Examples per forward pass; must divide the job's batch_size, which "
+                                     "gradient accumulation keeps (default: the job's split).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="Load the base in nf4 or int8 (QLoRA) where the job allows it "
+                           "(client_quantization: allowed).")] = None,
+    base_dir: Annotated[Path | None, typer.Option(
+        "--base-dir", help="Your own copy of the job's base: a model directory or a Hugging Face hub cache. "
+                           "Checked file by file against the coordinator's sha256 instead of downloaded.")] = None,
     ca_cert: CaCert = None,
     client_cert: ClientCert = None,
     client_key: ClientKey = None,
@@ -39,15 +48,20 @@ def run(
     from fedtune.client.channel import ClientTls
     from fedtune.data import load_jsonl
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter("--device must be auto, cpu or cuda")
+    kind, _, index = device.partition(":")
+    if device not in ("auto", "cpu") and (kind != "cuda" or (index and not index.isdigit())):
+        raise typer.BadParameter("--device must be auto, cpu, cuda or cuda:N", param_hint="--device")
+    if quantize not in (None, "nf4", "int8"):
+        raise typer.BadParameter("--quantize must be nf4 or int8", param_hint="--quantize")
     tls = ClientTls(ca_cert, client_cert, client_key, insecure)
     # The data file and TLS settings are checked before the seconds of importing torch and peft.
     examples = load_jsonl(data)
     from fedtune.client.agent import ClientAgent
 
     agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,
-                        progress=progress, examples=examples, max_rank=max_rank)
+                        progress=progress, examples=examples, max_rank=max_rank,
+                        micro_batch=micro_batch, quantize=quantize,
+                        base_dir=base_dir.expanduser() if base_dir else None)
     stats = agent.run()
     typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "
                f"{stats.bytes_down} bytes down", err=True)

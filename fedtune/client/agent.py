@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune import __version__
 from fedtune.client.channel import ClientTls, is_tls_failure, is_transient, open_channel
+from fedtune.client.local_base import BaseFile, verified_base
 from fedtune.client.secure import SecureParticipant
 from fedtune.client.transfer import BlobCache, materialize, upload
 from fedtune.compression.codecs import get_codec
@@ -34,7 +35,7 @@ from fedtune.crypto.envelope import UpdateBinding, seal
 from fedtune.crypto.keys import load_or_create, raw_public_bytes
 from fedtune.crypto.requests import sign_request
 from fedtune.data import Example, load_jsonl, tokenize
-from fedtune.errors import AuthError, FedtuneError, InvalidInput, StateConflict, from_rpc_error
+from fedtune.errors import AuthError, FedtuneError, InvalidInput, LimitExceeded, StateConflict, from_rpc_error
 from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.models import load_causal_lm, load_tokenizer, pick_device
 from fedtune.peft_io import (
@@ -48,7 +49,14 @@ from fedtune.privacy import clip_update
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
-from fedtune.training import TrainResult, train_adapter
+from fedtune.training import (
+    Recipe,
+    TrainResult,
+    count_steps,
+    recipe_from_training,
+    resolve_precision,
+    train_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +121,18 @@ class ClientAgent:
 
     def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path, tls: ClientTls,
                  device: str = "auto", name: str | None = None, progress: bool = True,
-                 examples: list[Example] | None = None, max_rank: int | None = None) -> None:
+                 examples: list[Example] | None = None, max_rank: int | None = None,
+                 micro_batch: int | None = None, quantize: str | None = None, base_dir: Path | None = None) -> None:
         """``examples``: ``data`` already read with :func:`fedtune.data.load_jsonl` (else read at :meth:`run`).
-        ``max_rank``: train LoRA at most at this rank (small devices; the job's rank otherwise)."""
+        ``max_rank``: train LoRA at most at this rank (small devices; the job's rank otherwise).
+        ``micro_batch``: examples per forward pass (the job's batch is kept by accumulation).
+        ``quantize``: load the base in nf4 or int8 where the job allows it.
+        ``base_dir``: this data owner's own copy of the base (a model directory or a hub cache),
+        checked file by file instead of downloaded."""
         self.max_rank = max_rank
+        self.micro_batch = micro_batch
+        self.quantize = quantize
+        self.base_dir = base_dir
         self.address = coordinator
         self.tls = tls
         self.token = token
@@ -269,12 +285,24 @@ class ClientAgent:
         """Fetches what the task's model lacks and tokenizes the private data (cached per model)."""
         training = json.loads(task.training_json)
         peft_config = json.loads(task.peft_config_json)
+        training["client_quantization"] = self._quantization(training)
+        # What this client cannot run is refused before anything is fetched or trained.
+        resolve_precision(str(training.get("precision", "auto")), self.device)
+        if self.micro_batch is not None and int(training["batch_size"]) % self.micro_batch:
+            raise InvalidInput(f"--micro-batch {self.micro_batch} does not divide the job's batch_size "
+                               f"{training['batch_size']}; use a divisor of it")
         if self._prepared is not None and self._prepared.base_hash == task.base_model_hash:
             return replace(self._prepared, training=training, peft_config=peft_config)
-        for ref in task.base_files:
-            self._fetch(stub, ref)
-        model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files],
-                                self.state_dir / "models" / task.base_model_hash[:16])
+        target = self.state_dir / "models" / task.base_model_hash[:16]
+        if self.base_dir is not None and not any(f.path == "emulator.json" for f in task.base_files):
+            model_dir = verified_base(self.base_dir, [BaseFile(f.path, f.sha256, f.size) for f in task.base_files],
+                                      target.with_name(target.name + "-local"), self.state_dir / "base-hashes.json")
+        else:
+            if self.base_dir is not None:
+                log.warning("offsite job: the coordinator sends its emulator; --base-dir is not used")
+            for ref in task.base_files:
+                self._fetch(stub, ref)
+            model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files], target)
         tokenizer = load_tokenizer(model_dir)
         tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
         if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
@@ -283,6 +311,18 @@ class ClientAgent:
         self._prepared = Prepared(task.base_model_hash, model_dir, tokenized, tokenizer.pad_token_id, training,
                                   peft_config)
         return self._prepared
+
+    def _quantization(self, training: dict[str, Any]) -> str | None:
+        """How this client loads the base: the job's quantization, or its own where the job allows."""
+        job = training.get("client_quantization")
+        if self.quantize is None:
+            return None if job == "allowed" else job
+        if job == "allowed" or job == self.quantize:
+            return self.quantize
+        if job is None:
+            raise InvalidInput(f"--quantize {self.quantize}: this job does not let clients quantize the base "
+                               "(its client_quantization is not set to allowed)")
+        raise InvalidInput(f"--quantize {self.quantize}: this job loads the base in {job}; drop --quantize")
 
     def _plan(self, prepared: Prepared) -> ClientPlan:
         """How this client trains the task's adapter (its rank, what it keeps, what it sends)."""
@@ -307,7 +347,9 @@ class ClientAgent:
 
             base = load_quantized_causal_lm(model_dir, self.device, quantize)
         else:
-            base = load_causal_lm(model_dir, self.device)
+            # Half precision: the frozen base is stored in it too (half the memory); fp32 otherwise.
+            precision = resolve_precision(str(prepared.training.get("precision", "auto")), self.device)
+            base = load_causal_lm(model_dir, self.device, Recipe(precision=precision).dtype)
         cfg = prepared.peft_config
         blocks = cfg.get("tune") == "blocks"
         plan = self._plan(prepared)
@@ -318,6 +360,13 @@ class ClientAgent:
         self._model = (prepared.base_hash, model)
         return model
 
+    def recipe(self, prepared: Prepared, task: pb.Task, micro_batch: int | None = None) -> Recipe:
+        """How this client takes each step of the task's round (the job's recipe on this device)."""
+        t = prepared.training
+        steps = count_steps(len(prepared.tokenized), int(t["batch_size"]), t.get("steps"), t.get("epochs"))
+        return recipe_from_training(t, round_no=task.round, steps=steps, device=self.device,
+                                    micro_batch=micro_batch or self.micro_batch)
+
     def _train(self, prepared: Prepared, global_state: dict[str, torch.Tensor],
                task: pb.Task) -> tuple[TrainResult, dict[str, torch.Tensor]]:
         """Trains the adapter from the global one on the private data; returns its summary and weights.
@@ -326,14 +375,33 @@ class ClientAgent:
         adapters in one pass instead (:mod:`fedtune.simulation.batched`).
         """
         model = self._peft_model(prepared)
-        load_adapter_state(model, self._plan(prepared).start(global_state))
         t = prepared.training
-        result = train_adapter(
-            model, prepared.tokenized, pad_id=prepared.pad_id, lr=float(t["lr"]), batch_size=int(t["batch_size"]),
-            steps=t.get("steps"), epochs=t.get("epochs"), seed=train_seed(t, task.round), device=self.device,
-            progress=self.progress, desc=f"round {task.round}",
-        )
-        return result, adapter_state(model)
+        micro = self.micro_batch
+        for attempt in (1, 2):
+            load_adapter_state(model, self._plan(prepared).start(global_state))
+            recipe = self.recipe(prepared, task, micro)
+            try:
+                result = train_adapter(
+                    model, prepared.tokenized, pad_id=prepared.pad_id, lr=float(t["lr"]),
+                    batch_size=int(t["batch_size"]), steps=t.get("steps"), epochs=t.get("epochs"),
+                    seed=train_seed(t, task.round), device=self.device, progress=self.progress,
+                    desc=f"round {task.round}", recipe=recipe,
+                )
+                return result, adapter_state(model)
+            except torch.OutOfMemoryError:
+                size = recipe.micro_batch or min(int(t["batch_size"]), len(prepared.tokenized))
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if attempt == 2 or size < 2:
+                    raise LimitExceeded(
+                        f"round {task.round}: out of memory on {self.device} at micro-batch {size}; pass a smaller "
+                        "--micro-batch, --quantize nf4 where the job allows it, or ask for "
+                        "training.gradient_checkpointing") from None
+                # The largest divisor of the job's batch at most half the size that ran out.
+                batch = int(t["batch_size"])
+                micro = max(d for d in range(1, size // 2 + 1) if batch % d == 0)
+                log.warning("round %d: out of memory at micro-batch %d; retrying once at %d", task.round, size, micro)
+        raise AssertionError("unreachable")
 
     def _run_task(self, stub: pb_grpc.ClientServiceStub, client_id: str, task: pb.Task) -> None:
         if task.deadline_unix and time.time() > task.deadline_unix:

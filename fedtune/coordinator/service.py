@@ -33,10 +33,10 @@ from fedtune.crypto.envelope import UpdateBinding
 from fedtune.crypto.keys import ed25519_public
 from fedtune.data import load_jsonl
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
-from fedtune.hashing import model_dir_hash
+from fedtune.hashing import loadable_files, model_dir_hash
 from fedtune.methods import config_for, get_method
 from fedtune.methods.lora import declared_rank, schema_at_rank, travelling
-from fedtune.models import is_preset, resolve_base, skeleton_causal_lm
+from fedtune.models import is_preset, pick_device, resolve_base, skeleton_causal_lm
 from fedtune.peft_io import (
     adapter_state,
     build_peft_model,
@@ -105,7 +105,8 @@ class Coordinator:
         self.models_root = state_dir / "models"
         self.presence = Presence(heartbeat_seconds)
         self.keys = KeyRing(state_dir / "keys")
-        self.evaluator = Evaluator(self.base_dir)
+        # On a coordinator with a GPU, evaluation runs there (in bf16 where the GPU has it).
+        self.evaluator = Evaluator(self.base_dir, pick_device("auto"))
         self.compute = InProcessCompute(self.evaluator)
         self.engines: dict[str, RoundEngine] = {}
         self._schemas: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -157,8 +158,8 @@ class Coordinator:
         self.state.close()
 
     def base_dir(self, job: Job) -> Path:
-        """Local directory of a job's base model."""
-        return resolve_base(job.base_model, self.models_root)
+        """Local directory of a job's base model (at its pinned revision)."""
+        return resolve_base(job.base_model, self.models_root, revision=JobSpec.stored(job.spec_json).base_revision)
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, spec_yaml: str) -> Job:
@@ -169,7 +170,10 @@ class Coordinator:
         spec = parse_spec(spec_yaml)
         if spec.eval_data:
             load_jsonl(Path(spec.eval_data))
-        base_dir = resolve_base(spec.base_model, self.models_root)
+        if spec.base_revision and (is_preset(spec.base_model) or Path(spec.base_model).expanduser().is_dir()):
+            raise InvalidInput(f"job spec: base_revision: {spec.base_model!r} is a preset or a local directory; "
+                               "a revision pins a hub id's snapshot")
+        base_dir = resolve_base(spec.base_model, self.models_root, revision=spec.base_revision)
         # What consumers pass to from_pretrained: the directory for presets and local models,
         # the hub id otherwise.
         base_model = str(base_dir) if is_preset(spec.base_model) or Path(spec.base_model).is_dir() else spec.base_model
@@ -201,11 +205,8 @@ class Coordinator:
             raise InvalidInput(f"job spec: {what}: {str(e).splitlines()[0]}") from e
         initial = self.store.put_bytes(tensors_to_bytes(adapter_state(peft_model)))
         del peft_model, model
-        files = []
-        for p in sorted(client_dir.rglob("*")):
-            rel = p.relative_to(client_dir)
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-                files.append(FileEntry(str(rel), self.store.put_file(p), p.stat().st_size))
+        # Only what loading needs travels: no .bin duplicates of safetensors, no original/ folder.
+        files = [FileEntry(p.name, self.store.put_file(p), p.stat().st_size) for p in loadable_files(client_dir)]
         job = self.state.add_job(
             name=spec.name,
             spec_json=spec.model_dump_json(),

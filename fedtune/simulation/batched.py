@@ -27,7 +27,7 @@ from fedtune.client.agent import ClientAgent, Prepared, train_seed
 from fedtune.client.channel import INSECURE
 from fedtune.methods.lora import plain_lora
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.training import TrainResult
+from fedtune.training import Recipe, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class TrainRequest:
     round: int
     device: torch.device
     alone: Callable[[], Trained]  # the agent's own loop, for what cannot be batched
+    recipe: Recipe | None = None  # the agent's recipe of the round (None: not batchable)
     taken: bool = False
     done: Future[Trained] = field(default_factory=Future)
 
@@ -54,6 +55,11 @@ def batch_key(req: TrainRequest) -> tuple[str, str] | None:
     p = req.prepared
     if p.training.get("client_quantization") or not plain_lora(p.peft_config):
         return None  # e.g. offsite.tune: blocks trains whole blocks, another method, a LoRA variant
+    r = req.recipe
+    if r is None or r.micro_batch is not None or r.gradient_checkpointing or r.precision != "fp32":
+        return None  # the shared pass has no micro-batches, checkpointing or autocast
+    if any(key in item for item in p.tokenized[:1] for key in ("position_ids",)):
+        return None  # packed rows carry their own positions, which the shared pass does not route
     return p.base_hash, str(req.device)
 
 
@@ -150,7 +156,8 @@ def _train_together(members: list[TrainRequest]) -> list[Trained]:
                              c.get("layers_pattern"))
         adapters.append(AdapterSpec(first.base_hash, config, state=r.global_state))
         plans.append(TrainingPlan(r.prepared.tokenized, float(t["lr"]), int(t["batch_size"]), steps=t.get("steps"),
-                                  epochs=t.get("epochs"), seed=train_seed(t, r.round)))
+                                  epochs=t.get("epochs"), seed=train_seed(t, r.round),
+                                  recipe=r.recipe or Recipe()))
     runs = train_batched(base, first.base_hash, adapters, plans, pad_id=first.pad_id, device=device)
     log.info("trained %d virtual clients' adapters in one pass of the base", len(members))
     return [(run.result, run.state) for run in runs]
@@ -167,7 +174,8 @@ class BatchedAgent(ClientAgent):
         assert self.name is not None
         return self.group.train(TrainRequest(
             self.name, prepared, global_state, task.round, self.device,
-            alone=lambda: ClientAgent._train(self, prepared, global_state, task)))
+            alone=lambda: ClientAgent._train(self, prepared, global_state, task),
+            recipe=self.recipe(prepared, task)))
 
 
 def run_group(address: str, members: list[tuple[str, str]], idle_seconds: float) -> dict[str, Any]:
