@@ -196,9 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    from transformers.utils import logging as hf_logging
-
     from round_overhead import build_model
+    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -218,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
            "bytes": transfer, "seconds": time.time() - started}
     (args.out / "recipes.json").write_text(json.dumps(out, indent=2))
     base = next((r for r in rows if r["recipe"] == "fp32" and "error" not in r), None)
-    print(f"| recipe | loaded RSS MiB | peak RSS in training MiB | training extra MiB | s/step | tokens/s | "
-          f"vs fp32 s/step |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| recipe | loaded RSS MiB | peak RSS in training MiB | training extra MiB | s/step | tokens/s | "
+          "vs fp32 s/step |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
             print(f"| {r['recipe']} | error: {r['error']} |||||")
