@@ -21,7 +21,7 @@ from fedtune.data import IGNORE_INDEX, collate, load_jsonl, tokenize, write_synt
 from fedtune.errors import InvalidInput
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
 from fedtune.peft_io import adapter_state, build_peft_model, load_adapter_state, lora_config, save_adapter_dir
-from fedtune.training import evaluate_loss, train_adapter
+from fedtune.training import Recipe, evaluate_loss, train_adapter
 
 CPU = torch.device("cpu")
 BASE = "tiny-llama@test"
@@ -113,8 +113,11 @@ def test_per_adapter_gradients_match_isolated_training(setup) -> None:
 def test_batched_training_gives_the_weights_of_sequential_runs(setup, tmp_path: Path) -> None:
     preset, pad_id, train, held_out = setup
     # Different learning rates, batch sizes, seeds and step counts (adapters leave when done).
+    # One follows a recipe of its own (round 2 of a cosine schedule with warmup, no decay, tighter clip).
+    recipe = Recipe(lr_scheduler="cosine", warmup_steps=2, weight_decay=0.0, max_grad_norm=0.5, first_step=3,
+                    total_steps=9)
     plans = [TrainingPlan(train[0], lr=5e-3, batch_size=4, steps=5, seed=1),
-             TrainingPlan(train[1], lr=1e-2, batch_size=6, steps=3, seed=2),
+             TrainingPlan(train[1], lr=1e-2, batch_size=6, steps=3, seed=2, recipe=recipe),
              TrainingPlan(train[2], lr=2e-3, batch_size=5, epochs=1.0, seed=3)]
     specs = [AdapterSpec(BASE, _config(k), init_seed=k) for k in range(3)]
 
@@ -123,7 +126,8 @@ def test_batched_training_gives_the_weights_of_sequential_runs(setup, tmp_path: 
     for k, (plan, run) in enumerate(zip(plans, runs, strict=True)):
         isolated = _isolated(preset, k)
         expected = train_adapter(isolated, plan.examples, pad_id=pad_id, lr=plan.lr, batch_size=plan.batch_size,
-                                 steps=plan.steps, epochs=plan.epochs, seed=plan.seed, device=CPU, progress=False)
+                                 steps=plan.steps, epochs=plan.epochs, seed=plan.seed, device=CPU, progress=False,
+                                 recipe=plan.recipe)
         assert run.result.steps == expected.steps and run.result.num_examples == expected.num_examples
         assert run.result.mean_loss == pytest.approx(expected.mean_loss, rel=1e-5)
         assert run.result.final_loss == pytest.approx(expected.final_loss, rel=1e-5)
