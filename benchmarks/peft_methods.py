@@ -69,7 +69,7 @@ import transformers
 import fedtune  # noqa: F401  (registers fedtune's own peft tuners: bitfit, bottleneck)
 from fedtune.coordinator.compute import next_global, product_error
 from fedtune.data import Example, collate, load_jsonl, tokenize, write_synthetic_federation
-from fedtune.methods import METHODS
+from fedtune.methods import METHODS, resolve_targets
 from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
@@ -253,7 +253,7 @@ def client_memory(base_dir: str, cfg: dict[str, Any], tokenized: list[dict[str, 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     base = load_causal_lm(Path(base_dir), CPU)
-    plan = client_plan(cfg)
+    plan = client_plan(resolve_targets(cfg, base.config.model_type))  # the family's modules, as a job's
     model = build_peft_model(base, config=plan.peft_config(), seed=seed)
     plan.prepare(model)
     global_state = adapter_state(model)
@@ -319,6 +319,7 @@ class Bench:
         args, clients = self.args, self.data["clients"]
         method = METHODS[cfg["method"]]
         job_cfg = {**cfg, "lora_aggregation": mode} if method.lora else dict(cfg)
+        job_cfg = resolve_targets(job_cfg, self.base.config.model_type)  # the family's modules, as a job's
         personal = self.work / "personal" / (label or "job")
         shutil.rmtree(personal, ignore_errors=True)
         plans = [client_plan(job_cfg, ranks[i] if ranks else None, personal / f"client_{i}.safetensors")

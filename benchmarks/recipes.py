@@ -11,9 +11,9 @@ fresh process so its peak resident memory is its own:
 - ``bf16 ckpt``: both;
 - ``nf4 ckpt``: the base in bitsandbytes nf4 (QLoRA on bitsandbytes' CPU backend) with checkpointing.
 
-Peak memory is the process's peak RSS (``VmHWM``) during training only: the peak is reset after the
-model is loaded (``/proc/self/clear_refs``), so what loading touches does not count; the loaded
-model's RSS is reported beside it.
+Peak memory is the process's peak RSS (``VmHWM``) from the end of loading on: the peak is reset once
+the model is loaded (``/proc/self/clear_refs``), so what loading touches does not count; the
+loaded model's RSS is reported beside it. Seconds per step are timed after one warm-up step.
 
 Part 2 runs a real coordinator and two real client agents (threads of this process, real gRPC on
 loopback) for one round of a job on the same base: one client fetches the base, the other points
@@ -124,9 +124,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                     gradient_checkpointing=bool(settings.get("gradient_checkpointing")))
     common = {"pad_id": tokenizer.pad_token_id, "lr": 1e-3, "batch_size": args.batch, "epochs": None, "seed": 0,
               "device": cpu, "progress": False, "recipe": recipe}
-    train_adapter(model, items[:args.batch], steps=1, **common)  # warm-up: allocator and first-call costs
     loaded_kib = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    train_adapter(model, items[:args.batch], steps=1, **common)  # warm-up: first-call costs, not timed
     t1 = time.perf_counter()
     result = train_adapter(model, items[args.batch:], steps=args.steps, **common)
     seconds = time.perf_counter() - t1

@@ -1,8 +1,10 @@
-"""Base models: the built-in tiny preset, resolving `--base`, hashing model dirs, loading on a device.
+"""Base models: the built-in tiny presets, resolving `--base`, hashing model dirs, loading on a device.
 
-The tiny preset exists so that demos and tests run offline and in seconds: it is an ordinary
-Hugging Face model directory (a randomly initialised Llama plus a character-level tokenizer) that
-every participant can rebuild byte for byte, so its content hash identifies it like any hub model.
+The tiny presets exist so that demos and tests run offline and in seconds: each is an ordinary
+Hugging Face model directory (a randomly initialised 2-block model of one family, Llama, Qwen2,
+Qwen3, Mistral, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2 or OPT, plus a character-level tokenizer)
+that every participant can rebuild byte for byte, so its content hash identifies it like any hub
+model. `tiny-llama` is the default.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import string
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +32,12 @@ MODEL_BUILD_LOCK = threading.RLock()
 if TYPE_CHECKING:
     # transformers is imported where a model or tokenizer is built: its import takes seconds,
     # and a client agent should refuse a bad token or data file before paying for it.
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ def is_preset(name: str) -> bool:
     Returns:
         True for a built-in preset name.
     """
-    return name in _PRESETS
+    return name in PRESETS
 
 
 def materialize_preset(name: str, out_dir: Path) -> Path:
@@ -72,11 +79,10 @@ def materialize_preset(name: str, out_dir: Path) -> Path:
     Raises:
         InvalidInput: `name` is not a known preset.
     """
-    build = _PRESETS.get(name)
-    if build is None:
-        raise InvalidInput(f"unknown preset {name!r}; known presets: {', '.join(sorted(_PRESETS))}")
+    if name not in PRESETS:
+        raise InvalidInput(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    build(out_dir)
+    _build_preset(name, out_dir)
     return out_dir
 
 
@@ -107,34 +113,77 @@ def _char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _build_tiny_llama(out_dir: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Every preset: a transformers config class and its arguments, beside the vocabulary and special
+# tokens of the character tokenizer. Two blocks of a small width, so that a job runs in seconds on a
+# CPU; 2 key/value heads of 4 (grouped-query attention) where the family has them. tiny-llama is
+# wider and came first: its bytes are its identity, so its arguments stay as they are.
+_DECODER: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "max_position_embeddings": _MAX_POSITIONS}
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    TINY_PRESET: ("LlamaConfig", {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 4,
+                                  "max_position_embeddings": _MAX_POSITIONS, "tie_word_embeddings": False}),
+    "tiny-qwen2": ("Qwen2Config", _DECODER),
+    # Qwen3 normalises queries and keys per head.
+    "tiny-qwen3": ("Qwen3Config", {**_DECODER, "head_dim": 16}),
+    "tiny-mistral": ("MistralConfig", {**_DECODER, "head_dim": 16}),
+    # The Gemmas tie the output head to the embeddings and scale embeddings by sqrt(hidden_size);
+    # head_dim is set because theirs defaults to 256.
+    "tiny-gemma": ("GemmaConfig", {**_DECODER, "head_dim": 16}),
+    # Soft-capped logits, a sliding-window block and a full-attention one.
+    "tiny-gemma2": ("Gemma2Config", {**_DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 32}),
+    "tiny-gemma3": ("Gemma3TextConfig", {**_DECODER, "head_dim": 16, "query_pre_attn_scalar": 16,
+                                         "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]}),
+    # Fused projections: qkv_proj for attention, gate_up_proj for the MLP.
+    "tiny-phi3": ("Phi3Config", _DECODER),
+    # Conv1D layers (c_attn, c_proj, c_fc) under transformer.h, tied embeddings.
+    "tiny-gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": _MAX_POSITIONS}),
+    # Blocks under model.decoder.layers, learned positions, tied embeddings.
+    "tiny-opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "word_embed_proj_dim": 64, "max_position_embeddings": _MAX_POSITIONS}),
+}
 
+
+def preset_config(name: str, layers: int | None = None) -> PretrainedConfig:
+    """The transformers config of a preset (with the character tokenizer's vocabulary and tokens).
+
+    Args:
+        name: A preset name.
+        layers: Another number of blocks (a deeper model of the family, e.g. one to drop blocks
+            from for an emulator; not the preset itself, whose files and hash it does not change).
+
+    Raises:
+        InvalidInput: `name` is not a known preset.
+    """
+    import transformers
+
+    if name not in PRESETS:
+        raise InvalidInput(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    config_class, arguments = PRESETS[name]
+    if layers is not None:
+        count = "n_layer" if "n_layer" in arguments else "num_hidden_layers"
+        # A per-block attention pattern is the family's default one at the new depth.
+        arguments = {**{k: v for k, v in arguments.items() if k != "layer_types"}, count: layers}
     tokenizer = _char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=_MAX_POSITIONS,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config: PretrainedConfig = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **arguments)
+    return config
+
+
+def _build_preset(name: str, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = preset_config(name)
     # fork_rng keeps the caller's global RNG state untouched by the fixed preset seed (manual_seed
     # seeds CUDA too, hence its device in the fork). The weights are drawn on CPU either way.
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
+    with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=cuda):
         torch.manual_seed(_PRESET_SEED)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-
-_PRESETS = {TINY_PRESET: _build_tiny_llama}
+    _char_tokenizer().save_pretrained(out_dir)
 
 
 def _preset_complete(path: Path) -> bool:
@@ -258,6 +307,20 @@ def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype | None =
     logger.debug("loaded %s as %s on %s", path, dtype, device)
     # transformers types `to` through a decorator that mypy reads wrongly.
     return model.to(device).eval()  # type: ignore[arg-type]
+
+
+def base_model_type(path: Path) -> str:
+    """The ``config.model_type`` of a model directory ("llama", "gpt2", ...): its family.
+
+    Raises:
+        InvalidInput: The directory has no readable model config.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return str(AutoConfig.from_pretrained(path).model_type)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidInput(f"cannot read a model config from {path}: {e}") from e
 
 
 def skeleton_causal_lm(path: Path) -> PreTrainedModel:

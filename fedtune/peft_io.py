@@ -158,10 +158,13 @@ def build_peft_model(
     with MODEL_BUILD_LOCK, torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         # peft itself reads a property transformers 5 deprecated; users cannot act on the warning.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # GPT-2's Conv1D layers store weights transposed; peft notices and sets fan_in_fan_out on them.
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
         torch.manual_seed(seed)
         try:
             model = get_peft_model(base_model, config)
-        except ValueError as e:
+        # TypeError: peft's answer to a target layer type the method has no adapter for (LoHa on Conv1D).
+        except (ValueError, TypeError) as e:
             raise InvalidInput(f"cannot add {method} to the base model: {e}") from e
     if whole_blocks:
         # peft skips a modules_to_save name that matches nothing; a block that is not there is an error here.

@@ -436,8 +436,9 @@ def spec_to_yaml(spec: JobSpec) -> str:
 EXAMPLE_SPEC = """\
 # fedtune job spec. Unknown keys are errors. Create with: fedtune job create THIS.yaml
 name: my-job
-# A built-in preset (tiny-llama), a local model directory, or a hub id that
-# transformers' AutoModelForCausalLM loads.
+# A built-in preset (tiny-llama; tiny-qwen2, -qwen3, -mistral, -gemma, -gemma2, -gemma3,
+# -phi3, -gpt2, -opt), a local model directory, or a hub id that AutoModelForCausalLM loads.
+# Module options left null (peft.target_modules) become the base family's defaults at creation.
 base_model: {base}
 mode: federated            # or offsite: clients get an emulator, never the full weights
 # offsite:                 # with mode: offsite

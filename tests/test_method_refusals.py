@@ -22,7 +22,9 @@ from tests.test_rpc_contract import round_setup  # noqa: F401 - the fixture: a r
         ("peft: {method: loha, r: four}", "job spec: peft.r: Input should be a valid integer"),
         ("peft: {method: ia3, r: 4}", "job spec: peft.r: unknown key"),
         ("peft: {method: bottleneck, placement: diagonal}", "job spec: peft.placement: Input should be 'serial'"),
-        ("peft: {method: ia3, feedforward_modules: [up_proj]}", "feedforward_modules ['up_proj'] are not in target"),
+        # With target_modules left to the base family, the check runs at job creation (test_architectures).
+        ("peft: {method: ia3, target_modules: [k_proj, down_proj], feedforward_modules: [up_proj]}",
+         "feedforward_modules ['up_proj'] are not in target"),
         ("peft: {method: lora, rank_pattern: {o_proj: 0}}", "rank_pattern['o_proj'] must be in 1..1024"),
         ("peft: {method: adalora, init_r: 4, target_r: 8}", "target_r (8) is larger than init_r (4)"),
         ("peft: {method: adalora, tinit: 2, tfinal: 1}\nrounds: 3", "leave no round of the job's 3 to prune in"),

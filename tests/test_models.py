@@ -37,6 +37,19 @@ def test_preset_builds_byte_identical_files(preset_dir: Path, tmp_path: Path) ->
     assert model_dir_hash(preset_dir) == model_dir_hash(again)
 
 
+@pytest.mark.parametrize("name", [n for n in models.PRESETS if n != TINY_PRESET])
+def test_every_family_preset_rebuilds_byte_identical_and_loads(name: str, tmp_path: Path) -> None:
+    first, again = materialize_preset(name, tmp_path / "a"), materialize_preset(name, tmp_path / "b")
+    files = sorted(p.name for p in first.iterdir())
+    assert files == sorted(p.name for p in again.iterdir())
+    for file in files:
+        assert (first / file).read_bytes() == (again / file).read_bytes(), file
+    model = AutoModelForCausalLM.from_pretrained(first)
+    config = json.loads((first / "config.json").read_text())
+    assert model.config.model_type == config["model_type"] and model.config.num_hidden_layers == 2
+    assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(first))
+
+
 def test_preset_does_not_disturb_global_rng(tmp_path: Path) -> None:
     torch.manual_seed(7)
     expected = torch.rand(3)
@@ -97,7 +110,7 @@ def test_resolve_base_takes_a_local_directory(preset_dir: Path, tmp_path: Path) 
 def test_resolve_base_reports_an_unreachable_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
-    def offline(repo_id: str) -> str:
+    def offline(repo_id: str, revision: str | None = None) -> str:
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)

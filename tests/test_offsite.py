@@ -191,9 +191,10 @@ def test_publishing_block_weights_under_a_lora_config_fails_and_writes_nothing(t
     # would load it and silently drop the tuned blocks. The job must fail instead, naming a tensor.
     from fedtune.coordinator.publish import publish_adapter, published_adapter_config
     from fedtune.errors import FedtuneError
+    from fedtune.methods import get_method
     from fedtune.spec import default_peft
 
-    peft = default_peft()
+    peft = get_method("lora").with_defaults(default_peft(), "llama")  # as a job stores it: targets resolved
     from fedtune.peft_io import tensors_to_bytes
 
     state = tensors_to_bytes({"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)})

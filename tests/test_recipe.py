@@ -111,7 +111,7 @@ def test_warmup_ratio_is_a_share_of_the_whole_job() -> None:
 
 
 def test_bf16_autocast_on_cpu_trains_close_to_fp32(setup) -> None:  # type: ignore[no-untyped-def]
-    preset, pad_id, train, held_out = setup
+    preset, pad_id, train, _ = setup
     losses = {}
     for precision in ("fp32", "bf16"):
         result = train_adapter(_model(preset), train, pad_id=pad_id, lr=0.01, batch_size=8, steps=4, epochs=None,

@@ -19,7 +19,7 @@ from fedtune.errors import InvalidInput
 
 # Attribute paths of the decoder block list, by family, in transformers 5.
 BLOCK_PATHS: dict[str, str] = {
-    "model.layers": "Llama, Mistral, Qwen2 and alike",
+    "model.layers": "Llama, Mistral, Qwen2/3, Gemma/2/3, Phi-3 and alike",
     "transformer.h": "GPT-2",
     "model.decoder.layers": "OPT",
 }

@@ -36,7 +36,7 @@ from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFa
 from fedtune.hashing import loadable_files, model_dir_hash
 from fedtune.methods import config_for, get_method
 from fedtune.methods.lora import declared_rank, schema_at_rank, travelling
-from fedtune.models import is_preset, pick_device, resolve_base, skeleton_causal_lm
+from fedtune.models import base_model_type, is_preset, pick_device, resolve_base, skeleton_causal_lm
 from fedtune.peft_io import (
     adapter_state,
     build_peft_model,
@@ -177,6 +177,11 @@ class Coordinator:
         # What consumers pass to from_pretrained: the directory for presets and local models,
         # the hub id otherwise.
         base_model = str(base_dir) if is_preset(spec.base_model) or Path(spec.base_model).is_dir() else spec.base_model
+        method = get_method(spec.peft.method)
+        if not spec.tunes_blocks:
+            # Module options the spec leaves None become the base family's, stored explicit: every
+            # client, the evaluation and the published adapter_config then name the same modules.
+            spec = spec.model_copy(update={"peft": method.with_defaults(spec.peft, base_model_type(base_dir))})
         plan = prepare_emulator(spec, base_dir, self.state_dir / "emulators") if spec.mode == "offsite" else None
         # Offsite: clients get the emulator, and tune its adapter blocks only (LoRA on them, or
         # the blocks themselves: then the initial adapter is a copy of the blocks' weights).
@@ -185,7 +190,6 @@ class Coordinator:
         # (weights never loaded) is enough, so creating a job does not hold the base in memory.
         model = load_emulator(client_dir, torch.device("cpu")) if plan else skeleton_causal_lm(base_dir)
         peft_cfg: dict[str, object] = spec.peft.model_dump(mode="json")
-        method = get_method(spec.peft.method)
         if method.lora:
             peft_cfg["lora_aggregation"] = spec.aggregation.lora
         if plan is not None:

@@ -66,6 +66,12 @@ def config_for(cfg: dict[str, Any], rank: int | None = None) -> PeftConfig:
             scaled so that its update means what the job's factors mean.
     """
     method, opts = method_options(cfg)
+    unresolved = [name for name, _ in method.default_targets if getattr(opts, name) is None]
+    if unresolved:
+        # A job's defaults are resolved from its base at creation; a config without them would
+        # leave the modules to whatever peft guesses, differently per participant's version.
+        raise InvalidInput(f"peft.{unresolved[0]} is not set: resolve the base family's default first "
+                           "(PeftMethod.with_defaults)")
     layers = cfg.get("layers_to_transform")
     if layers is not None and not method.blocks:
         raise InvalidInput(f"PEFT method {method.name} cannot be confined to chosen blocks")
@@ -77,6 +83,22 @@ def config_for(cfg: dict[str, Any], rank: int | None = None) -> PeftConfig:
             raise InvalidInput("a client rank below the job's cannot be combined with the job's rank_pattern")
         return method.peft_config(opts, rank=rank, **scope)  # type: ignore[call-arg]
     return method.peft_config(opts, **scope)
+
+
+def resolve_targets(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """A ``peft`` mapping with the module options it leaves None set to the base family's (what the
+    coordinator stores at job creation), its other keys as given.
+
+    Args:
+        cfg: A ``peft`` mapping (a spec's, or a task's with the coordinator's keys).
+        model_type: The base's ``config.model_type``.
+
+    Raises:
+        InvalidInput: see :meth:`PeftMethod.with_defaults`.
+    """
+    method, opts = method_options(cfg)
+    resolved = method.with_defaults(opts, model_type)
+    return {**cfg, **{name: getattr(resolved, name) for name, _ in method.default_targets}}
 
 
 def method_of_config(adapter_config: dict[str, Any]) -> type[PeftMethod] | None:
@@ -103,4 +125,4 @@ def _load_builtin() -> None:
 _load_builtin()
 
 __all__ = ["METHODS", "MethodOptions", "PeftMethod", "config_for", "get_method", "method_of_config",
-           "method_options", "register"]
+           "method_options", "register", "resolve_targets"]

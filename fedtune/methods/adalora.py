@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class AdaloraOptions(MethodOptions):
@@ -40,7 +40,7 @@ class AdaloraOptions(MethodOptions):
     # Rounds of warm-up at init_r, and final rounds at target_r.
     tinit: int = Field(0, ge=0)
     tfinal: int = Field(0, ge=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: Modules = None  # None: the base family's query and value projections
 
     @model_validator(mode="after")
     def _budget(self) -> AdaloraOptions:
@@ -71,6 +71,7 @@ class Adalora(PeftMethod):
     family = "reparameterised"
     options = AdaloraOptions
     markers = (".lora_",)
+    default_targets = (("target_modules", ("query_value",)),)
     blocks = True
     example = """\
 peft:
@@ -80,7 +81,7 @@ peft:
   alpha: 16
   tinit: 0                 # rounds at init_r before pruning starts
   tfinal: 0                # last rounds at target_r
-  target_modules: [q_proj, v_proj]
+  target_modules: null     # the base family's query and value projections (q_proj, v_proj in Llama)
 """
 
     @classmethod

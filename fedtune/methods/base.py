@@ -10,12 +10,18 @@ whether clients may load the base quantized under it, whether batched LoRA passe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedtune.methods.targets import Role, with_family_defaults
 
 if TYPE_CHECKING:
     from peft import PeftConfig
+
+
+# A module option: a non-empty list of module name suffixes, or None for the base family's default.
+Modules = Annotated[list[str], Field(min_length=1)] | None
 
 
 class MethodOptions(BaseModel):
@@ -40,6 +46,9 @@ class PeftMethod:
         example: Commented YAML of its ``peft:`` section, for ``fedtune job init --method``.
         markers: Substrings of the saved tensor names that are this method's own (what a
             published adapter_config of this peft type loads).
+        default_targets: Its options that name modules (None in a spec: the base family's
+            default), each paired with the roles whose modules it defaults to (see
+            :mod:`fedtune.methods.targets`).
     """
 
     name: ClassVar[str]
@@ -52,6 +61,7 @@ class PeftMethod:
     lora: ClassVar[bool] = False
     example: ClassVar[str]
     markers: ClassVar[tuple[str, ...]]
+    default_targets: ClassVar[tuple[tuple[str, tuple[Role, ...]], ...]] = ()
 
     @classmethod
     def peft_config(cls, opts: Any, *, layers: list[int] | None = None,
@@ -65,6 +75,16 @@ class PeftMethod:
             layers_pattern: Name of the block list in module paths ("layers", "h"), with ``layers``.
         """
         raise NotImplementedError
+
+    @classmethod
+    def with_defaults(cls, opts: Any, model_type: str) -> Any:
+        """``opts`` with the module options it leaves None set to the family's (job creation).
+
+        Raises:
+            InvalidInput: the family has no default for such an option (see
+                :func:`fedtune.methods.targets.with_family_defaults`).
+        """
+        return with_family_defaults(cls, opts, model_type)
 
     @classmethod
     def refusal(cls, opts: Any, job: Any) -> str | None:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
-
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class BitfitOptions(MethodOptions):
     """``peft:`` options of ``method: bitfit``."""
 
     method: Literal["bitfit"] = "bitfit"
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1)
+    target_modules: Modules = None  # None: every linear layer of the base family's attention and MLP
 
 
 @register
@@ -28,12 +24,13 @@ class Bitfit(PeftMethod):
     family = "selective"
     options = BitfitOptions
     markers = (".bitfit_",)
+    default_targets = (("target_modules", ("linears",)),)
     blocks = True
     quantized_base = True
     example = """\
 peft:
   method: bitfit           # fedtune's own peft tuner: consumers `import fedtune` before loading
-  target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+  target_modules: null     # every attention and MLP linear of the base family (q_proj ... down_proj in Llama)
 """
 
     @classmethod

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class BottleneckOptions(MethodOptions):
@@ -21,8 +21,8 @@ class BottleneckOptions(MethodOptions):
     non_linearity: Literal["relu", "gelu", "silu"] = "relu"
     scaling: float = Field(1.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # After attention's output projection and after the MLP, where Houlsby places them.
-    target_modules: list[str] = Field(default_factory=lambda: ["o_proj", "down_proj"], min_length=1)
+    # None: after the base family's attention output projection and MLP, where Houlsby places them.
+    target_modules: Modules = None
 
 
 @register
@@ -34,6 +34,7 @@ class Bottleneck(PeftMethod):
     family = "additive"
     options = BottleneckOptions
     markers = (".bottleneck_",)
+    default_targets = (("target_modules", ("attention_output", "mlp_output")),)
     blocks = True
     quantized_base = True
     example = """\
@@ -43,7 +44,7 @@ peft:
   placement: parallel      # parallel (He et al.) or serial (Houlsby)
   non_linearity: relu      # relu, gelu, silu
   scaling: 1.0
-  target_modules: [o_proj, down_proj]
+  target_modules: null     # the base family's attention output and MLP down projections (o_proj, down_proj in Llama)
 """
 
     @classmethod

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
-
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod
 
 
 class LnTuningOptions(MethodOptions):
     """``peft:`` options of ``method: ln_tuning``."""
 
     method: Literal["ln_tuning"] = "ln_tuning"
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["input_layernorm", "post_attention_layernorm", "norm"], min_length=1)
+    target_modules: Modules = None  # None: the base family's block and final norms
 
 
 @register
@@ -27,10 +24,11 @@ class LnTuning(PeftMethod):
     family = "selective"
     options = LnTuningOptions
     markers = (".ln_tuning_layers.",)
+    default_targets = (("target_modules", ("norms",)),)
     example = """\
 peft:
   method: ln_tuning
-  target_modules: [input_layernorm, post_attention_layernorm, norm]
+  target_modules: null     # the base family's norms (input_layernorm, post_attention_layernorm, norm in Llama)
 """
 
     @classmethod

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class LohaOptions(MethodOptions):
@@ -18,7 +18,7 @@ class LohaOptions(MethodOptions):
     alpha: float = Field(8.0, gt=0)
     rank_dropout: float = Field(0.0, ge=0, lt=1)
     module_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: Modules = None  # None: the base family's query and value projections
 
 
 @register
@@ -30,6 +30,7 @@ class Loha(PeftMethod):
     family = "reparameterised"
     options = LohaOptions
     markers = (".hada_",)
+    default_targets = (("target_modules", ("query_value",)),)
     blocks = True
     example = """\
 peft:
@@ -38,7 +39,7 @@ peft:
   alpha: 8
   rank_dropout: 0.0
   module_dropout: 0.0
-  target_modules: [q_proj, v_proj]
+  target_modules: null     # the base family's query and value projections (q_proj, v_proj in Llama)
 """
 
     @classmethod

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class LokrOptions(MethodOptions):
@@ -21,7 +21,7 @@ class LokrOptions(MethodOptions):
     decompose_both: bool = False
     # -1: peft picks the factor sizes; otherwise the size of the small Kronecker factor.
     decompose_factor: int = Field(-1, ge=-1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: Modules = None  # None: the base family's query and value projections
 
 
 @register
@@ -33,6 +33,7 @@ class Lokr(PeftMethod):
     family = "reparameterised"
     options = LokrOptions
     markers = (".lokr_",)
+    default_targets = (("target_modules", ("query_value",)),)
     blocks = True
     example = """\
 peft:
@@ -41,7 +42,7 @@ peft:
   alpha: 8
   decompose_both: false
   decompose_factor: -1     # -1: chosen by peft
-  target_modules: [q_proj, v_proj]
+  target_modules: null     # the base family's query and value projections (q_proj, v_proj in Llama)
 """
 
     @classmethod

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class LoraOptions(MethodOptions):
@@ -19,7 +19,7 @@ class LoraOptions(MethodOptions):
     r: int = Field(8, gt=0, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: Modules = None  # None: the base family's query and value projections
     # DoRA: a learned magnitude per output feature on top of the LoRA direction.
     use_dora: bool = False
     # rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (stable at high ranks).
@@ -61,6 +61,7 @@ class Lora(PeftMethod):
     family = "reparameterised"
     options = LoraOptions
     markers = (".lora_",)
+    default_targets = (("target_modules", ("query_value",)),)
     blocks = True
     quantized_base = True
     lora = True
@@ -70,7 +71,7 @@ peft:
   r: 8                     # rank of the update B·A
   alpha: 16                # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
   dropout: 0.0
-  target_modules: [q_proj, v_proj]
+  target_modules: null     # the base family's query and value projections (q_proj, v_proj in Llama)
   use_dora: false          # DoRA: a learned magnitude per output feature
   use_rslora: false
   rank_pattern: {}         # per-module ranks, e.g. {o_proj: 4}

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from fedtune.methods import register
-from fedtune.methods.base import MethodOptions, PeftMethod, blocks_kwargs
+from fedtune.methods.base import MethodOptions, Modules, PeftMethod, blocks_kwargs
 
 
 class VeraOptions(MethodOptions):
@@ -20,7 +20,7 @@ class VeraOptions(MethodOptions):
     # Seeds the shared random projections: every participant regenerates the same ones, so they
     # never travel (and the published adapter regenerates them from this key too).
     projection_prng_key: int = Field(0, ge=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: Modules = None  # None: the base family's query and value projections
 
 
 @register
@@ -32,6 +32,7 @@ class Vera(PeftMethod):
     family = "reparameterised"
     options = VeraOptions
     markers = (".vera_lambda_",)
+    default_targets = (("target_modules", ("query_value",)),)
     blocks = True
     example = """\
 peft:
@@ -39,7 +40,7 @@ peft:
   r: 256                   # rank of the shared random projections (frozen, regenerated from the key)
   d_initial: 0.1
   projection_prng_key: 0
-  target_modules: [q_proj, v_proj]   # peft needs them all of one shape
+  target_modules: null     # the base family's query and value projections (q_proj, v_proj in Llama)
 """
 
     @classmethod
