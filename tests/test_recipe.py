@@ -287,3 +287,25 @@ def test_a_client_with_its_own_base_downloads_no_base_bytes_and_a_tampered_one_t
     rounds = service.state.rounds(job)
     assert [r.metrics["contributors"] for r in rounds] == [2.0, 2.0]
     assert rounds[-1].metrics["eval_loss"] < json.loads(service.state.job(job).base_eval_json)["eval_loss"]
+
+
+def test_a_client_quantizes_the_base_only_where_the_job_allows_it(tmp_path: Path) -> None:
+    def agent(quantize: str | None) -> ClientAgent:
+        return ClientAgent("127.0.0.1:1", None, tmp_path / "d.jsonl", tmp_path / "c", INSECURE, device="cpu",
+                           progress=False, quantize=quantize)
+
+    assert agent("nf4")._quantization({"client_quantization": "allowed"}) == "nf4"
+    assert agent(None)._quantization({"client_quantization": "allowed"}) is None
+    assert agent(None)._quantization({"client_quantization": "int8"}) == "int8"
+    assert agent("int8")._quantization({"client_quantization": "int8"}) == "int8"
+    with pytest.raises(InvalidInput, match="--quantize nf4: this job does not let clients quantize the base"):
+        agent("nf4")._quantization({"client_quantization": None})
+    with pytest.raises(InvalidInput, match="--quantize nf4: this job loads the base in int8; drop --quantize"):
+        agent("nf4")._quantization({"client_quantization": "int8"})
+    with pytest.raises(InvalidInput, match="--device must be auto, cpu, cuda or cuda:N"):
+        agent(None).__class__("127.0.0.1:1", None, tmp_path / "d.jsonl", tmp_path / "c", INSECURE, device="gpu")
+
+
+def test_client_quantization_allowed_is_refused_for_methods_peft_cannot_train_quantized() -> None:
+    with pytest.raises(InvalidInput, match="client_quantization allowed: peft cannot train loha"):
+        parse_spec("client_quantization: allowed\npeft: {method: loha}")
