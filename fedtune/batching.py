@@ -385,6 +385,8 @@ def _plan_steps(plans: Sequence[TrainingPlan], n_adapters: int) -> list[int]:
             raise InvalidInput(f"adapter {k}: batch_size must be at least 1, got {plan.batch_size}")
         if plan.lr <= 0:
             raise InvalidInput(f"adapter {k}: learning rate must be positive, got {plan.lr}")
+        if "position_ids" in plan.examples[0]:
+            raise InvalidInput(f"adapter {k}: packed rows are not batched across adapters; train this adapter alone")
         r = plan.recipe
         if r.micro_batch is not None or r.gradient_checkpointing or r.precision != "fp32":
             raise InvalidInput(f"adapter {k}: micro-batches, gradient checkpointing and half precision are not "

@@ -478,7 +478,7 @@ clients_per_round: 3
 min_clients: 2             # a round closes at its deadline with at least this many updates
 round_deadline_seconds: 600
 cohort_wait_seconds: 10    # with min_clients connected, wait this long for clients_per_round
-eval_data: null            # JSONL on the coordinator, evaluated after every round
+eval_data: null            # data file on the coordinator (any format), evaluated after every round
 # secure_aggregation:      # SecAgg+: the coordinator sees only the cohort's sum
 #   dropout_tolerance: 0.1 # share of a cohort that may drop (sets degree and threshold)
 #   clip: 1.0              # per-element range of a delta in fixed point

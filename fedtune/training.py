@@ -279,7 +279,8 @@ def train_adapter(
         seconds,
     )
     return TrainResult(
-        num_examples=len(tokenized),
+        # Packed rows hold several examples: the federated weight is the examples' count.
+        num_examples=int(getattr(tokenized, "examples", 0) or len(tokenized)),
         steps=total_steps,
         mean_loss=sum(losses) / len(losses),
         final_loss=losses[-1],
@@ -392,7 +393,11 @@ def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     """
     # Packed rows carry position_ids and no attention mask: the model then keeps attention within
     # each packed example (transformers finds the examples where the positions restart).
-    inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    inputs: dict[str, Any] = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if "position_ids" in batch:
+        # With a cache (transformers makes one in training too when config.use_cache is on), the
+        # packed examples are not found and attention crosses them.
+        inputs["use_cache"] = False
     logits = model(input_ids=batch["input_ids"], **inputs).logits
     # Prompt tuning prepends its virtual tokens to the logits; the labels are the real tokens'.
     logits = logits[:, logits.size(1) - batch["input_ids"].size(1):, :]

@@ -111,8 +111,11 @@ def test_tokenize_text_lines_train_on_every_token(tokenizer) -> None:
 
 def test_tokenize_truncates_and_drops_examples_without_response_tokens(tokenizer) -> None:
     examples = [Example(prompt="ab", response="cdef"), Example(prompt="a" * 10, response="b")]
-    [kept] = tokenize(examples, tokenizer, max_seq_len=5)
+    tokenized = tokenize(examples, tokenizer, max_seq_len=5)
+    [kept] = tokenized
     assert len(kept["input_ids"]) == len(kept["labels"]) == 5
+    # Counted for `fedtune data check`: the first is cut, the second has no response token left.
+    assert (tokenized.truncated, tokenized.dropped, tokenized.examples) == (1, 1, 1)
     assert kept["labels"][3:] == kept["input_ids"][3:]  # response tokens that fit still count
 
     with pytest.raises(InvalidInput, match="max_seq_len=5"):

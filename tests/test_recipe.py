@@ -309,3 +309,26 @@ def test_a_client_quantizes_the_base_only_where_the_job_allows_it(tmp_path: Path
 def test_client_quantization_allowed_is_refused_for_methods_peft_cannot_train_quantized() -> None:
     with pytest.raises(InvalidInput, match="client_quantization allowed: peft cannot train loha"):
         parse_spec("client_quantization: allowed\npeft: {method: loha}")
+
+
+def test_packed_rows_train_with_the_loss_of_their_examples_apart(setup) -> None:  # type: ignore[no-untyped-def]
+    """The training loss of a packed batch is the summed loss of its examples run one by one (no
+    attention across examples, even with the model's use_cache on), and the client's weight in the
+    average is its examples, not its rows."""
+    from fedtune.data import TokenizedData, collate, pack
+    from fedtune.training import _token_loss_sum
+
+    preset, pad_id, train, _ = setup
+    items = train[:12]
+    rows = pack(items, 96)
+    assert len(rows) < len(items)
+    model = _model(preset).eval()
+    assert model.config.use_cache
+    with torch.no_grad():
+        packed, n_packed = _token_loss_sum(model, collate(rows, pad_id))
+        apart = [_token_loss_sum(model, collate([item], pad_id)) for item in items]
+    assert n_packed == sum(n for _, n in apart)
+    assert packed.item() == pytest.approx(sum(loss.item() for loss, _ in apart), rel=1e-5)
+    result = train_adapter(_model(preset), TokenizedData(rows, examples=len(items)), pad_id=pad_id, lr=0.01,
+                           batch_size=2, steps=2, epochs=None, seed=0, device=CPU, progress=False)
+    assert result.num_examples == len(items) and math.isfinite(result.mean_loss)

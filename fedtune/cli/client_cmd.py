@@ -16,7 +16,11 @@ app = typer.Typer(help="Run a client agent on private data.", no_args_is_help=Tr
 def run(
     coordinator: Annotated[str, typer.Option("--coordinator", "-c", envvar="FEDTUNE_COORDINATOR",
                                              help="HOST:PORT of the coordinator.")],
-    data: Annotated[Path, typer.Option("--data", help="Private JSONL: {prompt, response} or {text} per line.")],
+    data: Annotated[Path, typer.Option("--data", help=(
+        "Private data: JSONL, JSON, CSV, parquet or a saved datasets directory, of {prompt, response}, {text}, "
+        "alpaca, chat {messages} or ShareGPT records (check it with fedtune data check)."))],
+    data_format: Annotated[str | None, typer.Option(
+        "--data-format", help="jsonl, json, csv, parquet or datasets (default: told from the file).")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="FEDTUNE_TOKEN",
                                               help="Enrollment token (not needed once joined).")] = None,
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Identity, cache and models.")] = Path(
@@ -46,7 +50,7 @@ def run(
     The data is validated in full before joining and never leaves this process.
     """
     from fedtune.client.channel import ClientTls
-    from fedtune.data import load_jsonl
+    from fedtune.data import read_data
 
     kind, _, index = device.partition(":")
     if device not in ("auto", "cpu") and (kind != "cuda" or (index and not index.isdigit())):
@@ -55,7 +59,7 @@ def run(
         raise typer.BadParameter("--quantize must be nf4 or int8", param_hint="--quantize")
     tls = ClientTls(ca_cert, client_cert, client_key, insecure)
     # The data file and TLS settings are checked before the seconds of importing torch and peft.
-    examples = load_jsonl(data)
+    examples = read_data(data, data_format)
     from fedtune.client.agent import ClientAgent
 
     agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,

@@ -43,7 +43,8 @@ def build(
     keep_layers: Annotated[int | None, typer.Option(
         "--keep-layers", help="Number of middle blocks to keep (instead of --keep).")] = None,
     distill: Annotated[Path | None, typer.Option(
-        "--distill", help="fedtune JSONL to distill the kept middle blocks on (and calibrate Wanda).")] = None,
+        "--distill", help="Data file (JSONL, JSON, CSV, parquet, datasets dir) to distill the kept middle blocks "
+                          "on (and calibrate Wanda).")] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Distillation steps with --distill (0: use the data only for Wanda calibration).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Distillation learning rate.")] = 1e-4,

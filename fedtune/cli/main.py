@@ -16,7 +16,16 @@ from typing import Annotated
 import typer
 
 from fedtune import __version__
-from fedtune.cli import adapters_cmd, certs_cmd, client_cmd, coordinator_cmd, emulator_cmd, job_cmd, token_cmd
+from fedtune.cli import (
+    adapters_cmd,
+    certs_cmd,
+    client_cmd,
+    coordinator_cmd,
+    data_cmd,
+    emulator_cmd,
+    job_cmd,
+    token_cmd,
+)
 from fedtune.errors import ExitCode, FedtuneError
 
 app = typer.Typer(
@@ -33,6 +42,7 @@ app.add_typer(client_cmd.app, name="client")
 app.add_typer(adapters_cmd.app, name="adapters")
 app.add_typer(certs_cmd.app, name="certs")
 app.add_typer(emulator_cmd.app, name="emulator")
+app.add_typer(data_cmd.app, name="data")
 
 
 def _version(value: bool) -> None:
@@ -67,7 +77,7 @@ def simulate(
     config: Annotated[Path, typer.Option("--config", help="Job spec YAML.")],
     clients: Annotated[int, typer.Option("--clients", min=1, help="Virtual clients.")],
     partition: Annotated[str, typer.Option("--partition", help="iid, dirichlet:ALPHA or by-key:FIELD.")] = "iid",
-    data: Annotated[Path | None, typer.Option("--data", help="JSONL to partition (default: synthetic).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Data file to partition, any format (default: synthetic).")] = None,
     client_resources: Annotated[str, typer.Option(
         "--client-resources", help="Per Ray task (one virtual client, or one batch of them): cpus=..,gpus=..")]
     = "cpus=0.25",

@@ -34,7 +34,7 @@ from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
 from fedtune.crypto.envelope import UpdateBinding, seal
 from fedtune.crypto.keys import load_or_create, raw_public_bytes
 from fedtune.crypto.requests import sign_request
-from fedtune.data import Example, load_jsonl, tokenize
+from fedtune.data import Chat, DataFile, Example, read_data, tokenize
 from fedtune.errors import AuthError, FedtuneError, InvalidInput, LimitExceeded, StateConflict, from_rpc_error
 from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.models import load_causal_lm, load_tokenizer, pick_device
@@ -121,9 +121,9 @@ class ClientAgent:
 
     def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path, tls: ClientTls,
                  device: str = "auto", name: str | None = None, progress: bool = True,
-                 examples: list[Example] | None = None, max_rank: int | None = None,
+                 examples: list[Example | Chat] | DataFile | None = None, max_rank: int | None = None,
                  micro_batch: int | None = None, quantize: str | None = None, base_dir: Path | None = None) -> None:
-        """``examples``: ``data`` already read with :func:`fedtune.data.load_jsonl` (else read at :meth:`run`).
+        """``examples``: ``data`` already read with :func:`fedtune.data.read_data` (else read at :meth:`run`).
         ``max_rank``: train LoRA at most at this rank (small devices; the job's rank otherwise).
         ``micro_batch``: examples per forward pass (the job's batch is kept by accumulation).
         ``quantize``: load the base in nf4 or int8 where the job allows it.
@@ -145,7 +145,7 @@ class ClientAgent:
         self.cache = BlobCache(state_dir / "cache")
         self._prepared: Prepared | None = None
         self._model: tuple[str, Any] | None = None  # (base hash, peft model), reused across rounds
-        self._examples: list[Example] = examples or []
+        self._examples: list[Example | Chat] | DataFile = examples or []
         self._lock: IO[str] | None = None
         self._finished_tasks: set[str] = set()
         self._tasks_done = 0
@@ -242,7 +242,7 @@ class ClientAgent:
         """
         # Validate the whole private data file before anything touches the network.
         if not self._examples:
-            self._examples = load_jsonl(self.data_path)
+            self._examples = read_data(self.data_path)
         self._lock_state_dir()
         channel = open_channel(self.address, self.tls)
         try:
@@ -304,7 +304,8 @@ class ClientAgent:
                 self._fetch(stub, ref)
             model_dir = materialize(self.cache, [(f.path, f.sha256) for f in task.base_files], target)
         tokenizer = load_tokenizer(model_dir)
-        tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]))
+        tokenized = tokenize(self._examples, tokenizer, int(training["max_seq_len"]), training.get("data"),
+                             packing=bool(training.get("packing")))
         if not any(any(label != -100 for label in ex["labels"]) for ex in tokenized):
             raise InvalidInput(f"{self.data_path}: no example has response tokens within max_seq_len "
                                f"{training['max_seq_len']}")

@@ -160,7 +160,7 @@ class EvalBatcher:
             r.done.set_result(result)
 
     def _examples(self, job: Job) -> tuple[list[dict[str, list[int]]], int]:
-        from fedtune.data import load_jsonl, tokenize
+        from fedtune.data import load_data, tokenize
         from fedtune.models import load_tokenizer
 
         with self._cond:
@@ -169,7 +169,8 @@ class EvalBatcher:
             spec = JobSpec.stored(job.spec_json)
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(self.base_dir)
-            tokenized = tokenize(load_jsonl(Path(str(spec.eval_data))), self._tokenizer, spec.training.max_seq_len)
+            tokenized = tokenize(load_data(Path(str(spec.eval_data)), spec.data), self._tokenizer,
+                                 spec.training.max_seq_len, spec.data)
             cached = (tokenized, spec.training.batch_size)
             with self._cond:
                 self._data[job.job_id] = cached

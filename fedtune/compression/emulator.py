@@ -48,7 +48,7 @@ from fedtune.compression.pruning import (
     wanda_prune,
     zero_fraction,
 )
-from fedtune.data import collate, load_jsonl, tokenize
+from fedtune.data import collate, load_data, tokenize
 from fedtune.errors import InvalidInput
 from fedtune.hashing import model_dir_hash
 from fedtune.models import MODEL_BUILD_LOCK, load_causal_lm, load_tokenizer
@@ -130,7 +130,8 @@ def build_emulator(
         top: Adapter blocks at the top (kept intact).
         keep: Fraction of the middle blocks to keep, in (0, 1].
         keep_layers: Number of middle blocks to keep (instead of `keep`).
-        distill_data: fedtune JSONL for distillation, and for Wanda calibration.
+        distill_data: A data file (any format `fedtune.data.load_data` reads) for distillation and Wanda
+            calibration.
         distill_steps: AdamW steps of distillation (0: none).
         prune: "magnitude:S" or "wanda:S" for the kept middle blocks' linear weights.
         quantize: "int8" or "nf4" for the kept middle blocks' linear weights.
@@ -154,7 +155,7 @@ def build_emulator(
     calibration: list[torch.Tensor] = []
     if distill_data is not None:
         tokenizer = load_tokenizer(base_dir)
-        items = tokenize(load_jsonl(distill_data), tokenizer, max_seq_len)
+        items = tokenize(load_data(distill_data), tokenizer, max_seq_len)
         batches = [collate(items[i:i + distill_batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(items), distill_batch_size)]
         calibration = [torch.tensor([item["input_ids"]]) for item in items[:_CALIBRATION_EXAMPLES]]
@@ -270,7 +271,7 @@ def _check(base_dir: Path, out_dir: Path, *, bottom: int, top: int, keep: float 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InvalidInput(f"emulator output {out_dir} exists and is not an empty directory")
     if distill_data is not None:
-        load_jsonl(distill_data)  # fails on a bad line before any model work
+        load_data(distill_data)  # fails on a bad record before any model work
     found, model_type = _blocks_of(base_dir)
     n = len(found)
     n_middle = n - bottom - top

@@ -20,7 +20,7 @@ import torch
 from fedtune.compression.emulator_storage import load_emulator
 from fedtune.coordinator.offsite import OffsitePlan, plan_for
 from fedtune.coordinator.state import Job
-from fedtune.data import load_jsonl, tokenize
+from fedtune.data import load_data, tokenize
 from fedtune.methods import config_for
 from fedtune.models import load_causal_lm, load_tokenizer
 from fedtune.peft_io import build_peft_model, load_adapter_state
@@ -82,7 +82,8 @@ class Evaluator:
                 emulator = build_peft_model(load_emulator(plan.emulator_dir, self.device),
                                             config=scoped(plan.emulator_layers), whole_blocks=spec.tunes_blocks,
                                             layers=plan.emulator_layers, layers_pattern=plan.layers_pattern)
-            tokenized = tokenize(load_jsonl(Path(spec.eval_data)), tokenizer, spec.training.max_seq_len)
+            tokenized = tokenize(load_data(Path(spec.eval_data), spec.data), tokenizer, spec.training.max_seq_len,
+                                 spec.data)
             self._loaded[job.job_id] = _Loaded(full, emulator, plan, tokenized, tokenizer.pad_token_id,
                                                spec.training.batch_size)
         return self._loaded[job.job_id]

@@ -31,7 +31,7 @@ from fedtune.coordinator.validation import validate_update
 from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.crypto.keys import ed25519_public
-from fedtune.data import load_jsonl
+from fedtune.data import load_data
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
 from fedtune.hashing import loadable_files, model_dir_hash
 from fedtune.methods import config_for, get_method
@@ -169,7 +169,7 @@ class Coordinator:
         """
         spec = parse_spec(spec_yaml)
         if spec.eval_data:
-            load_jsonl(Path(spec.eval_data))
+            load_data(Path(spec.eval_data), spec.data)
         if spec.base_revision and (is_preset(spec.base_model) or Path(spec.base_model).expanduser().is_dir()):
             raise InvalidInput(f"job spec: base_revision: {spec.base_model!r} is a preset or a local directory; "
                                "a revision pins a hub id's snapshot")

@@ -95,7 +95,7 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
             data.write_text("".join(p.read_text() for p in pool))
             if not spec.eval_data:
                 spec = spec.model_copy(update={"eval_data": str(eval_file)})
-        files = write_partitions(partition(data, n_clients, scheme), root / "clients-data")
+        files = write_partitions(partition(data, n_clients, scheme, data_spec=spec.data), root / "clients-data")
         # Imported once the settings and data are known to be good: torch and peft take seconds.
         from fedtune.client.agent import ClientAgent
 
