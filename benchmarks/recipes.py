@@ -104,7 +104,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from fedtune.methods import config_for
     from fedtune.models import load_causal_lm, load_tokenizer
     from fedtune.peft_io import build_peft_model
-    from fedtune.training import Recipe, train_adapter
+    from fedtune.training import Recipe, precision_dtype, train_adapter
 
     settings = RECIPES[args.child]
     cpu = torch.device("cpu")
@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
         base = load_quantized_causal_lm(args.model_dir, cpu, settings["quantize"])
     else:
-        base = load_causal_lm(args.model_dir, cpu, Recipe(precision=settings["precision"]).dtype)
+        base = load_causal_lm(args.model_dir, cpu, precision_dtype(settings["precision"]))
     model = build_peft_model(base, config=config_for({"method": "lora", "r": 8, "alpha": 16, "target_modules": TARGETS}))
     tokenizer = load_tokenizer(args.model_dir)
     items = tokenize([Example("", t) for t in texts(args.batch * (args.steps + 1), args.max_seq_len)], tokenizer,

@@ -328,7 +328,6 @@ def train_adapters(model: MultiLoraModel, plans: Sequence[TrainingPlan], *, pad_
     totals = _plan_steps(plans, model.num_adapters)
     optimizers = [torch.optim.AdamW(model.parameters(k), lr=plan.lr, weight_decay=plan.recipe.weight_decay)
                   for k, plan in enumerate(plans)]
-    horizons = [p.recipe.total_steps or p.recipe.first_step + n for p, n in zip(plans, totals, strict=True)]
     orders = [_batches(len(p.examples), p.batch_size, n, torch.Generator().manual_seed(p.seed))
               for p, n in zip(plans, totals, strict=True)]
     losses: list[list[float]] = [[] for _ in plans]
@@ -347,9 +346,7 @@ def train_adapters(model: MultiLoraModel, plans: Sequence[TrainingPlan], *, pad_
                 step_losses = torch.stack([loss_sum / max(n, 1) for loss_sum, n in sums])
                 for k in active:
                     optimizers[k].zero_grad(set_to_none=True)
-                    recipe = plans[k].recipe
-                    for group in optimizers[k].param_groups:
-                        group["lr"] = plans[k].lr * recipe.lr_factor(recipe.first_step + step, horizons[k])
+                    plans[k].recipe.set_lr(optimizers[k], plans[k].lr, step, totals[k])
                 # Adapters share no parameters, so the sum's gradient for each is its own loss's.
                 step_losses.sum().backward()
                 values = step_losses.tolist()
@@ -387,8 +384,7 @@ def _plan_steps(plans: Sequence[TrainingPlan], n_adapters: int) -> list[int]:
             raise InvalidInput(f"adapter {k}: learning rate must be positive, got {plan.lr}")
         if "position_ids" in plan.examples[0]:
             raise InvalidInput(f"adapter {k}: packed rows are not batched across adapters; train this adapter alone")
-        r = plan.recipe
-        if r.micro_batch is not None or r.gradient_checkpointing or r.precision != "fp32":
+        if not plan.recipe.batchable:
             raise InvalidInput(f"adapter {k}: micro-batches, gradient checkpointing and half precision are not "
                                "batched; train this adapter alone")
         try:

@@ -73,7 +73,19 @@ class Recipe:
     @property
     def dtype(self) -> torch.dtype:
         """The autocast type (and the frozen base's), fp32 meaning none."""
-        return _DTYPES[self.precision]
+        return precision_dtype(self.precision)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether adapters under this recipe can share one pass (`fedtune.batching`): no micro-batches,
+        checkpointing or autocast there."""
+        return self.micro_batch is None and not self.gradient_checkpointing and self.precision == "fp32"
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
+        """Sets the learning rate of this run's local ``step`` (of ``steps``) on the optimizer."""
+        horizon = self.total_steps or self.first_step + steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr * self.lr_factor(self.first_step + step, horizon)
 
     def lr_factor(self, step: int, total: int) -> float:
         """The multiplier of the base learning rate at global step ``step`` of ``total``.
@@ -113,9 +125,7 @@ def recipe_from_training(training: Mapping[str, Any], *, round_no: int, steps: i
     accumulation = int(training.get("gradient_accumulation_steps", 1))
     if micro_batch is None:
         micro_batch = batch // accumulation
-    elif batch % micro_batch:
-        raise InvalidInput(f"--micro-batch {micro_batch} does not divide the job's batch_size {batch}; "
-                           f"use a divisor of {batch}")
+    check_micro_batch(micro_batch, batch)
     total = int(training.get("rounds", 1)) * steps
     ratio = training.get("warmup_ratio")
     warmup = training.get("warmup_steps")
@@ -132,6 +142,22 @@ def recipe_from_training(training: Mapping[str, Any], *, round_no: int, steps: i
         first_step=(round_no - 1) * steps,
         total_steps=total,
     )
+
+
+def check_micro_batch(micro_batch: int | None, batch: int) -> None:
+    """Refuses a client's micro-batch that does not divide the job's batch.
+
+    Raises:
+        InvalidInput: naming both and what to use.
+    """
+    if micro_batch is not None and batch % micro_batch:
+        raise InvalidInput(f"--micro-batch {micro_batch} does not divide the job's batch_size {batch}; "
+                           f"use a divisor of {batch}")
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch type of a resolved precision (fp32, bf16 or fp16)."""
+    return _DTYPES[precision]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -235,7 +261,6 @@ def train_adapter(
         raise InvalidInput("model has no trainable parameters; wrap it with an adapter first")
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
-    horizon = recipe.total_steps or recipe.first_step + total_steps
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
     generator = torch.Generator().manual_seed(seed)
@@ -249,8 +274,7 @@ def train_adapter(
         with torch.random.fork_rng(devices=_cuda_devices(device)), _checkpointing(model, recipe.gradient_checkpointing):
             torch.manual_seed(seed)
             for step, indices in enumerate(_batches(len(tokenized), batch_size, total_steps, generator)):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * recipe.lr_factor(recipe.first_step + step, horizon)
+                recipe.set_lr(optimizer, lr, step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss = _accumulate(model, [tokenized[i] for i in indices], pad_id, device, recipe, scaler)
                 if scaler is not None:

@@ -303,7 +303,7 @@ def test_a_client_quantizes_the_base_only_where_the_job_allows_it(tmp_path: Path
     with pytest.raises(InvalidInput, match="--quantize nf4: this job loads the base in int8; drop --quantize"):
         agent("nf4")._quantization({"client_quantization": "int8"})
     with pytest.raises(InvalidInput, match="--device must be auto, cpu, cuda or cuda:N"):
-        agent(None).__class__("127.0.0.1:1", None, tmp_path / "d.jsonl", tmp_path / "c", INSECURE, device="gpu")
+        ClientAgent("127.0.0.1:1", None, tmp_path / "d.jsonl", tmp_path / "c", INSECURE, device="gpu")
 
 
 def test_client_quantization_allowed_is_refused_for_methods_peft_cannot_train_quantized() -> None:

@@ -52,7 +52,9 @@ from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
 from fedtune.training import (
     Recipe,
     TrainResult,
+    check_micro_batch,
     count_steps,
+    precision_dtype,
     recipe_from_training,
     resolve_precision,
     train_adapter,
@@ -288,9 +290,7 @@ class ClientAgent:
         training["client_quantization"] = self._quantization(training)
         # What this client cannot run is refused before anything is fetched or trained.
         resolve_precision(str(training.get("precision", "auto")), self.device)
-        if self.micro_batch is not None and int(training["batch_size"]) % self.micro_batch:
-            raise InvalidInput(f"--micro-batch {self.micro_batch} does not divide the job's batch_size "
-                               f"{training['batch_size']}; use a divisor of it")
+        check_micro_batch(self.micro_batch, int(training["batch_size"]))
         if self._prepared is not None and self._prepared.base_hash == task.base_model_hash:
             return replace(self._prepared, training=training, peft_config=peft_config)
         target = self.state_dir / "models" / task.base_model_hash[:16]
@@ -350,7 +350,7 @@ class ClientAgent:
         else:
             # Half precision: the frozen base is stored in it too (half the memory); fp32 otherwise.
             precision = resolve_precision(str(prepared.training.get("precision", "auto")), self.device)
-            base = load_causal_lm(model_dir, self.device, Recipe(precision=precision).dtype)
+            base = load_causal_lm(model_dir, self.device, precision_dtype(precision))
         cfg = prepared.peft_config
         blocks = cfg.get("tune") == "blocks"
         plan = self._plan(prepared)

@@ -55,10 +55,9 @@ def batch_key(req: TrainRequest) -> tuple[str, str] | None:
     p = req.prepared
     if p.training.get("client_quantization") or not plain_lora(p.peft_config):
         return None  # e.g. offsite.tune: blocks trains whole blocks, another method, a LoRA variant
-    r = req.recipe
-    if r is None or r.micro_batch is not None or r.gradient_checkpointing or r.precision != "fp32":
+    if req.recipe is None or not req.recipe.batchable:
         return None  # the shared pass has no micro-batches, checkpointing or autocast
-    if any(key in item for item in p.tokenized[:1] for key in ("position_ids",)):
+    if p.tokenized and "position_ids" in p.tokenized[0]:
         return None  # packed rows carry their own positions, which the shared pass does not route
     return p.base_hash, str(req.device)
 
