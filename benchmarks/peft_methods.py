@@ -68,6 +68,7 @@ import transformers
 
 import fedtune  # noqa: F401  (registers fedtune's own peft tuners: bitfit, bottleneck)
 from fedtune.coordinator.compute import next_global, product_error
+from fedtune.strategies.base import StrategyRun
 from fedtune.data import Example, collate, load_jsonl, tokenize, write_synthetic_federation
 from fedtune.methods import METHODS, resolve_targets
 from fedtune.methods.client_plan import ClientPlan, client_plan
@@ -357,7 +358,7 @@ class Bench:
                 weights.append(result.num_examples)
                 declared.append(int(plan.metrics(pad=False).get("lora_rank", 0)))
             lora = LoraAggregation(mode, job_plan.job_rank, tuple(declared)) if job_plan.job_rank else None
-            global_blob = next_global(global_blob, plains, weights, "fp32", schema, "fedavg", None, lora)
+            global_blob, _ = next_global(global_blob, plains, weights, "fp32", schema, StrategyRun(), None, lora)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             err = blob_metadata(global_blob).get(PRODUCT_ERROR_METADATA)

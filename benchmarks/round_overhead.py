@@ -42,7 +42,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from fedtune.client.channel import INSECURE, ClientTls
-from fedtune.coordinator.strategies import FedAvg, WeightedDelta
+from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
 from fedtune.demo import wait_for_coordinator
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
@@ -200,7 +200,7 @@ def run_baseline(args: argparse.Namespace, model_dir: Path, client_files: list[P
     global_state = adapter_state(model)
     adapter_params = sum(v.numel() for v in global_state.values())
     adapter_bytes = sum(v.numel() * v.element_size() for v in global_state.values())
-    strategy = FedAvg()
+    strategy = get_strategy("fedavg")
     rounds = []
     for rnd in range(1, args.rounds + 1):
         start = time.perf_counter()
@@ -214,7 +214,7 @@ def run_baseline(args: argparse.Namespace, model_dir: Path, client_files: list[P
             deltas.append(WeightedDelta({k: trained[k] - global_state[k] for k in global_state},
                                         result.num_examples))
             train.append(result.seconds)
-        avg = strategy.aggregate(deltas)
+        avg = strategy.combine(deltas)
         global_state = {k: global_state[k] + avg[k] for k in global_state}
         seconds = time.perf_counter() - start
         rounds.append({"round": rnd, "seconds": seconds, "train_seconds_sum": sum(train),

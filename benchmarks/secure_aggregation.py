@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedtune.compression.codecs import get_codec
-from fedtune.coordinator.strategies import FedAvg, WeightedDelta
+from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.coordinator.validation import validate_update
 from fedtune.crypto.envelope import UpdateBinding, open_envelope, raw_public, seal
 from fedtune.crypto.keys import raw_public_bytes
@@ -208,18 +208,18 @@ def plain_round(schema: dict[str, tuple[int, ...]], n: int, seed: int) -> dict[s
         sealed.append(seal(blob, job_pk, binding))
         bindings.append(binding)
         examples.append(rng.randint(16, 256))
-    strategy = FedAvg()
+    strategy = get_strategy("fedavg")
     t: dict[str, float] = {}
     with cpu(t, "plain"):
-        strategy.aggregate([WeightedDelta(CODEC.decode(bytes_to_tensors(b)), e) for b, e in zip(blobs, examples)])
+        strategy.combine([WeightedDelta(CODEC.decode(bytes_to_tensors(b)), e) for b, e in zip(blobs, examples)])
     with cpu(t, "envelope"):
-        strategy.aggregate([WeightedDelta(CODEC.decode(bytes_to_tensors(open_envelope(s, job_key, b))), e)
+        strategy.combine([WeightedDelta(CODEC.decode(bytes_to_tensors(open_envelope(s, job_key, b))), e)
                             for s, b, e in zip(sealed, bindings, examples)])
     # As fedtune's coordinator does it: open, parse and validate at upload, and all of it again to aggregate.
     with cpu(t, "envelope_fedtune"):
         for s, b in zip(sealed, bindings):
             validate_update(bytes_to_tensors(open_envelope(s, job_key, b)), schema, CODEC, None)
-        strategy.aggregate([WeightedDelta(CODEC.decode(bytes_to_tensors(open_envelope(s, job_key, b))), e)
+        strategy.combine([WeightedDelta(CODEC.decode(bytes_to_tensors(open_envelope(s, job_key, b))), e)
                             for s, b, e in zip(sealed, bindings, examples)])
     return {"cpu_s": t, "plaintext_bytes": len(blobs[0]), "sealed_bytes": len(sealed[0])}
 
@@ -328,7 +328,7 @@ def secagg_round(schema: dict[str, tuple[int, ...]], n: int, choice: dict[str, A
         mean = {k: v / weight for k, v in sums.items()}
 
     replay = replay_cpu(params, schema, advert_msgs, share_msgs, uploads, unmask_msgs, job_key)
-    reference = FedAvg().aggregate([WeightedDelta(deltas[i], examples[i]) for i in survivors])
+    reference = get_strategy("fedavg").combine([WeightedDelta(deltas[i], examples[i]) for i in survivors])
     err = max(float((mean[k].double() - reference[k].double()).abs().max()) for k in schema)
     rms = math.sqrt(sum(float((reference[k].double() ** 2).sum()) for k in schema)
                     / sum(math.prod(s) for s in schema.values()))

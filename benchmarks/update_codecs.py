@@ -46,7 +46,7 @@ import torch
 
 from fedtune.compression.codecs import get_codec, wire_bytes
 from fedtune.compression.feedback import ErrorFeedback
-from fedtune.coordinator.strategies import FedAvg, WeightedDelta
+from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
 from fedtune.models import load_causal_lm, load_tokenizer, materialize_preset
 from fedtune.peft_io import (
@@ -75,7 +75,7 @@ def run_job(codec_name: str, model: torch.nn.Module, clients: list[list[dict[str
     schema = {k: tuple(v.shape) for k, v in init.items()}
     feedback = [ErrorFeedback(state_dir / f"client_{i}.safetensors") if use_feedback and not codec.additive else None
                 for i in range(len(clients))]
-    strategy = FedAvg()
+    strategy = get_strategy("fedavg")
     global_state = {k: v.clone() for k, v in init.items()}
     blob_sizes: list[int] = []
     data_sizes: list[int] = []
@@ -104,7 +104,7 @@ def run_job(codec_name: str, model: torch.nn.Module, clients: list[list[dict[str
             received = bytes_to_tensors(blob)
             codec.check(received, schema)
             updates.append(WeightedDelta(codec.decode(received, schema), result.num_examples))
-        avg = strategy.aggregate(updates)
+        avg = strategy.combine(updates)
         global_state = {k: global_state[k] + avg[k] for k in global_state}
         load_adapter_state(model, global_state)
         losses.append(evaluate_loss(model, evals, pad_id=pad_id, batch_size=64, device=CPU))

@@ -205,6 +205,12 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
+def live_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed as peft saves them, not copied: most share the parameters'
+    storage (:func:`adapter_state` returns copies)."""
+    return _peft_state(model)
+
+
 def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
     # peft's default ("auto") adds the whole frozen base weight of an adapted lm_head or embedding
     # to the state: vocab x hidden values that every participant already has, which would then be

@@ -47,7 +47,32 @@ def status_dict(status: Any) -> dict[str, Any]:
         ],
         "history": [
             {"round": r.round, "state": r.state, "cohort": r.cohort, "contributors": r.contributors,
-             "metrics": json.loads(r.metrics_json or "{}")}
+             "metrics": json.loads(r.metrics_json or "{}"),
+             "client_evals": [{"client_id": e.client_id, "num_examples": e.num_examples,
+                               "metrics": json.loads(e.metrics_json or "{}")} for e in r.client_evals]}
             for r in status.history
         ],
     }
+
+
+def client_eval_lines(status: Any) -> list[str]:
+    """Federated evaluation per round: the example-weighted aggregate, then each client's values."""
+    lines = []
+    for r in status.history:
+        if not r.client_evals:
+            continue
+        agg = json.loads(r.metrics_json or "{}")
+        extra = "".join(f"  {k.removeprefix('clients_eval_')} {agg[k]:.4f}" for k in sorted(agg)
+                        if k.startswith("clients_eval_") and k not in ("clients_eval_examples", "clients_eval_loss"))
+        lines.append(f"round {r.round} on clients' held-out data: loss {_num(agg, 'clients_eval_loss')}{extra} "
+                     f"({int(agg.get('clients_evaluated', 0))} clients, {int(agg.get('clients_eval_examples', 0))} "
+                     "examples)")
+        for e in r.client_evals:
+            m = json.loads(e.metrics_json or "{}")
+            if not e.num_examples:
+                lines.append(f"  {e.client_id}: no held-out data")
+                continue
+            rest = "".join(f"  {k.removeprefix('eval_')} {m[k]:.4f}" for k in sorted(m)
+                           if k.startswith("eval_") and k != "eval_loss")
+            lines.append(f"  {e.client_id}: loss {_num(m, 'eval_loss')}{rest} ({e.num_examples} examples)")
+    return lines

@@ -25,6 +25,9 @@ from pydantic import (
 from fedtune.errors import InvalidInput
 from fedtune.methods import METHODS, MethodOptions, get_method
 
+if TYPE_CHECKING:
+    from fedtune.strategies import Strategy
+
 # Validation context key of specs read back from the coordinator's state (see JobSpec.stored).
 _STORED = "fedtune-stored-spec"
 
@@ -145,16 +148,73 @@ class DataSpec(_Strict):
         return {part: getattr(self, part) or part for part in parts}
 
 
+class AsyncSpec(_Strict):
+    """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022), with ``aggregation.mode: async``."""
+
+    # A new global version is aggregated from every `buffer` arriving updates (FedBuff's K).
+    buffer: int = Field(3, ge=1)
+    # An update trained on a version s versions old weighs (1 + s) ** -staleness_exponent.
+    staleness_exponent: float = Field(0.5, ge=0)
+    # Updates more than this many versions old are refused (null: any age).
+    max_staleness: int | None = Field(None, ge=0)
+
+
 class AggregationSpec(_Strict):
     """How accepted updates become the next global adapter."""
 
-    strategy: Literal["fedavg"] = "fedavg"
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    # A registered strategy (fedtune job init --list-strategies): fedavg, fedavgm, fedadam, fedyogi,
+    # fedadagrad, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, fedprox, scaffold.
+    strategy: str = Field("fedavg", min_length=1)
+    # The strategy's own options (fedadam: server_lr, beta1, beta2, tau; krum: byzantine; ...).
+    options: dict[str, Any] = Field(default_factory=dict)
+    # sync: rounds with a cohort; async: a new version every `async.buffer` updates, no one waits.
+    mode: Literal["sync", "async"] = "sync"
+    async_: AsyncSpec = Field(default_factory=lambda: AsyncSpec.model_validate({}), alias="async")
     # LoRA only. factors: FedAvg of A and B apart; exact: mean of the products B·A, re-factored to
     # rank r by SVD; ffa: A frozen at its shared init, only B trains and travels (FFA-LoRA);
     # fedsa: A is shared and averaged, each client keeps training its own B (FedSA-LoRA).
     lora: Literal["factors", "exact", "ffa", "fedsa"] = "factors"
     # Updates whose L2 norm is above this are rejected at upload (None: no bound).
     max_update_norm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> AggregationSpec:
+        from fedtune.strategies import get_strategy
+
+        try:
+            get_strategy(self.strategy, self.options)
+        except InvalidInput as e:
+            msg = str(e)
+            raise ValueError(msg if msg.startswith("aggregation.") else f"aggregation.strategy: {msg}") from None
+        return self
+
+    def build(self) -> Strategy:
+        """The job's strategy with its options."""
+        from fedtune.strategies import get_strategy
+
+        return get_strategy(self.strategy, self.options)
+
+
+MetricName = Literal["loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy"]
+_DEFAULT_METRICS: tuple[MetricName, ...] = ("loss", "perplexity")
+
+
+class EvaluationSpec(_Strict):
+    """What is measured after each round: by the coordinator on eval_data, and by clients on their
+    own held-out data (``clients: true``; they send metrics only, never examples)."""
+
+    # loss, perplexity (token-level), token_accuracy (greedy next token), exact_match (greedy
+    # generation of the response, compared normalised), choice_accuracy (multiple-choice lines
+    # {prompt, choices, answer}: the option of highest log-likelihood).
+    metrics: list[MetricName] = Field(default_factory=lambda: list(_DEFAULT_METRICS), min_length=1)
+    # Federated evaluation: clients evaluate the global adapter on their held-out data.
+    clients: bool = False
+    # Every this many rounds (and always after the last).
+    every: int = Field(1, ge=1)
+    # exact_match: the longest generated response, in tokens.
+    max_new_tokens: int = Field(32, ge=1, le=4096)
 
 
 class SecureAggregationSpec(_Strict):
@@ -272,6 +332,7 @@ class JobSpec(_Strict):
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec.model_validate({}))
     data: DataSpec = Field(default_factory=lambda: DataSpec.model_validate({}))
     aggregation: AggregationSpec = Field(default_factory=lambda: AggregationSpec.model_validate({}))
+    evaluation: EvaluationSpec = Field(default_factory=lambda: EvaluationSpec.model_validate({}))
     # fp32, fp16, bf16, int8, int4, int2, topk:FRACTION, topk:FRACTION+int8|int4 (fedtune.compression.codecs)
     codec: str = "fp32"
     rounds: int = Field(3, gt=0, le=100000)
@@ -316,6 +377,16 @@ class JobSpec(_Strict):
             raise ValueError("peft settings have no effect with offsite.tune: blocks (no LoRA is added); "
                              "remove them or use tune: lora")
         self._method_fits()
+        why = self.aggregation.build().refusal(self)
+        if why:
+            raise ValueError(f"aggregation.strategy {self.aggregation.strategy}: {why}")
+        if self.aggregation.mode == "async" and self.secure_aggregation is not None:
+            raise ValueError("aggregation.mode async: secure aggregation masks one cohort's updates together and "
+                             "unmasks only their sum, and asynchronous updates arrive one by one from different "
+                             "versions; use mode: sync with it")
+        if self.aggregation.mode == "async" and self.privacy is not None:
+            raise ValueError("aggregation.mode async: the DP accountant counts synchronous rounds with a planned "
+                             "cohort; use mode: sync with privacy")
         codec = None
         if not (info.context and info.context.get(_STORED)):  # a stored spec's codec was checked at creation
             from fedtune.compression.codecs import get_codec
@@ -377,6 +448,8 @@ def _describe(err: ValidationError) -> str:
         del parts[1]  # the union's tag: peft.r, not peft.lora.r
     loc = ".".join(parts)
     msg = first["msg"].removeprefix("Value error, ")
+    if loc and msg.startswith(loc + "."):
+        loc = ""  # the message names its own key (aggregation.options.beta1: ...)
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "unknown_method" and isinstance(first.get("input"), dict):

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 
 from fedtune.data import IGNORE_INDEX, collate
 from fedtune.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from fedtune.strategies.local import LocalObjective
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +221,7 @@ def train_adapter(
     progress: bool = True,
     desc: str = "train",
     recipe: Recipe | None = None,
+    objective: LocalObjective | None = None,
 ) -> TrainResult:
     """Trains the model's trainable parameters (the adapter) on tokenized examples.
 
@@ -241,6 +245,8 @@ def train_adapter(
         desc: Label of the bar.
         recipe: Accumulation, schedule, weight decay, clipping, checkpointing and precision
             (default: one pass per batch, constant lr, clipping at 1.0, fp32).
+        objective: A client-side strategy's hooks (FedProx's proximal gradient, SCAFFOLD's
+            correction), already given the parameters with :meth:`LocalObjective.begin`.
 
     Returns:
         The run's summary.
@@ -279,6 +285,8 @@ def train_adapter(
                 loss = _accumulate(model, [tokenized[i] for i in indices], pad_id, device, recipe, scaler)
                 if scaler is not None:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                if objective is not None:
+                    objective.before_clip()
                 if recipe.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
                 if scaler is not None:
@@ -286,6 +294,8 @@ def train_adapter(
                     scaler.update()
                 else:
                     optimizer.step()
+                if objective is not None:
+                    objective.after_step(float(optimizer.param_groups[0]["lr"]))
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -149,7 +149,7 @@ def _client_products(coordinator, job: str, rnd) -> tuple[dict[str, torch.Tensor
     schema = {k: tuple(v.shape) for k, v in bytes_to_tensors(global_in).items()}
     lora = LoraAggregation(spec.aggregation.lora, spec.peft.r,
                            tuple(declared_rank(u.metrics, spec.peft.r) for u in updates))
-    states = client_states(bytes_to_tensors(global_in), decode_updates(plains, spec.codec, schema, lora), lora)
+    states = client_states(bytes_to_tensors(global_in), decode_updates(plains, spec.codec, schema, lora)[0], lora)
     return bytes_to_tensors(global_in), states, [u.num_examples for u in updates]  # type: ignore[return-value]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -40,6 +40,13 @@ def run(
     base_dir: Annotated[Path | None, typer.Option(
         "--base-dir", help="Your own copy of the job's base: a model directory or a Hugging Face hub cache. "
                            "Checked file by file against the coordinator's sha256 instead of downloaded.")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(
+        "--eval-fraction", min=0.0, max=1.0, help="Hold this fraction of DATA out of training (a fixed split) "
+                                                  "to evaluate the global adapter on when the job asks "
+                                                  "(evaluation.clients); only metrics leave.")] = None,
+    eval_data: Annotated[Path | None, typer.Option(
+        "--eval-data", help="Held-out data for federated evaluation, of DATA's schema (instead of "
+                            "--eval-fraction).")] = None,
     ca_cert: CaCert = None,
     client_cert: ClientCert = None,
     client_key: ClientKey = None,
@@ -59,13 +66,19 @@ def run(
         raise typer.BadParameter("--quantize must be nf4 or int8", param_hint="--quantize")
     tls = ClientTls(ca_cert, client_cert, client_key, insecure)
     # The data file and TLS settings are checked before the seconds of importing torch and peft.
-    examples = read_data(data, data_format)
-    from fedtune.client.agent import ClientAgent
+    examples: Any = read_data(data, data_format)
+    held_out: Any = read_data(eval_data.expanduser()) if eval_data else None
+    from fedtune.client.agent import ClientAgent, check_same_schema, split_holdout
+
+    if eval_data is not None:
+        check_same_schema(examples, held_out, data, eval_data)
+    elif eval_fraction is not None:
+        examples, held_out = split_holdout(examples, eval_fraction)
 
     agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,
                         progress=progress, examples=examples, max_rank=max_rank,
                         micro_batch=micro_batch, quantize=quantize,
-                        base_dir=base_dir.expanduser() if base_dir else None)
+                        base_dir=base_dir.expanduser() if base_dir else None, eval_examples=held_out)
     stats = agent.run()
     typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "
                f"{stats.bytes_down} bytes down", err=True)

@@ -15,7 +15,7 @@ from fedtune.cli.options import (
 )
 from fedtune.errors import InvalidInput
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.report import HEADER, round_row, status_dict
+from fedtune.report import HEADER, client_eval_lines, round_row, status_dict
 from fedtune.spec import example_spec, method_list, parse_spec, spec_to_yaml
 
 app = typer.Typer(help="Create and follow tuning jobs.", no_args_is_help=True)
@@ -80,6 +80,8 @@ def _print_status(status: pb.JobStatus) -> None:
                 typer.echo(round_row(r.round, metrics) + f"  ({r.state})")
             else:
                 typer.echo(round_row(r.round, metrics))
+    for line in client_eval_lines(status):
+        typer.echo(line)
 
 
 @app.command("status")

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import random
 import socket
 import threading
@@ -49,11 +50,15 @@ from fedtune.privacy import clip_update
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 from fedtune.secagg.adverts import WIRE_CODEC as SECAGG_CODEC
+from fedtune.strategies import CLIENT_FEATURES
+from fedtune.strategies.local import LocalObjective, ScaffoldObjective, control_tensors, local_objective
+from fedtune.strategies.local import begin as begin_objective
 from fedtune.training import (
     Recipe,
     TrainResult,
     check_micro_batch,
     count_steps,
+    evaluate_loss,
     precision_dtype,
     recipe_from_training,
     resolve_precision,
@@ -124,13 +129,25 @@ class ClientAgent:
     def __init__(self, coordinator: str, token: str | None, data: Path, state_dir: Path, tls: ClientTls,
                  device: str = "auto", name: str | None = None, progress: bool = True,
                  examples: list[Example | Chat] | DataFile | None = None, max_rank: int | None = None,
-                 micro_batch: int | None = None, quantize: str | None = None, base_dir: Path | None = None) -> None:
+                 micro_batch: int | None = None, quantize: str | None = None, base_dir: Path | None = None,
+                 eval_fraction: float | None = None, eval_data: Path | None = None,
+                 eval_examples: list[Example | Chat] | DataFile | None = None) -> None:
         """``examples``: ``data`` already read with :func:`fedtune.data.read_data` (else read at :meth:`run`).
         ``max_rank``: train LoRA at most at this rank (small devices; the job's rank otherwise).
         ``micro_batch``: examples per forward pass (the job's batch is kept by accumulation).
         ``quantize``: load the base in nf4 or int8 where the job allows it.
         ``base_dir``: this data owner's own copy of the base (a model directory or a hub cache),
-        checked file by file instead of downloaded."""
+        checked file by file instead of downloaded.
+        ``eval_fraction`` / ``eval_data``: held-out data for federated evaluation (a fraction of
+        ``data``, left out of training, or a file of the same schema); only metrics leave.
+        ``eval_examples``: the held-out data already read (and split off ``examples``)."""
+        if eval_fraction is not None and eval_data is not None:
+            raise InvalidInput("pass --eval-fraction or --eval-data, not both")
+        if eval_fraction is not None and not 0 < eval_fraction < 1:
+            raise InvalidInput(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
+        self.eval_fraction = eval_fraction
+        self.eval_data = eval_data
+        self._eval_examples: list[Example | Chat] | DataFile = eval_examples or []
         self.max_rank = max_rank
         self.micro_batch = micro_batch
         self.quantize = quantize
@@ -207,6 +224,7 @@ class ClientAgent:
         reply = self._call(lambda: stub.Join(pb.JoinRequest(
             token=self.token, client_name=self.name, agent_version=__version__, device=self.device.type,
             sign_public_key=raw_public_bytes(self.sign_key), kx_public_key=raw_public_bytes(self.kx_key),
+            features=list(CLIENT_FEATURES),
         ), timeout=RPC_TIMEOUT_SECONDS))
         ident = {"coordinator": self.address, "client_id": reply.client_id, "job_id": reply.job_id}
         tmp = path.with_suffix(".tmp")
@@ -245,6 +263,11 @@ class ClientAgent:
         # Validate the whole private data file before anything touches the network.
         if not self._examples:
             self._examples = read_data(self.data_path)
+        if self.eval_data is not None and not self._eval_examples:
+            self._eval_examples = read_data(self.eval_data)
+            check_same_schema(self._examples, self._eval_examples, self.data_path, self.eval_data)
+        elif self.eval_fraction is not None and not self._eval_examples:
+            self._examples, self._eval_examples = split_holdout(self._examples, self.eval_fraction)
         self._lock_state_dir()
         channel = open_channel(self.address, self.tls)
         try:
@@ -263,6 +286,10 @@ class ClientAgent:
                     return self.stats
                 if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
                     self._run_task(stub, client_id, reply.task)
+                    idle_since = time.monotonic()
+                    continue
+                if reply.action == pb.HeartbeatReply.EVALUATE:
+                    self._evaluate(stub, reply.task)
                     idle_since = time.monotonic()
                     continue
                 if reply.action == pb.HeartbeatReply.SECAGG:
@@ -368,8 +395,28 @@ class ClientAgent:
         return recipe_from_training(t, round_no=task.round, steps=steps, device=self.device,
                                     micro_batch=micro_batch or self.micro_batch)
 
+    def _scaffold_path(self, job_id: str) -> Path:
+        """Where this client keeps its SCAFFOLD control variate for a job (across rounds and restarts)."""
+        return self.state_dir / "scaffold" / f"{job_id}-{self._client_id or 'client'}.safetensors"
+
+    def _objective(self, stub: pb_grpc.ClientServiceStub, prepared: Prepared, task: pb.Task) -> LocalObjective | None:
+        """The task's client-side strategy (FedProx, SCAFFOLD), or None."""
+        strategy = prepared.training.get("strategy")
+        if not strategy:
+            return None
+        server = None
+        if strategy.get("name") == "scaffold":
+            plan = self._plan(prepared)
+            if plan.rank != plan.job_rank:
+                raise InvalidInput(f"--max-rank {self.max_rank}: this job uses scaffold, whose control variates "
+                                   "have the job's LoRA rank; drop --max-rank")
+            if task.strategy_state.sha256:
+                server = bytes_to_tensors(self._fetch(stub, task.strategy_state).read_bytes())
+        return local_objective(prepared.training, server, self._scaffold_path(task.job_id))
+
     def _train(self, prepared: Prepared, global_state: dict[str, torch.Tensor],
-               task: pb.Task) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+               task: pb.Task, stub: pb_grpc.ClientServiceStub | None = None,
+               ) -> tuple[TrainResult, dict[str, torch.Tensor], LocalObjective | None]:
         """Trains the adapter from the global one on the private data; returns its summary and weights.
 
         The local loop of one agent; a simulation's batched virtual clients train several agents'
@@ -381,14 +428,17 @@ class ClientAgent:
         for attempt in (1, 2):
             load_adapter_state(model, self._plan(prepared).start(global_state))
             recipe = self.recipe(prepared, task, micro)
+            objective = self._objective(stub, prepared, task) if stub is not None else None
+            if objective is not None:
+                begin_objective(objective, model)
             try:
                 result = train_adapter(
                     model, prepared.tokenized, pad_id=prepared.pad_id, lr=float(t["lr"]),
                     batch_size=int(t["batch_size"]), steps=t.get("steps"), epochs=t.get("epochs"),
                     seed=train_seed(t, task.round), device=self.device, progress=self.progress,
-                    desc=f"round {task.round}", recipe=recipe,
+                    desc=f"round {task.round}", recipe=recipe, objective=objective,
                 )
-                return result, adapter_state(model)
+                return result, adapter_state(model), objective
             except torch.OutOfMemoryError:
                 size = recipe.micro_batch or min(int(t["batch_size"]), len(prepared.tokenized))
                 if self.device.type == "cuda":
@@ -416,7 +466,7 @@ class ClientAgent:
         fetch_seconds = time.perf_counter() - t0
         global_state = bytes_to_tensors(global_path.read_bytes())
         training = prepared.training
-        result, trained = self._train(prepared, global_state, task)
+        result, trained, objective = self._train(prepared, global_state, task, stub)
         t1 = time.perf_counter()
         codec = get_codec(training.get("codec", "fp32"))
         plan = self._plan(prepared)
@@ -447,6 +497,14 @@ class ClientAgent:
         wire = codec.encode(delta)
         if feedback is not None:
             feedback.update(codec.decode(wire, {k: tuple(v.shape) for k, v in delta.items()}), delta)
+        pending = None
+        if isinstance(objective, ScaffoldObjective):
+            # c_i⁺ is kept only once the update is accepted, so a retried task starts from the same c_i.
+            new_variate = objective.new_variate(trained, sorted(delta))
+            change = {k: v - objective.own.get(k, torch.zeros_like(v)) for k, v in new_variate.items()}
+            change |= {k: torch.zeros_like(v) for k, v in delta.items() if k not in change}
+            wire = {**wire, **control_tensors(change)}
+            pending = new_variate
         plain = tensors_to_bytes(wire, metadata={"codec": codec.name})
         payload = seal(plain, task.job_public_key, UpdateBinding(task.job_id, task.round, client_id, update_id))
         pack_seconds = time.perf_counter() - t1
@@ -468,11 +526,53 @@ class ClientAgent:
             log.warning("round %d: update not accepted: %s", task.round, e)
             return
         self._finished_tasks.add(task.task_id)
+        if pending is not None:
+            save_tensors(pending, self._scaffold_path(task.job_id))
         self.stats.bytes_up += len(payload)
         self.stats.rounds.append(task.round)
         log.info("round %d: update %s %s (%d bytes in %.2fs, train loss %.4f)", task.round, update_id,
                  "already stored" if reply.duplicate else "accepted", len(payload), time.perf_counter() - t2,
                  result.mean_loss)
+
+    # ------------------------------------------------------------------ federated evaluation
+    def _evaluate(self, stub: pb_grpc.ClientServiceStub, task: pb.Task) -> None:
+        """Evaluates a published round's adapter on the held-out data and reports the metrics only."""
+        job_id, rnd = task.job_id, task.round
+        metrics: dict[str, float] = {}
+        n = 0
+        if self._eval_examples:
+            prepared = self._prepare(stub, task)
+            global_state = bytes_to_tensors(self._fetch(stub, task.global_adapter).read_bytes())
+            evaluation = json.loads(task.evaluation_json or "{}")
+            metrics, n = self.evaluate_held_out(prepared, global_state, evaluation)
+            log.info("round %d: global adapter on %d held-out examples: loss %.4f", rnd, n, metrics["eval_loss"])
+        try:
+            self._call(lambda: stub.ReportEval(pb.EvalReport(job_id=job_id, round=rnd, num_examples=n, metrics=metrics),
+                                               metadata=self._md("ReportEval"), timeout=RPC_TIMEOUT_SECONDS))
+        except FedtuneError as e:
+            if isinstance(e, AuthError):
+                raise
+            log.warning("round %d: evaluation not accepted: %s", rnd, e)
+
+    def evaluate_held_out(self, prepared: Prepared, global_state: dict[str, torch.Tensor],
+                          evaluation: dict[str, Any]) -> tuple[dict[str, float], int]:
+        """The metrics of ``global_state`` (as this client trains it: its rank, its own B) on the
+        held-out data, and the number of examples they cover."""
+        model = self._peft_model(prepared)
+        load_adapter_state(model, self._plan(prepared).start(global_state))
+        t = prepared.training
+        tokenizer = load_tokenizer(prepared.model_dir)
+        held = tokenize(self._eval_examples, tokenizer, int(t["max_seq_len"]), t.get("data"))
+        loss = evaluate_loss(model, held, pad_id=prepared.pad_id, batch_size=int(t["batch_size"]), device=self.device)
+        metrics = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        names = [m for m in evaluation.get("metrics", []) if m not in ("loss", "perplexity")]
+        if names:
+            from fedtune.metrics import evaluate_metrics
+
+            metrics |= evaluate_metrics(model, tokenizer, self._eval_examples, names, data=t.get("data"),
+                                        max_seq_len=int(t["max_seq_len"]), batch_size=int(t["batch_size"]),
+                                        device=self.device, max_new_tokens=int(evaluation.get("max_new_tokens", 32)))
+        return metrics, int(getattr(held, "examples", 0) or len(held))
 
     # ------------------------------------------------------------------ secure aggregation
     def _send_secagg(self, stub: pb_grpc.ClientServiceStub, message: pb.SecAggMessage) -> bool:
@@ -513,3 +613,63 @@ class ClientAgent:
             if isinstance(e, AuthError):
                 raise
             log.warning("round %d: masked input not accepted: %s", task.round, e)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Writes tensors to a safetensors file atomically (a crash leaves the old file or the new one)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _records(data: list[Example | Chat] | DataFile) -> list[Any]:
+    return list(data.records) if isinstance(data, DataFile) else list(data)
+
+
+def split_holdout(data: list[Example | Chat] | DataFile, fraction: float,
+                  ) -> tuple[list[Example | Chat] | DataFile, list[Example | Chat] | DataFile]:
+    """(training, held-out) parts of a client's data: ``ceil(fraction · n)`` records, chosen by a
+    fixed shuffle so the split is the same on every run, are held out and never trained on.
+
+    Raises:
+        InvalidInput: too few records to hold any out and still train.
+    """
+    n = len(data)
+    held = math.ceil(fraction * n)
+    if n < 2 or held >= n:
+        raise InvalidInput(f"--eval-fraction {fraction}: {n} example(s) leave none to train on")
+    order = list(range(n))
+    random.Random(f"fedtune-holdout-{n}").shuffle(order)
+    out, keep = sorted(order[:held]), sorted(order[held:])
+    if isinstance(data, DataFile):
+        return (replace(data, records=tuple(data.records[i] for i in keep), numbers=tuple(data.numbers[i] for i in keep)),
+                replace(data, records=tuple(data.records[i] for i in out), numbers=tuple(data.numbers[i] for i in out)))
+    return [data[i] for i in keep], [data[i] for i in out]
+
+
+def _kinds(data: list[Example | Chat] | DataFile) -> set[str]:
+    from fedtune.data.schemas import DEFAULT_COLUMNS, detect_schema
+
+    kinds = set()
+    for r in _records(data):
+        if isinstance(r, dict):
+            kinds.add(detect_schema(r, DEFAULT_COLUMNS) or "columns:" + ",".join(sorted(r)))
+        else:
+            kinds.add("chat" if isinstance(r, Chat) else "pair")
+    return kinds
+
+
+def check_same_schema(train: list[Example | Chat] | DataFile, held: list[Example | Chat] | DataFile,
+                      train_path: Path, held_path: Path) -> None:
+    """Refuses held-out data whose records are of another schema than the training data's.
+
+    Raises:
+        InvalidInput: naming both files and their schemas.
+    """
+    a, b = _kinds(train), _kinds(held)
+    if not a & b:
+        raise InvalidInput(f"--eval-data {held_path} holds {', '.join(sorted(b))} records and {train_path} holds "
+                           f"{', '.join(sorted(a))}: held-out data must be of the training data's schema")

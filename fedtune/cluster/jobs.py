@@ -33,6 +33,7 @@ from fedtune.coordinator.engine import TERMINAL
 from fedtune.coordinator.state import Job
 from fedtune.errors import FedtuneError
 from fedtune.spec import JobSpec
+from fedtune.strategies.base import StrategyRun
 
 if TYPE_CHECKING:
     from fedtune.coordinator.service import Coordinator
@@ -129,13 +130,16 @@ class RayCompute:
                 time.sleep(1.0)
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: Any = None, after: Any = None) -> bytes:
-        result: bytes = self._call("aggregate", global_in, plains, weights, codec, schema, strategy, dp, lora, after)
+                  strategy: StrategyRun, dp: DpNoise | None, lora: Any = None,
+                  after: Any = None) -> tuple[bytes, bytes | None]:
+        result: tuple[bytes, bytes | None] = self._call("aggregate", global_in, plains, weights, codec, schema,
+                                                        strategy, dp, lora, after)
         return result
 
     def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None,
-                      after: Any = None) -> bytes:
-        result: bytes = self._call("aggregate_sum", global_in, total, schema, clip, dp, after)
+                      after: Any = None, strategy: StrategyRun | None = None) -> tuple[bytes, bytes | None]:
+        result: tuple[bytes, bytes | None] = self._call("aggregate_sum", global_in, total, schema, clip, dp, after,
+                                                        strategy)
         return result
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:

@@ -264,7 +264,8 @@ class SharedCompute:
         return self.batcher.threads
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: Any = None, after: Any = None) -> bytes:
+                  strategy: Any, dp: DpNoise | None, lora: Any = None,
+                  after: Any = None) -> tuple[bytes, bytes | None]:
         """See :func:`fedtune.coordinator.compute.next_global`."""
         from fedtune.coordinator.compute import next_global
 
@@ -272,12 +273,12 @@ class SharedCompute:
         return next_global(global_in, plains, weights, codec, schema, strategy, dp, lora, after)
 
     def aggregate_sum(self, global_in: bytes, total: Any, schema: Schema, clip: float, dp: DpNoise | None,
-                      after: Any = None) -> bytes:
+                      after: Any = None, strategy: Any = None) -> tuple[bytes, bytes | None]:
         """See :func:`fedtune.coordinator.compute.next_global_from_sum` (``total``: a float64 vector)."""
         from fedtune.coordinator.compute import next_global_from_sum
 
         _use_threads(self.batcher.threads)
-        return next_global_from_sum(global_in, total, schema, clip, dp, after)
+        return next_global_from_sum(global_in, total, schema, clip, dp, after, strategy)
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         """See :meth:`EvalBatcher.evaluate`; ``adapter`` as safetensors bytes."""

@@ -11,6 +11,7 @@ from fedtune import __version__
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator
 from fedtune.coordinator.store import CHUNK_SIZE
+from fedtune.coordinator.validation import aggregate_client_evals
 from fedtune.errors import InvalidInput
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
@@ -31,14 +32,22 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         job = co.state.job(job_id)
         spec = co.spec(job_id)
         history = []
+        evals: dict[int, list[tuple[int, str, int, dict[str, float]]]] = {}
+        for report in co.state.client_evals(job_id):
+            evals.setdefault(report[0], []).append(report)
         for r in co.state.rounds(job_id):
-            m = r.metrics
+            m = dict(r.metrics)
+            if r.round in evals:
+                # Federated evaluation lands after publication: its example-weighted means join the round's metrics.
+                m |= aggregate_client_evals(evals[r.round])
             history.append(pb.RoundSummary(
                 round=r.round, state=r.state, cohort=len(r.cohort),
                 contributors=int(m.get("contributors", len(co.state.updates(job_id, r.round)))),
                 metrics_json=json.dumps(m), bytes_up=int(m.get("bytes_up", 0)),
                 bytes_down=int(m.get("bytes_down", co.state.bytes_down(job_id, r.round))),
                 seconds=float(m.get("seconds", 0.0)),
+                client_evals=[pb.ClientEval(client_id=c, num_examples=n, metrics_json=json.dumps(em))
+                              for _, c, n, em in evals.get(r.round, [])],
             ))
         clients = [
             pb.ClientSummary(client_id=c.client_id, name=c.name, connected=co.presence.is_live(c.client_id),

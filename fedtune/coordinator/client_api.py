@@ -17,6 +17,7 @@ from fedtune.crypto.requests import CLIENT_KEY
 from fedtune.errors import InvalidInput, LimitExceeded
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
+from fedtune.spec import JobSpec
 
 # A received chunk may be at most this big (the gRPC message limit is a little above it).
 MAX_CHUNK_BYTES = CHUNK_SIZE
@@ -25,6 +26,8 @@ MAX_CHUNK_BYTES = CHUNK_SIZE
 def task_message(info: TaskInfo) -> pb.Task:
     """The wire form of a task."""
     spec = json.loads(info.job.spec_json)
+    strategy = JobSpec.stored(info.job.spec_json).aggregation.build().client_options()
+    state = info.strategy_state
     return pb.Task(
         job_id=info.job.job_id,
         round=info.round,
@@ -36,12 +39,15 @@ def task_message(info: TaskInfo) -> pb.Task:
         peft_config_json=info.job.peft_config_json,
         training_json=json.dumps({**spec["training"], "codec": spec["codec"], "rounds": spec["rounds"],
                                   "data": spec.get("data") or {},
-                                  "client_quantization": spec.get("client_quantization")}),
+                                  "client_quantization": spec.get("client_quantization"),
+                                  **({"strategy": strategy} if strategy else {})}),
         deadline_unix=info.deadline,
         max_update_bytes=info.max_update_bytes,
         job_public_key=info.job_public_key,
         secagg=_secagg_task(info, spec),
         privacy_json=json.dumps(spec["privacy"]) if spec.get("privacy") else "",
+        strategy_state=pb.FileRef(path=state.path, sha256=state.sha256, size=state.size) if state else None,
+        evaluation_json=json.dumps(spec.get("evaluation") or {}),
     )
 
 
@@ -69,7 +75,7 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
     @unary
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         client = self.co.join(request.token, request.client_name, request.device, request.sign_public_key,
-                              request.kx_public_key)
+                              request.kx_public_key, tuple(request.features), request.agent_version)
         return pb.JoinReply(client_id=client.client_id, job_id=client.job_id,
                             heartbeat_seconds=int(self.co.presence.heartbeat_seconds))
 
@@ -80,6 +86,8 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         retry = float(self.co.presence.heartbeat_seconds)
         if decision.action == "train" and info is not None:
             return pb.HeartbeatReply(action=pb.HeartbeatReply.TRAIN, task=task_message(info))
+        if decision.action == "evaluate" and info is not None:
+            return pb.HeartbeatReply(action=pb.HeartbeatReply.EVALUATE, task=task_message(info))
         if decision.action == "secagg":
             return pb.HeartbeatReply(action=pb.HeartbeatReply.SECAGG, secagg=pb.SecAggStep.FromString(decision.step))
         if decision.action == "stop":
@@ -97,6 +105,13 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         fresh = self.co.secagg_message(client, request.job_id, request.round, request.attempt, phase,
                                        request.payload, request.signature, list(request.shares))
         return pb.SecAggAck(duplicate=not fresh)
+
+    @unary
+    def ReportEval(self, request: pb.EvalReport, context: grpc.ServicerContext) -> pb.EvalAck:
+        client = self._client(context)
+        fresh = self.co.report_eval(client, request.job_id, request.round, request.num_examples,
+                                    dict(request.metrics))
+        return pb.EvalAck(duplicate=not fresh)
 
     @streaming
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:

@@ -15,51 +15,68 @@ import torch
 
 from fedtune.compression.codecs import get_codec
 from fedtune.coordinator.state import Job
-from fedtune.coordinator.strategies import WeightedDelta, get_strategy
 from fedtune.methods import method_options
 from fedtune.methods.base import METHOD_METRICS_METADATA, AfterAggregate
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation
 from fedtune.peft_io import bytes_to_tensors, tensors_to_bytes
 from fedtune.privacy import DpNoise, add_gaussian_noise, clip_update
 from fedtune.secagg.adapter_vector import unflatten_sum
+from fedtune.strategies import Strategy, WeightedDelta, get_strategy
+from fedtune.strategies.base import RoundContext, StrategyRun
+from fedtune.strategies.scaffold import CONTROL_PREFIX
 from fedtune.tensor_blobs import Schema
 
 if TYPE_CHECKING:
     from fedtune.coordinator.evaluator import Evaluator
 
 
-def combine_updates(deltas: list[dict[str, torch.Tensor]], weights: list[int], strategy: str,
-                    clip_norm: float | None) -> dict[str, torch.Tensor]:
+def combine_updates(deltas: list[dict[str, torch.Tensor]], weights: list[int], strategy: str | Strategy,
+                    clip_norm: float | None, controls: list[dict[str, torch.Tensor] | None] | None = None,
+                    ) -> dict[str, torch.Tensor]:
     """Combines decoded deltas (of the job's shapes).
 
-    Without ``clip_norm``: the strategy's weighted aggregate (FedAvg: the example-weighted mean).
+    Without ``clip_norm``: the strategy's aggregate (FedAvg: the example-weighted mean).
     With it (central DP): the plain sum of the updates clipped to ``clip_norm``, to be noised.
     """
     if clip_norm is not None:
         clipped = [clip_update(d, clip_norm)[0] for d in deltas]
         return {k: torch.stack([c[k] for c in clipped]).sum(0) for k in deltas[0]}
-    return get_strategy(strategy).aggregate([WeightedDelta(d, n) for d, n in zip(deltas, weights, strict=True)])
+    unit = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    ctrl = controls or [None] * len(deltas)
+    return unit.combine([WeightedDelta(d, n, c) for d, n, c in zip(deltas, weights, ctrl, strict=True)])
 
 
-def decode_updates(plains: list[bytes], codec: str, schema: Schema,
-                   lora: LoraAggregation | None = None) -> list[dict[str, torch.Tensor]]:
-    """Each opened update as an fp32 delta, as its client sent it: the job's shapes, or for LoRA
-    its client's rank and its mode's tensors (ffa: no A)."""
+def split_controls(wire: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """An update's adapter tensors and, for SCAFFOLD, its control-variate change (None without one)."""
+    control = {k[len(CONTROL_PREFIX):]: v.float() for k, v in wire.items() if k.startswith(CONTROL_PREFIX)}
+    rest = {k: v for k, v in wire.items() if not k.startswith(CONTROL_PREFIX)}
+    return rest, control or None
+
+
+def decode_updates(plains: list[bytes], codec: str, schema: Schema, lora: LoraAggregation | None = None,
+                   ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
+    """Each opened update as an fp32 delta, as its client sent it (the job's shapes, or for LoRA
+    its client's rank and its mode's tensors; ffa: no A), and its control variate, if any."""
     decoder = get_codec(codec)
-    return [decoder.decode(bytes_to_tensors(p), lora.update_schema(schema, i) if lora else schema)
-            for i, p in enumerate(plains)]
+    deltas, controls = [], []
+    for i, p in enumerate(plains):
+        wire, control = split_controls(bytes_to_tensors(p))
+        deltas.append(decoder.decode(wire, lora.update_schema(schema, i) if lora else schema))
+        controls.append(control)
+    return deltas, controls
 
 
-def _next_state(current: dict[str, torch.Tensor], total: dict[str, torch.Tensor], denominator: float,
-                dp: DpNoise | None, after: AfterAggregate | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``current`` plus ``total / denominator`` (noised first under DP), then the method's own step,
-    and the blob metadata that carries its metrics.
+def _apply(current: dict[str, torch.Tensor], mean: dict[str, torch.Tensor], run: StrategyRun,
+           updates: list[WeightedDelta], after: AfterAggregate | None,
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str], bytes | None]:
+    """``current`` plus the strategy's server step on the round's ``mean`` delta, then the method's
+    own step; the blob metadata that carries its metrics; the strategy's new state.
 
-    A tensor that ``total`` lacks (LoRA's frozen A under ffa) is carried over unchanged.
+    A tensor that ``mean`` lacks (LoRA's frozen A under ffa) is carried over unchanged.
     """
-    if dp is not None:
-        total = add_gaussian_noise(total, dp.noise_multiplier, dp.clip_norm)
-    new = {k: (current[k] + total[k] / denominator).contiguous() if k in total else current[k] for k in current}
+    state = bytes_to_tensors(run.state) if run.state else {}
+    step, new_state = run.strategy().server_step(mean, state, RoundContext(run.round, run.enrolled), updates)
+    new = {k: (current[k] + step[k]).contiguous() if k in step else current[k] for k in current}
     metadata = {"format": "pt"}
     if after is not None:
         # The method's own step on the aggregate (AdaLoRA: prune to the round's rank budget); its
@@ -67,7 +84,14 @@ def _next_state(current: dict[str, torch.Tensor], total: dict[str, torch.Tensor]
         method, opts = method_options(after.peft)
         new, metrics = method.after_aggregate(opts, new, after.budget)
         metadata[METHOD_METRICS_METADATA] = json.dumps(metrics)
-    return new, metadata
+    state_blob = tensors_to_bytes({k: v.contiguous() for k, v in new_state.items()}) if new_state else None
+    return new, metadata, state_blob
+
+
+def _noised_mean(total: dict[str, torch.Tensor], denominator: float, dp: DpNoise | None) -> dict[str, torch.Tensor]:
+    if dp is not None:
+        total = add_gaussian_noise(total, dp.noise_multiplier, dp.clip_norm)
+    return {k: v / denominator for k, v in total.items()}
 
 
 def _blob(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -102,13 +126,15 @@ def product_error(states: list[dict[str, torch.Tensor]], weights: list[int], new
 
 
 def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None,
-                after: AfterAggregate | None = None) -> bytes:
-    """A round's new global adapter from the opened updates, as safetensors bytes.
+                strategy: StrategyRun, dp: DpNoise | None, lora: LoraAggregation | None = None,
+                after: AfterAggregate | None = None) -> tuple[bytes, bytes | None]:
+    """A round's new global adapter from the opened updates, as safetensors bytes, and the
+    strategy's state after it (None for a strategy that keeps none).
 
-    Without ``dp``: ``global_in`` plus the strategy's aggregate (FedAvg: the example-weighted mean
-    of the deltas). With it: plus the noised sum of the updates clipped to its norm, over its
-    planned cohort size.
+    Without ``dp``: ``global_in`` plus the strategy's server step on its aggregate (FedAvg: the
+    example-weighted mean of the deltas, added as it is). With it: the step on the noised sum of
+    the updates clipped to its norm, over its planned cohort size. In async mode every delta is
+    first scaled by its staleness weight (:attr:`StrategyRun.staleness`).
 
     ``lora``: a LoRA job's mode and its clients' ranks. exact: the weighted mean of the clients'
     products B·A, re-factored to the job's rank by SVD (other tensors: their weighted mean). Other
@@ -116,48 +142,60 @@ def next_global(global_in: bytes, plains: list[bytes], weights: list[int], codec
     its rank unchanged; HetLoRA's padding), then as above. Without DP the round's
     ``lora_product_error`` (exact: the SVD's truncation error) travels in the blob's metadata.
     """
-    deltas = decode_updates(plains, codec, schema, lora)
+    deltas, controls = decode_updates(plains, codec, schema, lora)
+    factors = strategy.factors(len(deltas))
+    if any(f != 1.0 for f in factors):
+        deltas = [{k: v * f for k, v in d.items()} for d, f in zip(deltas, factors, strict=True)]
     current = bytes_to_tensors(global_in)
-    if lora is None:
-        combined = combine_updates(deltas, weights, strategy, dp.clip_norm if dp else None)
-        return _blob(*_next_state(current, combined, dp.planned if dp else 1.0, dp, after))
-    from fedtune.methods.lora_aggregation import exact_aggregate, pad_rank
+    unit = strategy.strategy()
+    states = None
+    if lora is not None:
+        from fedtune.methods.lora_aggregation import exact_aggregate, pad_rank
 
-    states = client_states(current, deltas, lora)
-    if lora.mode == "exact":
-        new, error = exact_aggregate(states, [float(w) for w in weights], lora.rank)
-        return _blob(new, {"format": "pt", PRODUCT_ERROR_METADATA: repr(float(error))})
-    padded = [pad_rank(d, lora.rank) for d in deltas]
-    combined = combine_updates(padded, weights, strategy, dp.clip_norm if dp else None)
-    new, metadata = _next_state(current, combined, dp.planned if dp else 1.0, dp, after)
-    if dp is None:
+        states = client_states(current, deltas, lora)
+        if lora.mode == "exact":
+            new, error = exact_aggregate(states, [float(w) for w in weights], lora.rank)
+            return _blob(new, {"format": "pt", PRODUCT_ERROR_METADATA: repr(float(error))}), None
+        deltas = [pad_rank(d, lora.rank) for d in deltas]
+    updates = [WeightedDelta(d, n, c) for d, n, c in zip(deltas, weights, controls, strict=True)]
+    if dp is not None:
+        mean = _noised_mean(combine_updates(deltas, weights, unit, dp.clip_norm), dp.planned, dp)
+    else:
+        mean = unit.combine(updates)
+    new, metadata, state_blob = _apply(current, mean, strategy, updates, after)
+    if dp is None and states is not None:
         metadata[PRODUCT_ERROR_METADATA] = repr(product_error(states, weights, new))
-    return _blob(new, metadata)
+    return _blob(new, metadata), state_blob
 
 
 def next_global_from_sum(global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
-                         dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
-    """A secure-aggregation round's new global adapter from its unmasked, decoded sum.
+                         dp: DpNoise | None, after: AfterAggregate | None = None,
+                         strategy: StrategyRun | None = None) -> tuple[bytes, bytes | None]:
+    """A secure-aggregation round's new global adapter from its unmasked, decoded sum, and the
+    strategy's state after it.
 
     ``total`` holds the survivors' summed weighted deltas and, last, their summed weights (see
     :mod:`fedtune.secagg.adapter_vector`); the mean divides by that sum, or under DP by the
-    planned cohort size after noising.
+    planned cohort size after noising; the strategy's server step (FedAvg: none) applies to it.
     """
     sums, weight = unflatten_sum(total, schema, clip)
-    return _blob(*_next_state(bytes_to_tensors(global_in), sums, dp.planned if dp else weight, dp, after))
+    mean = _noised_mean(sums, dp.planned if dp else weight, dp)
+    new, metadata, state_blob = _apply(bytes_to_tensors(global_in), mean, strategy or StrategyRun(), [], after)
+    return _blob(new, metadata), state_blob
 
 
 class Compute(Protocol):
     """Runs a job's aggregation and evaluation."""
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None,
-                  after: AfterAggregate | None = None) -> bytes:
+                  strategy: StrategyRun, dp: DpNoise | None, lora: LoraAggregation | None = None,
+                  after: AfterAggregate | None = None) -> tuple[bytes, bytes | None]:
         """See :func:`next_global`."""
         ...
 
     def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
-                      dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
+                      dp: DpNoise | None, after: AfterAggregate | None = None,
+                      strategy: StrategyRun | None = None) -> tuple[bytes, bytes | None]:
         """See :func:`next_global_from_sum`."""
         ...
 
@@ -177,13 +215,14 @@ class InProcessCompute:
         self.evaluator = evaluator
 
     def aggregate(self, global_in: bytes, plains: list[bytes], weights: list[int], codec: str, schema: Schema,
-                  strategy: str, dp: DpNoise | None, lora: LoraAggregation | None = None,
-                  after: AfterAggregate | None = None) -> bytes:
+                  strategy: StrategyRun, dp: DpNoise | None, lora: LoraAggregation | None = None,
+                  after: AfterAggregate | None = None) -> tuple[bytes, bytes | None]:
         return next_global(global_in, plains, weights, codec, schema, strategy, dp, lora, after)
 
     def aggregate_sum(self, global_in: bytes, total: np.ndarray, schema: Schema, clip: float,
-                      dp: DpNoise | None, after: AfterAggregate | None = None) -> bytes:
-        return next_global_from_sum(global_in, total, schema, clip, dp, after)
+                      dp: DpNoise | None, after: AfterAggregate | None = None,
+                      strategy: StrategyRun | None = None) -> tuple[bytes, bytes | None]:
+        return next_global_from_sum(global_in, total, schema, clip, dp, after, strategy)
 
     def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
         return self.evaluator.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))

@@ -33,6 +33,7 @@ from fedtune.methods.base import METHOD_METRICS_METADATA, AfterAggregate
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation, declared_rank, travelling
 from fedtune.privacy import DpNoise, RdpAccountant
 from fedtune.spec import JobSpec
+from fedtune.strategies.base import StrategyRun
 from fedtune.tensor_blobs import metadata as blob_metadata
 from fedtune.tensor_blobs import shapes
 
@@ -47,15 +48,17 @@ TERMINAL = ("finished", "failed", "cancelled")
 
 @dataclass(frozen=True)
 class Decision:
-    """What a polling client is told: wait, train (with its task id and round), a secure-aggregation
-    step (``step``: a serialized SecAggStep), or stop."""
+    """What a polling client is told: wait, train (with its task id and round), evaluate a published
+    round's adapter, a secure-aggregation step (``step``: a serialized SecAggStep), or stop.
+    ``global_in``: async mode, the version a task trains on (else the round's)."""
 
-    action: str  # wait, train, secagg, stop
+    action: str  # wait, train, evaluate, secagg, stop
     round: int = 0
     task_id: str = ""
     message: str = ""
     step: bytes = b""
     retry_after: float | None = None
+    global_in: str = ""
 
 
 class RoundEngine:
@@ -128,6 +131,9 @@ class RoundEngine:
     def poll(self, client_id: str) -> Decision:
         """What a client should do now."""
         job = self.state.job(self.job_id)
+        due = self._evaluation_due(job, client_id)
+        if due is not None:
+            return Decision("evaluate", round=due)
         if job.state in TERMINAL:
             return Decision("stop", message=f"job {self.job_id} is {job.state}")
         rnd = self.state.find_round(self.job_id, job.current_round)
@@ -143,6 +149,24 @@ class RoundEngine:
             # The next task follows as soon as the cohort is in: poll fast.
             return Decision("wait", message=f"update for round {rnd.round} received", retry_after=0.3)
         return Decision("train", round=rnd.round, task_id=task_id)
+
+    def _evaluation_due(self, job: Job, client_id: str) -> int | None:
+        """The latest published round this client should evaluate on its held-out data, if any:
+        every ``evaluation.every`` rounds and the last, for agents that run federated evaluation,
+        once each (a finished job still asks for its last round before telling clients to stop)."""
+        ev = self.spec.evaluation
+        if not ev.clients or job.state == "cancelled" or job.state == "failed":
+            return None
+        last = job.current_round if job.state == "finished" else job.current_round - 1
+        if last < 1:
+            return None
+        if last % ev.every and last != self.spec.rounds:
+            return None
+        if "federated-eval" not in self.state.client_features(client_id):
+            return None
+        if self.state.has_client_eval(self.job_id, last, client_id):
+            return None
+        return last
 
     def _poll_secure(self, rnd: Round, client_id: str, task_id: str) -> Decision:
         sec = self.state.secagg_round(self.job_id, rnd.round)
@@ -271,6 +295,13 @@ class RoundEngine:
         budget = get_method(self.spec.peft.method).round_budget(self.spec.peft, self.schema, rnd, self.spec.rounds)
         return None if budget is None else AfterAggregate(self.spec.peft.model_dump(mode="json"), budget)
 
+    def _strategy_run(self, rnd: int, updates: list[Update]) -> StrategyRun:
+        """The job's strategy for round ``rnd``, with the state the previous round left."""
+        agg = self.spec.aggregation
+        sha = self.state.strategy_state(self.job_id, rnd - 1) if rnd > 1 else None
+        return StrategyRun(agg.strategy, dict(agg.options), self.store.read(sha) if sha else None, rnd,
+                           len(self.state.clients(self.job_id)))
+
     def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
         t0 = time.perf_counter()
         updates = self.state.updates(self.job_id, rnd.round)
@@ -288,8 +319,9 @@ class RoundEngine:
                 self.state.set_round_state(self.job_id, rnd.round, "open")
                 self._abandon(sec, str(e))
                 return
-            new_global = self.compute.aggregate_sum(global_in, total, self.wire_schema, clip, dp,
-                                                    self._after_aggregate(rnd.round))
+            new_global, strategy_state = self.compute.aggregate_sum(global_in, total, self.wire_schema, clip, dp,
+                                                                    self._after_aggregate(rnd.round),
+                                                                    self._strategy_run(rnd.round, updates))
         else:
             plains = [self._open(u) for u in updates]
             lora = None
@@ -297,10 +329,11 @@ class RoundEngine:
                 # Each update's rank was checked against the job's at upload.
                 ranks = tuple(declared_rank(u.metrics, self.lora_rank) for u in updates)
                 lora = LoraAggregation(self.spec.aggregation.lora, self.lora_rank, ranks)
-            new_global = self.compute.aggregate(global_in, plains, [u.num_examples for u in updates], self.spec.codec,
-                                                self.schema, self.spec.aggregation.strategy, dp, lora,
-                                                self._after_aggregate(rnd.round))
+            new_global, strategy_state = self.compute.aggregate(
+                global_in, plains, [u.num_examples for u in updates], self.spec.codec, self.schema,
+                self._strategy_run(rnd.round, updates), dp, lora, self._after_aggregate(rnd.round))
         global_out = self.store.put_bytes(new_global)
+        state_sha = self.store.put_bytes(strategy_state) if strategy_state is not None else None
         product_error = blob_metadata(new_global).get(PRODUCT_ERROR_METADATA)
         examples = sum(u.num_examples for u in updates)
         losses = [(u.metrics.get("train_loss", math.nan), u.num_examples) for u in updates]
@@ -345,6 +378,8 @@ class RoundEngine:
         published = plan.to_full_blob(new_global) if plan else new_global
         extra: dict[str, object] = ({"offsite": {**plan.summary(), "tune": "blocks" if self.spec.tunes_blocks else "lora"}}
                                     if plan else {})
+        agg = self.spec.aggregation
+        extra["aggregation"] = {"strategy": agg.strategy, "options": dict(agg.options), "mode": agg.mode}
         if privacy is not None:
             extra["privacy"] = {**privacy.model_dump(mode="json"), "epsilon": metrics["epsilon"],
                                 "accountant": "rdp-subsampled-gaussian"}
@@ -371,7 +406,7 @@ class RoundEngine:
         last = rnd.round >= self.spec.rounds
         self.state.close_round(
             self.job_id, rnd.round, global_out, metrics, str(path), (path / MANIFEST).read_text(), last=last,
-            privacy_json=privacy_json,
+            privacy_json=privacy_json, strategy_state=state_sha,
         )
         if privacy_json is not None:
             self.accountant = RdpAccountant.from_dict(json.loads(privacy_json))

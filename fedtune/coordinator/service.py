@@ -18,7 +18,7 @@ import torch
 
 from fedtune.compression.codecs import get_codec
 from fedtune.compression.emulator_storage import load_emulator
-from fedtune.coordinator.compute import InProcessCompute
+from fedtune.coordinator.compute import InProcessCompute, split_controls
 from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
@@ -27,7 +27,7 @@ from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
 from fedtune.coordinator.secure_round import join_shares
 from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
-from fedtune.coordinator.validation import validate_update
+from fedtune.coordinator.validation import aggregate_client_evals, check_control, validate_update
 from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.crypto.keys import ed25519_public
@@ -72,6 +72,8 @@ class TaskInfo:
     job_public_key: bytes
     secagg: SecAggRound | None = None
     client_id: str = ""
+    # SCAFFOLD: the strategy state the previous round left (the server's control variate).
+    strategy_state: FileEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -245,14 +247,40 @@ class Coordinator:
         return self.state.job(job_id)
 
     # ------------------------------------------------------------------ clients
-    def join(self, token: str, name: str, device: str, sign_public_key: bytes, kx_public_key: bytes) -> Client:
-        """Enrolls a client with a token and its public keys."""
+    def required_features(self, spec: JobSpec) -> list[tuple[str, str]]:
+        """(feature, why) for what a job needs its clients' agents to run."""
+        need = []
+        strategy = spec.aggregation.build()
+        if strategy.client_feature:
+            why = f"aggregation strategy {strategy.name}, which runs in the client's training loop"
+            need.append((strategy.client_feature, why))
+        if spec.aggregation.mode == "async":
+            need.append(("async", "asynchronous rounds (aggregation.mode async)"))
+        return need
+
+    def join(self, token: str, name: str, device: str, sign_public_key: bytes, kx_public_key: bytes,
+             features: tuple[str, ...] = (), agent_version: str = "") -> Client:
+        """Enrolls a client with a token and its public keys.
+
+        Raises:
+            PreconditionFailed: the job needs a feature the client's agent does not run (an older
+                agent would silently train plain FedAvg); the token is not spent.
+        """
         if not token:
             raise InvalidInput("join request has no enrollment token")
         ed25519_public(sign_public_key)
         if len(kx_public_key) != 32:
             raise InvalidInput("join request needs a 32-byte X25519 public key")
-        client = self.state.join(token, name or "client", device or "unknown", sign_public_key, kx_public_key)
+
+        def admit(job_id: str) -> None:
+            for feature, why in self.required_features(self.spec(job_id)):
+                if feature not in features:
+                    raise PreconditionFailed(
+                        f"job {job_id} uses {why}; this client's agent (fedtune {agent_version or 'unknown'}) "
+                        f"does not run {feature!r}: upgrade fedtune on this client")
+
+        client = self.state.join(token, name or "client", device or "unknown", sign_public_key, kx_public_key,
+                                 tuple(features), admit)
         self.presence.touch(client.client_id)
         log.info("client %s (%s) joined job %s", client.client_id, client.name, client.job_id)
         return client
@@ -268,19 +296,25 @@ class Coordinator:
             place, reason = self.queue_place(client.job_id)
             return Decision("wait", message=f"job queued (place {place}): {reason}", retry_after=2.0), None
         decision = engine.poll(client.client_id)
-        if decision.action != "train":
+        if decision.action not in ("train", "evaluate"):
             return decision, None
         rnd = self.state.round(job.job_id, decision.round)
-        size = self.store.size(rnd.global_in)
-        adapter = FileEntry("adapter_model.safetensors", rnd.global_in, size)
+        # Training starts from the round's global adapter; evaluation reads the one it published.
+        blob = rnd.global_out if decision.action == "evaluate" else decision.global_in or rnd.global_in
+        assert blob is not None
+        adapter = FileEntry("adapter_model.safetensors", blob, self.store.size(blob))
+        state_sha = self.state.strategy_state(job.job_id, rnd.round - 1) if decision.action == "train" else None
+        strategy_state = FileEntry("strategy_state.safetensors", state_sha, self.store.size(state_sha)) \
+            if state_sha else None
         info = TaskInfo(job, rnd.round, decision.task_id, self.state.job_files(job.job_id), adapter,
                         rnd.deadline, self.max_update_bytes(job), self.keys.job_public_key(job.job_id),
-                        self.state.secagg_round(job.job_id, rnd.round), client.client_id)
+                        self.state.secagg_round(job.job_id, rnd.round), client.client_id, strategy_state)
         return decision, info
 
     def max_update_bytes(self, job: Job) -> int:
-        """Largest payload accepted for one update of this job."""
-        return self.store.size(job.initial_adapter) + UPDATE_SLACK_BYTES
+        """Largest payload accepted for one update of this job (SCAFFOLD's control variate doubles it)."""
+        copies = 2 if self.spec(job.job_id).aggregation.build().client_feature == "scaffold" else 1
+        return copies * self.store.size(job.initial_adapter) + UPDATE_SLACK_BYTES
 
     def check_download(self, client: Client, sha256: str, offset: int) -> int:
         """Authorizes a download and returns the blob's size."""
@@ -364,9 +398,12 @@ class Coordinator:
         if spec.secure_aggregation is not None:
             self._check_masked_input(client, inc, plain)
         else:
-            wire = bytes_to_tensors(plain)
-            validate_update(wire, self._update_schema(job, spec, inc.metrics), get_codec(spec.codec),
-                            spec.aggregation.max_update_norm)
+            wire, control = split_controls(bytes_to_tensors(plain))
+            schema = self._update_schema(job, spec, inc.metrics)
+            validate_update(wire, schema, get_codec(spec.codec), spec.aggregation.max_update_norm)
+            scaffold = spec.aggregation.strategy == "scaffold"
+            if scaffold or control is not None:
+                check_control(control, schema, scaffold, self._schema(job))
         # The envelope is what is stored: updates stay encrypted at rest until aggregation.
         sha = self.store.put_bytes(inc.payload)
         fresh = self.state.add_update(Update(
@@ -378,6 +415,32 @@ class Coordinator:
             log.info("job %s round %d: update %s from %s accepted (%d bytes, %d examples)",
                      inc.job_id, inc.round, inc.update_id, client.client_id, len(inc.payload), inc.num_examples)
         return fresh
+
+    def report_eval(self, client: Client, job_id: str, rnd: int, num_examples: int,
+                    metrics: dict[str, float]) -> bool:
+        """Stores a client's evaluation of a published round. Returns False for a repeat."""
+        if job_id != client.job_id:
+            raise PreconditionFailed(f"client {client.client_id} is not enrolled in job {job_id!r}")
+        spec = self.spec(job_id)
+        if not spec.evaluation.clients:
+            raise PreconditionFailed(f"job {job_id} does not ask clients to evaluate (evaluation.clients is off)")
+        rnd_row = self.state.find_round(job_id, rnd)
+        if rnd_row is None or rnd_row.state != "published":
+            raise PreconditionFailed(f"round {rnd} of job {job_id} is not published")
+        for key, value in metrics.items():
+            if not isinstance(value, float) or not math.isfinite(value):
+                raise InvalidInput(f"metric {key!r} is not a finite number")
+        if num_examples > 0 and "eval_loss" not in metrics:
+            raise InvalidInput("an evaluation report with examples must carry eval_loss")
+        fresh = self.state.add_client_eval(job_id, rnd, client.client_id, num_examples, metrics)
+        if fresh:
+            log.info("job %s round %d: %s evaluated on %d held-out examples (loss %s)", job_id, rnd,
+                     client.client_id, num_examples, metrics.get("eval_loss"))
+        return fresh
+
+    def client_eval_summary(self, job_id: str, rnd: int) -> dict[str, float]:
+        """The example-weighted mean of the clients' metrics of round ``rnd`` (``clients_eval_*``)."""
+        return aggregate_client_evals(self.state.client_evals(job_id, rnd))
 
     # ------------------------------------------------------------------ secure aggregation
     def _secagg_member(self, client: Client, job_id: str, rnd: int, attempt: int, phase: str) -> tuple[SecAggRound, int]:

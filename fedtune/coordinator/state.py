@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,13 @@ CREATE TABLE IF NOT EXISTS secagg_outbox (
   receiver INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (job_id, round, attempt, phase, receiver));
 CREATE TABLE IF NOT EXISTS job_runtime (
   job_id TEXT PRIMARY KEY, engine_restarts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS strategy_states (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS client_features (
+  client_id TEXT PRIMARY KEY, features_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS client_evals (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
+  metrics_json TEXT NOT NULL, received REAL NOT NULL, PRIMARY KEY (job_id, round, client_id));
 CREATE TABLE IF NOT EXISTS published (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, path TEXT NOT NULL, manifest_json TEXT NOT NULL,
   PRIMARY KEY (job_id, round));
@@ -301,6 +308,8 @@ class CoordinatorState:
                 return True
             if db.execute("SELECT 1 FROM jobs WHERE job_id=? AND initial_adapter=?", (job_id, sha256)).fetchone():
                 return True
+            if db.execute("SELECT 1 FROM strategy_states WHERE job_id=? AND sha256=?", (job_id, sha256)).fetchone():
+                return True  # SCAFFOLD's server control variate, which clients fetch
             return db.execute(
                 "SELECT 1 FROM rounds WHERE job_id=? AND global_out=?", (job_id, sha256)
             ).fetchone() is not None
@@ -330,8 +339,10 @@ class CoordinatorState:
             n = db.execute("SELECT COUNT(*) FROM clients WHERE token_hash=?", (match[0],)).fetchone()[0]
         return match[0][:TOKEN_ID_LEN], int(n)
 
-    def join(self, token: str, name: str, device: str, sign_public_key: bytes, kx_public_key: bytes) -> Client:
-        """Spends one use of a token and enrolls a client with its public keys."""
+    def join(self, token: str, name: str, device: str, sign_public_key: bytes, kx_public_key: bytes,
+             features: tuple[str, ...] = (), admit: Callable[[str], None] | None = None) -> Client:
+        """Spends one use of a token and enrolls a client with its public keys and the features its
+        agent runs. ``admit(job_id)`` may refuse the client (by raising) before anything changes."""
         client_id = "client-" + secrets.token_hex(4)
         now = time.time()
         with self._tx() as db:
@@ -349,6 +360,9 @@ class CoordinatorState:
                 raise PreconditionFailed(f"job {row['job_id']} is not running")
             if db.execute("SELECT 1 FROM clients WHERE sign_public_key=?", (sign_public_key,)).fetchone():
                 raise PreconditionFailed("this client key is already enrolled; reuse its identity")
+            if admit is not None:
+                admit(row["job_id"])
+            db.execute("INSERT INTO client_features VALUES (?,?)", (client_id, json.dumps(sorted(features))))
             db.execute("UPDATE tokens SET uses_left=uses_left-1 WHERE token_hash=?", (row["token_hash"],))
             db.execute(
                 "INSERT INTO clients VALUES (?,?,?,?,?,?,?,?)",
@@ -531,10 +545,14 @@ class CoordinatorState:
 
     # ---------------------------------------------------------------- closing rounds
     def close_round(self, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
-                    path: str, manifest_json: str, last: bool, privacy_json: str | None = None) -> None:
+                    path: str, manifest_json: str, last: bool, privacy_json: str | None = None,
+                    strategy_state: str | None = None) -> None:
         """Publishes a round in one transaction: the new global, its metrics, the published
-        adapter, the privacy accountant and the job's next round (or its end) all land together."""
+        adapter, the privacy accountant, the strategy's state (a blob's sha256) and the job's next
+        round (or its end) all land together."""
         with self._tx() as db:
+            if strategy_state is not None:
+                db.execute("INSERT OR REPLACE INTO strategy_states VALUES (?,?,?)", (job_id, rnd, strategy_state))
             if privacy_json is not None:
                 db.execute("UPDATE jobs SET privacy_json=? WHERE job_id=?", (privacy_json, job_id))
             db.execute(
@@ -546,6 +564,49 @@ class CoordinatorState:
                 db.execute("UPDATE jobs SET state='finished', current_round=? WHERE job_id=?", (rnd, job_id))
             else:
                 db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
+
+    def strategy_state(self, job_id: str, rnd: int) -> str | None:
+        """The blob of the strategy state that round ``rnd`` left (None: none kept, or no such round)."""
+        with self._lock:
+            row = self._db.execute("SELECT sha256 FROM strategy_states WHERE job_id=? AND round=?",
+                                   (job_id, rnd)).fetchone()
+        return row[0] if row else None
+
+    def client_features(self, client_id: str) -> tuple[str, ...]:
+        """What a client's agent said at Join that it runs (empty for agents older than features)."""
+        with self._lock:
+            row = self._db.execute("SELECT features_json FROM client_features WHERE client_id=?",
+                                   (client_id,)).fetchone()
+        return tuple(json.loads(row[0])) if row else ()
+
+    # ---------------------------------------------------------------- federated evaluation
+    def add_client_eval(self, job_id: str, rnd: int, client_id: str, num_examples: int,
+                        metrics: dict[str, float]) -> bool:
+        """Stores a client's evaluation of round ``rnd``. Returns False (changing nothing) for a repeat."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM client_evals WHERE job_id=? AND round=? AND client_id=?",
+                          (job_id, rnd, client_id)).fetchone():
+                return False
+            db.execute("INSERT INTO client_evals VALUES (?,?,?,?,?,?)",
+                       (job_id, rnd, client_id, num_examples, json.dumps(metrics), time.time()))
+        return True
+
+    def client_evals(self, job_id: str, rnd: int | None = None) -> list[tuple[int, str, int, dict[str, float]]]:
+        """(round, client_id, num_examples, metrics) of clients' evaluations, by round then arrival."""
+        with self._lock:
+            if rnd is None:
+                rows = self._db.execute("SELECT * FROM client_evals WHERE job_id=? ORDER BY round, received",
+                                        (job_id,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM client_evals WHERE job_id=? AND round=? ORDER BY received",
+                                        (job_id, rnd)).fetchall()
+        return [(r["round"], r["client_id"], r["num_examples"], json.loads(r["metrics_json"])) for r in rows]
+
+    def has_client_eval(self, job_id: str, rnd: int, client_id: str) -> bool:
+        """Whether a client reported its evaluation of round ``rnd``."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM client_evals WHERE job_id=? AND round=? AND client_id=?",
+                                    (job_id, rnd, client_id)).fetchone() is not None
 
     def published(self, job_id: str | None = None) -> list[tuple[str, int, str, str]]:
         """(job_id, round, path, manifest_json) of published adapters."""

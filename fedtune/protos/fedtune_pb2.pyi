@@ -21,20 +21,22 @@ MASK: SecAggPhase
 UNMASK: SecAggPhase
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "client_name", "agent_version", "device", "sign_public_key", "kx_public_key")
+    __slots__ = ("token", "client_name", "agent_version", "device", "sign_public_key", "kx_public_key", "features")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SIGN_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     KX_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     token: str
     client_name: str
     agent_version: str
     device: str
     sign_public_key: bytes
     kx_public_key: bytes
-    def __init__(self, token: _Optional[str] = ..., client_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., device: _Optional[str] = ..., sign_public_key: _Optional[bytes] = ..., kx_public_key: _Optional[bytes] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token: _Optional[str] = ..., client_name: _Optional[str] = ..., agent_version: _Optional[str] = ..., device: _Optional[str] = ..., sign_public_key: _Optional[bytes] = ..., kx_public_key: _Optional[bytes] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "job_id", "heartbeat_seconds")
@@ -63,7 +65,7 @@ class FileRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes", "job_public_key", "secagg", "privacy_json")
+    __slots__ = ("job_id", "round", "task_id", "base_model_hash", "base_files", "global_adapter", "peft_config_json", "training_json", "deadline_unix", "max_update_bytes", "job_public_key", "secagg", "privacy_json", "strategy_state", "evaluation_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,8 @@ class Task(_message.Message):
     JOB_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_JSON_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_STATE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     task_id: str
@@ -90,7 +94,9 @@ class Task(_message.Message):
     job_public_key: bytes
     secagg: SecAggTask
     privacy_json: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., job_public_key: _Optional[bytes] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ..., privacy_json: _Optional[str] = ...) -> None: ...
+    strategy_state: FileRef
+    evaluation_json: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., base_files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., global_adapter: _Optional[_Union[FileRef, _Mapping]] = ..., peft_config_json: _Optional[str] = ..., training_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., job_public_key: _Optional[bytes] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ..., privacy_json: _Optional[str] = ..., strategy_state: _Optional[_Union[FileRef, _Mapping]] = ..., evaluation_json: _Optional[str] = ...) -> None: ...
 
 class SecAggTask(_message.Message):
     __slots__ = ("params", "index", "attempt", "weight_cap")
@@ -167,11 +173,13 @@ class HeartbeatReply(_message.Message):
         TRAIN: _ClassVar[HeartbeatReply.Action]
         STOP: _ClassVar[HeartbeatReply.Action]
         SECAGG: _ClassVar[HeartbeatReply.Action]
+        EVALUATE: _ClassVar[HeartbeatReply.Action]
     ACTION_UNSPECIFIED: HeartbeatReply.Action
     WAIT: HeartbeatReply.Action
     TRAIN: HeartbeatReply.Action
     STOP: HeartbeatReply.Action
     SECAGG: HeartbeatReply.Action
+    EVALUATE: HeartbeatReply.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +191,31 @@ class HeartbeatReply(_message.Message):
     message: str
     secagg: SecAggStep
     def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ...) -> None: ...
+
+class EvalReport(_message.Message):
+    __slots__ = ("job_id", "round", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvalAck(_message.Message):
+    __slots__ = ("duplicate",)
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("sha256", "offset")
@@ -266,7 +299,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, spec_yaml: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "state", "cohort", "contributors", "metrics_json", "bytes_up", "bytes_down", "seconds")
+    __slots__ = ("round", "state", "cohort", "contributors", "metrics_json", "bytes_up", "bytes_down", "seconds", "client_evals")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     COHORT_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +308,7 @@ class RoundSummary(_message.Message):
     BYTES_UP_FIELD_NUMBER: _ClassVar[int]
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_EVALS_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     cohort: int
@@ -283,7 +317,18 @@ class RoundSummary(_message.Message):
     bytes_up: int
     bytes_down: int
     seconds: float
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., cohort: _Optional[int] = ..., contributors: _Optional[int] = ..., metrics_json: _Optional[str] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    client_evals: _containers.RepeatedCompositeFieldContainer[ClientEval]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., cohort: _Optional[int] = ..., contributors: _Optional[int] = ..., metrics_json: _Optional[str] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., client_evals: _Optional[_Iterable[_Union[ClientEval, _Mapping]]] = ...) -> None: ...
+
+class ClientEval(_message.Message):
+    __slots__ = ("client_id", "num_examples", "metrics_json")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    num_examples: int
+    metrics_json: str
+    def __init__(self, client_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics_json: _Optional[str] = ...) -> None: ...
 
 class ClientSummary(_message.Message):
     __slots__ = ("client_id", "name", "connected", "last_seen_unix")

@@ -65,6 +65,11 @@ class ClientServiceStub:
                 request_serializer=fedtune__pb2.SecAggMessage.SerializeToString,
                 response_deserializer=fedtune__pb2.SecAggAck.FromString,
                 _registered_method=True)
+        self.ReportEval = channel.unary_unary(
+                '/fedtune.v1.ClientService/ReportEval',
+                request_serializer=fedtune__pb2.EvalReport.SerializeToString,
+                response_deserializer=fedtune__pb2.EvalAck.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -112,6 +117,14 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEval(self, request, context):
+        """Federated evaluation: the metrics of a published round's adapter on the client's held-out
+        data (never the examples). num_examples 0: the client holds none out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +152,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.SecAgg,
                     request_deserializer=fedtune__pb2.SecAggMessage.FromString,
                     response_serializer=fedtune__pb2.SecAggAck.SerializeToString,
+            ),
+            'ReportEval': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEval,
+                    request_deserializer=fedtune__pb2.EvalReport.FromString,
+                    response_serializer=fedtune__pb2.EvalAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,6 +300,33 @@ class ClientService:
             '/fedtune.v1.ClientService/SecAgg',
             fedtune__pb2.SecAggMessage.SerializeToString,
             fedtune__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.ClientService/ReportEval',
+            fedtune__pb2.EvalReport.SerializeToString,
+            fedtune__pb2.EvalAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -169,12 +169,20 @@ class BatchedAgent(ClientAgent):
         super().__init__(*args, **kwargs)
         self.group = group
 
-    def _train(self, prepared: Prepared, global_state: dict[str, torch.Tensor], task: pb.Task) -> Trained:
+    def _train(self, prepared: Prepared, global_state: dict[str, torch.Tensor], task: pb.Task,
+               stub: Any = None) -> tuple[TrainResult, dict[str, torch.Tensor], Any]:
         assert self.name is not None
-        return self.group.train(TrainRequest(
-            self.name, prepared, global_state, task.round, self.device,
-            alone=lambda: ClientAgent._train(self, prepared, global_state, task),
-            recipe=self.recipe(prepared, task)))
+        if prepared.training.get("strategy"):
+            # A client-side strategy (FedProx, SCAFFOLD) hooks every step of the agent's own loop.
+            return ClientAgent._train(self, prepared, global_state, task, stub)
+
+        def alone() -> Trained:
+            result, state, _ = ClientAgent._train(self, prepared, global_state, task, stub)
+            return result, state
+
+        result, state = self.group.train(TrainRequest(self.name, prepared, global_state, task.round, self.device,
+                                                      alone=alone, recipe=self.recipe(prepared, task)))
+        return result, state, None
 
 
 def run_group(address: str, members: list[tuple[str, str]], idle_seconds: float) -> dict[str, Any]:

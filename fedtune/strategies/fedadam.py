@@ -1,0 +1,14 @@
+"""FedAdam (Reddi et al. 2021): the server's adaptive step on the round's mean delta (see :mod:`fedtune.strategies.fedopt`)."""
+
+from __future__ import annotations
+
+from fedtune.strategies import register
+from fedtune.strategies.fedopt import FedMomentsOptions, FedOpt
+
+
+@register
+class FedAdam(FedOpt):
+    name = "fedadam"
+    summary = "server-side Adam on the mean delta (server_lr, beta1, beta2, tau)"
+    options = FedMomentsOptions
+    second_moment = "adam"
