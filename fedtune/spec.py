@@ -423,6 +423,10 @@ class JobSpec(_Strict):
         if self.training.packing and method.prompt:
             raise ValueError(f"training.packing: peft.method {name} prepends virtual tokens to each sequence, "
                              "which would then be shared by every packed example; turn packing off")
+        if "exact_match" in self.evaluation.metrics and not method.generates and not self.tunes_blocks:
+            raise ValueError(f"evaluation.metrics exact_match: peft cannot generate with peft.method {name} (its "
+                             "generate() does not decode what the tuned model computes); drop exact_match or "
+                             "use another method")
         mode = self.aggregation.lora
         if mode != "factors" and not method.lora:
             raise ValueError(f"aggregation.lora {mode} is for peft.method lora, not {name}")

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from fedtune.client.channel import ClientTls
 from fedtune.coordinator.keyring import KeyRing
+from fedtune.coordinator.store import ArtifactStore
 from fedtune.crypto.certs import init_certs
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.demo import wait_for_coordinator
@@ -306,3 +307,46 @@ def test_a_qlora_agent_trains_on_an_nf4_base(coordinator, admin, fed_data, tmp_p
     assert rnd.metrics["contributors"] == 1
     # Trained on the 4-bit base, evaluated on the full-precision one: the adapter still helps.
     assert rnd.metrics["eval_loss"] < json.loads(state.job(job).base_eval_json)["eval_loss"]
+
+
+def test_coordinator_killed_mid_job_under_fedadam_ends_as_an_uninterrupted_run(tmp_path: Path, fed_data) -> None:  # type: ignore[no-untyped-def]
+    """FedAdam's moments are durable with each round: a coordinator SIGKILLed after round 1 resumes
+    with them, and the final adapter equals an uninterrupted run's."""
+    clients, eval_file = fed_data
+    spec = (make_spec(eval_file, steps=10, rounds=3, clients=2, min_clients=2)
+            + "aggregation: {strategy: fedadam, options: {server_lr: 0.01}}\n")
+    finals, moments = [], []
+    for kill in (False, True):
+        c = Cluster(tmp_path / ("killed" if kill else "whole"), port=_free_port())
+        try:
+            c.start_coordinator()
+            job = c.create_job(spec)
+            agents = [c.start_client(job, clients[i], i) for i in range(2)]
+            if kill:
+                def round_1_state() -> bool:
+                    with c.db() as db:
+                        return db.execute("SELECT 1 FROM strategy_states WHERE job_id=? AND round=1",
+                                          (job,)).fetchone() is not None
+
+                wait_until(round_1_state, timeout=180, interval=0.05, what="round 1's FedAdam state")
+                assert c.coord is not None
+                c.coord.send_signal(signal.SIGKILL)
+                c.coord.wait()
+                c.start_coordinator()
+            for i, a in enumerate(agents):
+                assert _wait_exit(a) == 0, c.log(f"client-{i}.log")[-3000:]
+            assert c.status(job)["state"] == "finished"
+            finals.append(bytes_to_tensors((c.state_dir / "adapters" / job / "round-3" /
+                                            "adapter_model.safetensors").read_bytes()))
+            with c.db() as db:
+                sha = db.execute("SELECT sha256 FROM strategy_states WHERE job_id=? AND round=3", (job,)).fetchone()[0]
+            moments.append(bytes_to_tensors(ArtifactStore(c.state_dir / "blobs").read(sha)))
+        finally:
+            c.close()
+    whole, killed = finals
+    assert whole.keys() == killed.keys()
+    for k in whole:
+        assert torch.allclose(whole[k], killed[k], atol=1e-6), k
+    assert moments[0].keys() == moments[1].keys() and any(k.startswith("v/") for k in moments[0])
+    for k in moments[0]:
+        assert torch.allclose(moments[0][k], moments[1][k], rtol=1e-6, atol=1e-12), k

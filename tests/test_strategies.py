@@ -199,3 +199,60 @@ def test_staleness_weights_scale_async_updates() -> None:
     run = StrategyRun(staleness=(0, 3), staleness_exponent=0.5)
     blob, _ = next_global(tensors_to_bytes({"w": torch.zeros(1)}), plains, [1, 1], "fp32", {"w": (1,)}, run, None)
     assert bytes_to_tensors(blob)["w"].item() == pytest.approx((1.0 + 1 / math.sqrt(4)) / 2)
+
+
+def _federate(strategy: str, options: dict, attackers: int, model, data, held_out, pad: int,  # type: ignore[no-untyped-def]
+              rounds: int = 3) -> float:
+    """Rounds of real local training (train_adapter) and the coordinator's aggregation (next_global);
+    the last ``attackers`` clients send their delta sign-flipped and scaled by 8. Returns the eval loss."""
+    from fedtune.peft_io import adapter_state, load_adapter_state
+    from fedtune.training import evaluate_loss, train_adapter
+
+    cpu = torch.device("cpu")
+    load_adapter_state(model, {k: v for k, v in _INITIAL.items()})
+    global_blob = tensors_to_bytes(adapter_state(model))
+    schema = {k: tuple(v.shape) for k, v in _INITIAL.items()}
+    state = None
+    for r in range(1, rounds + 1):
+        start = bytes_to_tensors(global_blob)
+        plains = []
+        for i, client in enumerate(data):
+            load_adapter_state(model, start)
+            train_adapter(model, client, pad_id=pad, lr=0.01, batch_size=8, steps=6, epochs=None, seed=r * 100 + i,
+                          device=cpu, progress=False)
+            end = adapter_state(model)
+            scale = -8.0 if i >= len(data) - attackers else 1.0
+            plains.append(tensors_to_bytes({k: scale * (end[k] - start[k]) for k in start}))
+        run = StrategyRun(strategy, options, state, r, len(data))
+        global_blob, state = next_global(global_blob, plains, [len(c) for c in data], "fp32", schema, run, None)
+    load_adapter_state(model, bytes_to_tensors(global_blob))
+    return evaluate_loss(model, held_out, pad_id=pad, batch_size=16, device=cpu)
+
+
+_INITIAL: dict[str, torch.Tensor] = {}
+
+
+def test_robust_aggregators_hold_against_two_of_eight_attackers_where_fedavg_does_not(  # type: ignore[no-untyped-def]
+        tmp_path_factory, one_thread) -> None:
+    from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
+    from fedtune.methods import config_for
+    from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
+    from fedtune.peft_io import adapter_state, build_peft_model
+
+    preset = materialize_preset(TINY_PRESET, tmp_path_factory.mktemp("preset"))
+    tok = load_tokenizer(preset)
+    files, eval_path = write_synthetic_federation(tmp_path_factory.mktemp("data"), 8, examples_per_client=16,
+                                                  eval_examples=32)
+    data = [tokenize(load_jsonl(p), tok, 48) for p in files]
+    held_out = tokenize(load_jsonl(eval_path), tok, 48)
+    model = build_peft_model(load_causal_lm(preset, torch.device("cpu")), seed=0, config=config_for(
+        {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    _INITIAL.update(adapter_state(model))
+    pad = tok.pad_token_id
+    clean = _federate("fedavg", {}, 0, model, data, held_out, pad)
+    attacked = {name: _federate(name, opts, 2, model, data, held_out, pad) for name, opts in [
+        ("fedavg", {}), ("multikrum", {"byzantine": 2}), ("fedmedian", {}), ("fedtrimmedavg", {"beta": 0.25})]}
+    for name in ("multikrum", "fedmedian", "fedtrimmedavg"):
+        assert attacked[name] <= clean * 1.05, (name, attacked[name], clean)
+        assert attacked[name] < attacked["fedavg"], (name, attacked)
+    assert attacked["fedavg"] > clean * 1.05, attacked

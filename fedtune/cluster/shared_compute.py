@@ -55,14 +55,18 @@ class _Request:
 
 
 def batchable(job: Job, adapter: dict[str, torch.Tensor] | None) -> bool:
-    """Whether an evaluation can share a pass with others: a federated LoRA job's adapter on the base.
+    """Whether an evaluation can share a pass with others: a federated LoRA job's adapter on the base,
+    measured by its loss only.
 
-    Offsite jobs (an emulator besides the base) and the zero-shot evaluation take the one-job path.
+    Offsite jobs (an emulator besides the base), the zero-shot evaluation and jobs whose
+    ``evaluation.metrics`` go beyond loss and perplexity (generation and option scoring run per
+    model, `fedtune.metrics`) take the one-job path.
     """
     if adapter is None or job.emulator_dir:
         return False
     spec = JobSpec.stored(job.spec_json)
-    return bool(spec.eval_data) and plain_lora(spec.peft.model_dump()) and not spec.tunes_blocks
+    loss_only = set(spec.evaluation.metrics) <= {"loss", "perplexity"}
+    return bool(spec.eval_data) and plain_lora(spec.peft.model_dump()) and not spec.tunes_blocks and loss_only
 
 
 class EvalBatcher:

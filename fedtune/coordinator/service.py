@@ -171,7 +171,10 @@ class Coordinator:
         """
         spec = parse_spec(spec_yaml)
         if spec.eval_data:
-            load_data(Path(spec.eval_data), spec.data)
+            from fedtune.metrics import check_metric_data
+
+            # The metrics the job asks for must find records of their kind there.
+            check_metric_data(spec.evaluation.metrics, load_data(Path(spec.eval_data), spec.data), spec.eval_data)
         if spec.base_revision and (is_preset(spec.base_model) or Path(spec.base_model).expanduser().is_dir()):
             raise InvalidInput(f"job spec: base_revision: {spec.base_model!r} is a preset or a local directory; "
                                "a revision pins a hub id's snapshot")

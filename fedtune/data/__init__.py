@@ -1,7 +1,8 @@
 """Client training data: reading any of several formats and schemas, rendering, tokenizing, batching.
 
 - `formats`: JSONL, JSON, CSV, parquet, or a directory saved by `datasets` (`read_records`).
-- `schemas`: pairs, text, alpaca, chat and ShareGPT records, validated (`load_data`, `read_data`).
+- `schemas`: pairs, text, alpaca, chat, ShareGPT and multiple-choice records, validated (`load_data`,
+  `read_data`).
 - `render`: chat templates and prompt-masked tokenization (`tokenize`).
 - `packing`: padded or packed batches (`collate`, `pack`).
 - `check`: `fedtune data check` (`check_data`).
@@ -12,7 +13,7 @@ them import them when called.
 """
 
 from fedtune.data.check import DataReport, check_data
-from fedtune.data.examples import IGNORE_INDEX, ROLES, Chat, Example
+from fedtune.data.examples import IGNORE_INDEX, ROLES, Chat, Choice, Example
 from fedtune.data.formats import FORMATS, DataFile, detect_format, read_records
 from fedtune.data.packing import PACKING_REFUSED, check_packing, collate, pack
 from fedtune.data.render import DEFAULT_CHAT_TEMPLATE, TokenizedData, chat_template_for, render_chat, tokenize
@@ -39,6 +40,7 @@ __all__ = [
     "ROLES",
     "SCHEMAS",
     "Chat",
+    "Choice",
     "DataFile",
     "DataReport",
     "Example",

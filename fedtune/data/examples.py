@@ -1,4 +1,4 @@
-"""What a data file holds once read: prompt/response pairs and conversations."""
+"""What a data file holds once read: prompt/response pairs, conversations and multiple-choice questions."""
 
 from __future__ import annotations
 
@@ -36,3 +36,26 @@ class Chat:
 
     messages: tuple[tuple[str, str], ...]
     source: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Choice(Example):
+    """One multiple-choice question: a prompt, its options, and which one is right.
+
+    A pair whose response is the right option, so training and the loss read it as one
+    (`response == choices[answer]`); `fedtune.metrics` also scores every option against the others.
+
+    Attributes:
+        choices: The options, at least two, none empty, no two alike.
+        answer: Index of the right option in `choices`.
+        source: Where it was read (`file:line`, `file: row N`), for messages; not part of equality.
+    """
+
+    choices: tuple[str, ...] = ()
+    answer: int = 0
+    source: str = field(default="", compare=False, repr=False)
+
+    @classmethod
+    def of(cls, prompt: str, choices: tuple[str, ...], answer: int, source: str = "") -> Choice:
+        """A question whose response is its right option."""
+        return cls(prompt=prompt, response=choices[answer], choices=choices, answer=answer, source=source)

@@ -1,7 +1,8 @@
 """Examples to token ids and labels: the loss on responses and assistant turns only.
 
-Pairs (and text, and alpaca) are `bos + prompt + response + eos`, the loss on `response + eos`,
-unless the job sets `data.pairs_as_chat`: then a pair is one user turn and one assistant turn.
+Pairs (and text, alpaca, and multiple-choice questions, whose response is the right option) are
+`bos + prompt + response + eos`, the loss on `response + eos`, unless the job sets
+`data.pairs_as_chat`: then a pair is one user turn and one assistant turn.
 Conversations go through a chat template (`chat_template_for`), rendered turn by turn so that the
 boundary of every assistant turn is exact: the prefix up to each assistant turn (with the
 generation prompt) and the text of the turn itself, end-of-turn text included, are tokenized as

@@ -8,6 +8,10 @@ Schemas, by the keys of a record (after the job spec's column mapping, `DataSpec
   prompt is the Stanford Alpaca prompt (`alpaca_prompt`) and whose response is `output`.
 - chat `{messages: [{role, content}, ...]}`, roles system, user, assistant.
 - ShareGPT `{conversations: [{from, value}, ...]}`, from system, human (or user), gpt (or assistant).
+- multiple choice `{prompt, choices: [str, ...], answer}`, `answer` the right option's index (from
+  0) or its text: a pair whose response is the right option, for training and the loss, and a
+  question whose options `fedtune.metrics` scores (`choice_accuracy`). `choices` and `answer`
+  keep their names whatever the column mapping; a CSV cell holds `choices` as a JSON array.
 
 Conversations have an optional system turn first, then user and assistant turns alternating, the
 last one the assistant's. A file may mix schemas record by record. Every record is checked before
@@ -23,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.data.examples import Chat, Example
+from fedtune.data.examples import Chat, Choice, Example
 from fedtune.data.formats import DataFile, json_type, read_records
 from fedtune.errors import InvalidInput
 
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SCHEMAS = ("prompt/response", "text", "alpaca", "chat", "sharegpt")
+SCHEMAS = ("prompt/response", "text", "alpaca", "chat", "sharegpt", "choice")
 _PARTS = ("prompt", "response", "text", "instruction", "input", "output", "messages", "conversations")
 DEFAULT_COLUMNS = {part: part for part in _PARTS}
 # The Stanford Alpaca prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
@@ -46,12 +50,15 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# The keys of a multiple-choice record besides its prompt (not renamed by the column mapping).
+CHOICES, ANSWER = "choices", "answer"
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                    "assistant": "assistant"}
 
 
 class LoadedData(list[Example | Chat]):
-    """The examples of one data file, in file order, with the file they were read from.
+    """The examples of one data file, in file order, with the file they were read from (a
+    multiple-choice question is a `Choice`, an `Example` too).
 
     Attributes:
         source: The file's records (so `tokenize` can read them again under a job's column names).
@@ -139,6 +146,8 @@ def detect_schema(record: Mapping[str, Any], columns: Mapping[str, str]) -> str 
         return "sharegpt"
     if columns["instruction"] in keys or columns["output"] in keys:
         return "alpaca"
+    if CHOICES in keys or (ANSWER in keys and columns["prompt"] in keys and columns["response"] not in keys):
+        return "choice"
     if columns["text"] in keys:
         return "text"
     if columns["prompt"] in keys or columns["response"] in keys or not keys:
@@ -158,7 +167,8 @@ def load_data(path: Path, data_spec: DataSpec | Mapping[str, Any] | None = None,
         format: One of `fedtune.data.FORMATS`; None: told from the file.
 
     Returns:
-        The examples (`Example` for pairs, text and alpaca; `Chat` for conversations), in order.
+        The examples (`Example` for pairs, text and alpaca; `Chat` for conversations; `Choice`
+        for multiple-choice questions), in order.
 
     Raises:
         InvalidInput: Naming the file, and the line or row of a bad record.
@@ -202,7 +212,8 @@ class _Bad(Exception):
 def _unknown(record: Mapping[str, Any], columns: Mapping[str, str]) -> str:
     c = columns
     expected = (f"{{{c['prompt']}, {c['response']}}}, {{{c['text']}}}, "
-                f"{{{c['instruction']}, {c['input']}, {c['output']}}}, {{{c['messages']}}} or {{{c['conversations']}}}")
+                f"{{{c['instruction']}, {c['input']}, {c['output']}}}, {{{c['messages']}}}, {{{c['conversations']}}} "
+                f"or {{{c['prompt']}, {CHOICES}, {ANSWER}}}")
     return (f"cannot detect the schema from the keys found ({', '.join(map(repr, sorted(record)))}); expected "
             f"{expected}, or name your columns in the job spec's data: section")
 
@@ -224,6 +235,10 @@ def _parse(schema: str, record: Mapping[str, Any], columns: Mapping[str, str], w
         if extra is not None and not isinstance(extra, str):
             raise _Bad(f"{c['input']!r} must be a string, got {json_type(extra)}")
         return Example(prompt=alpaca_prompt(instruction, extra), response=_string(record, c["output"], nonempty=True))
+    if schema == "choice":
+        _keys(record, {c["prompt"], CHOICES, ANSWER}, set(), schema)
+        choices = _choices(record[CHOICES])
+        return Choice.of(_string(record, c["prompt"]), choices, _answer(record[ANSWER], choices), where)
     key = c["messages"] if schema == "chat" else c["conversations"]
     _keys(record, {key}, set(), schema)
     turns = record[key]
@@ -258,6 +273,45 @@ def _string(record: Mapping[str, Any], key: str, nonempty: bool = False) -> str:
     # An empty prompt is fine (plain continuation); an empty target has nothing to learn from.
     if nonempty and not value:
         raise _Bad(f"{key!r} is empty")
+    return value
+
+
+def _choices(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        # A CSV cell (or a string column) holds the options as a JSON array.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _Bad(f"{CHOICES!r} must be an array of options (a JSON array in a CSV cell), got a string: "
+                       f"{e.msg} at column {e.colno}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        got = json_type(value) if not isinstance(value, list) else "an array with " + ", ".join(
+            sorted({json_type(v) for v in value if not isinstance(v, str)}))
+        raise _Bad(f"{CHOICES!r} must be an array of strings, got {got}")
+    if len(value) < 2:
+        raise _Bad(f"{CHOICES!r} has {len(value)} option{'' if len(value) == 1 else 's'}; a question needs at "
+                   "least 2")
+    for n, option in enumerate(value):
+        if not option.strip():
+            raise _Bad(f"{CHOICES!r}: option {n} is empty")
+        if option in value[:n]:
+            raise _Bad(f"{CHOICES!r}: option {n} repeats option {value.index(option)} ({option!r})")
+    return tuple(value)
+
+
+def _answer(value: Any, choices: tuple[str, ...]) -> int:
+    if isinstance(value, str):
+        if value in choices:
+            return choices.index(value)
+        # CSV cells are text: an index written there reads as digits.
+        if not value.strip().isdigit():
+            raise _Bad(f"{ANSWER!r} {value!r} is none of the {len(choices)} options; give the right option's "
+                       "index (from 0) or its exact text")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad(f"{ANSWER!r} must be an option's index (from 0) or its text, got {json_type(value)}")
+    if not 0 <= value < len(choices):
+        raise _Bad(f"{ANSWER!r} {value} is out of range for {len(choices)} options (0 to {len(choices) - 1})")
     return value
 
 

@@ -4,7 +4,8 @@ A unit states its options (a pydantic model, validated at the job spec's boundar
 that job engines can read specs without importing torch), how its peft config is built (peft is
 imported there only), and what the rest of the system may do with it: whether it can be confined
 to offsite tuning's adapter blocks, whether its update is a plain sum (secure aggregation),
-whether clients may load the base quantized under it, whether batched LoRA passes can carry it.
+whether clients may load the base quantized under it, whether batched LoRA passes can carry it,
+whether peft can generate text with it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class PeftMethod:
         quantized_base: It trains on top of a bitsandbytes-quantized base (QLoRA-style).
         prompt: It prepends virtual tokens (their count takes room in the sequence).
         lora: It is LoRA (the LoRA-aware aggregation modes and heterogeneous ranks apply).
+        generates: peft's ``generate`` decodes what the model's forward pass computes, so
+            ``exact_match`` (greedy generation) measures the tuned model.
         example: Commented YAML of its ``peft:`` section, for ``fedtune job init --method``.
         markers: Substrings of the saved tensor names that are this method's own (what a
             published adapter_config of this peft type loads).
@@ -59,6 +62,7 @@ class PeftMethod:
     quantized_base: ClassVar[bool] = False
     prompt: ClassVar[bool] = False
     lora: ClassVar[bool] = False
+    generates: ClassVar[bool] = True
     example: ClassVar[str]
     markers: ClassVar[tuple[str, ...]]
     default_targets: ClassVar[tuple[tuple[str, tuple[Role, ...]], ...]] = ()
