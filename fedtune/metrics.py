@@ -246,14 +246,20 @@ def _exact_match(model: Any, tokenizer: Any, records: Sequence[Example | Chat], 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], length: int, device: torch.device,
               max_new_tokens: int, ends: set[str]) -> list[str]:
-    """Greedy responses to equally long prompts, each cut at its first eos (or one-token end of turn)."""
+    """Greedy responses to equally long prompts, each cut at its first eos (or one-token end of turn).
+
+    A response may take `max_new_tokens`, and the template's end-of-turn text its own tokens beyond.
+    """
     from transformers import GenerationConfig
 
     stop = {tokenizer.eos_token_id} - {None}
+    room = 0
     for end in ends:
         ids = encode(tokenizer, end)
         if len(ids) == 1:
             stop.add(ids[0])
+        room = max(room, len(ids))
+    max_new_tokens += room
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int):
         max_new_tokens = max(1, min(max_new_tokens, limit - length))

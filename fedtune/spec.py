@@ -384,6 +384,10 @@ class JobSpec(_Strict):
             raise ValueError("aggregation.mode async: secure aggregation masks one cohort's updates together and "
                              "unmasks only their sum, and asynchronous updates arrive one by one from different "
                              "versions; use mode: sync with it")
+        if self.aggregation.mode == "async" and self.aggregation.async_.buffer > self.min_clients:
+            raise ValueError(f"aggregation.async.buffer ({self.aggregation.async_.buffer}) is more than min_clients "
+                             f"({self.min_clients}): each client adds at most one update per version, so a version "
+                             "could wait for clients the job does not require")
         if self.aggregation.mode == "async" and self.privacy is not None:
             raise ValueError("aggregation.mode async: the DP accountant counts synchronous rounds with a planned "
                              "cohort; use mode: sync with privacy")

@@ -175,3 +175,58 @@ def test_fedprox_with_a_large_mu_keeps_the_local_adapter_near_the_global(tmp_pat
         norms[mu] = sum(float((end[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
     assert norms[20.0] < norms[1.0] < norms[0.0]
     assert norms[20.0] < 0.8 * norms[0.0]
+
+
+def test_async_rounds_never_wait_for_a_slow_client_and_count_every_update_once(  # type: ignore[no-untyped-def]
+        coordinator, admin: Admin, fed_data, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from fedtune.client.agent import ClientAgent
+    from fedtune.client.channel import INSECURE
+    from fedtune.data import load_jsonl
+
+    class Paced(ClientAgent):
+        """A client whose every round takes ``pause`` seconds longer (the slow one 5x the others)."""
+
+        pause = 0.0
+
+        def _train(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            time.sleep(self.pause)
+            return super()._train(*args, **kwargs)
+
+    clients, eval_file = fed_data
+    job = admin.create_job(make_spec(eval_file, steps=4, rounds=5, clients=3, min_clients=2)
+                           + "aggregation: {mode: async, async: {buffer: 2}}\n")
+    agents = []
+    for i in range(3):
+        a = Paced(coordinator.address, admin.token(job), clients[i], tmp_path / f"c{i}", INSECURE, device="cpu",
+                  name=f"c{i}", progress=False, examples=load_jsonl(clients[i]))
+        a.pause = 3.0 if i == 2 else 0.6
+        agents.append(a)
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads[:2]:
+        t.join(timeout=240)
+    status = admin.job(job)
+    assert status.state == "finished", status.message
+    state = coordinator.coordinator.state
+    slow_id = agents[2]._client_id
+    per_round = [state.updates(job, r) for r in range(1, 6)]
+    assert all(len(u) >= 2 for u in per_round)
+    ids = [u.update_id for ups in per_round for u in ups]
+    assert len(ids) == len(set(ids))  # each update counted in exactly one version
+    # The fast clients were in every version; the slow one in fewer, with stale updates still counted.
+    fast = {a._client_id for a in agents[:2]}
+    assert all(fast <= {u.client_id for u in ups} for ups in per_round[1:])
+    slow_rounds = [r for r, ups in enumerate(per_round, 1) if slow_id in {u.client_id for u in ups}]
+    assert 1 <= len(slow_rounds) < 5
+    metrics = [json.loads(r.metrics_json) for r in status.history]
+    assert sum(m["contributors"] for m in metrics) == len(ids)
+    assert max(m["staleness_max"] for m in metrics) >= 1  # the slow client's update arrived versions late
+    # Five versions took less than five of the slow client's rounds would.
+    assert time.monotonic() - t0 < 5 * 3.0 + 30
+    for t in threads[2:]:
+        t.join(timeout=60)

@@ -99,6 +99,7 @@ class RoundEngine:
             self.secure = SecureRound(job_id, self.spec, state, store, keys, self.wire_schema)
         self.accountant = (RdpAccountant.from_dict(json.loads(job.privacy_json)) if job.privacy_json
                            else RdpAccountant())
+        self.asynchronous = self.spec.aggregation.mode == "async"
         self._ready_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -140,6 +141,12 @@ class RoundEngine:
         if rnd is None or rnd.state != "open":
             # Between rounds the next task is imminent: poll faster than the heartbeat.
             return Decision("wait", message="waiting for the next round", retry_after=0.3)
+        if self.asynchronous:
+            # FedBuff: whoever asks trains on the newest version; one update per client per buffer.
+            if self.state.has_update(self.job_id, rnd.round, client_id):
+                return Decision("wait", message=f"update counted for version {rnd.round}; waiting for the next",
+                                retry_after=0.3)
+            return Decision("train", round=rnd.round, task_id=self.state.ensure_task(self.job_id, rnd.round, client_id))
         if client_id not in rnd.cohort:
             return Decision("wait", message=f"not in the cohort of round {rnd.round}")
         task_id = self.state.task_for(self.job_id, rnd.round, client_id) or ""
@@ -201,6 +208,10 @@ class RoundEngine:
                 self._maybe_open(job)
             elif rnd.state == "open" and self.secure is not None:
                 self._secure_step(job, rnd)
+            elif rnd.state == "open" and self.asynchronous:
+                if len(self.state.updates(self.job_id, rnd.round)) >= self.spec.aggregation.async_.buffer:
+                    self.state.set_round_state(self.job_id, rnd.round, "closing")
+                    self._aggregate_and_publish(job, self.state.round(self.job_id, rnd.round))
             elif rnd.state == "open":
                 self._maybe_close(job, rnd)
             elif rnd.state == "closing":
@@ -217,6 +228,11 @@ class RoundEngine:
     def _maybe_open(self, job: Job) -> None:
         live = self.presence.live(self.state.clients(self.job_id))
         now = time.time()
+        if self.asynchronous and job.current_round > 1:
+            # The next buffer opens at once; clients take their tasks from it as they ask.
+            self.state.open_round(self.job_id, job.current_round, [], self._global_in(job),
+                                  now + self.spec.round_deadline_seconds)
+            return
         if len(live) < self.spec.min_clients:
             self._ready_since = None
             return
@@ -225,7 +241,7 @@ class RoundEngine:
         waited = now - self._ready_since
         if len(live) < self.spec.clients_per_round and waited < self.spec.cohort_wait_seconds:
             return
-        cohort = sorted(random.sample(live, min(len(live), self.spec.clients_per_round)))
+        cohort = [] if self.asynchronous else sorted(random.sample(live, min(len(live), self.spec.clients_per_round)))
         deadline = now + self.spec.round_deadline_seconds
         self.state.open_round(self.job_id, job.current_round, cohort, self._global_in(job), deadline)
         if self.secure is not None:
@@ -285,8 +301,15 @@ class RoundEngine:
         p = self.spec.privacy
         return DpNoise(p.noise_multiplier, p.clip_norm, len(rnd.cohort)) if p is not None else None
 
+    def _trained_on(self, u: Update) -> int:
+        """The round whose global adapter an update started from (async: its task's, maybe older)."""
+        task = self.state.task(u.task_id) if self.asynchronous else None
+        return task[1] if task else u.round
+
     def _open(self, u: Update) -> bytes:
-        return self.keys.open_update(self.store.read(u.sha256), UpdateBinding(u.job_id, u.round, u.client_id, u.update_id))
+        # The envelope is bound to the round the client trained on (its task's).
+        return self.keys.open_update(self.store.read(u.sha256),
+                                     UpdateBinding(u.job_id, self._trained_on(u), u.client_id, u.update_id))
 
     def _after_aggregate(self, rnd: int) -> AfterAggregate | None:
         """The method's own step on round ``rnd``'s aggregate, if it has one (AdaLoRA's budget)."""
@@ -299,8 +322,9 @@ class RoundEngine:
         """The job's strategy for round ``rnd``, with the state the previous round left."""
         agg = self.spec.aggregation
         sha = self.state.strategy_state(self.job_id, rnd - 1) if rnd > 1 else None
+        staleness = tuple(rnd - self._trained_on(u) for u in updates) if self.asynchronous else ()
         return StrategyRun(agg.strategy, dict(agg.options), self.store.read(sha) if sha else None, rnd,
-                           len(self.state.clients(self.job_id)))
+                           len(self.state.clients(self.job_id)), staleness, agg.async_.staleness_exponent)
 
     def _aggregate_and_publish(self, job: Job, rnd: Round) -> None:
         t0 = time.perf_counter()
@@ -347,6 +371,10 @@ class RoundEngine:
         }
         if product_error is not None:
             metrics["lora_product_error"] = float(product_error)
+        if self.asynchronous and updates:
+            ages = [rnd.round - self._trained_on(u) for u in updates]
+            metrics["staleness_mean"] = sum(ages) / len(ages)
+            metrics["staleness_max"] = float(max(ages))
         method_metrics = blob_metadata(new_global).get(METHOD_METRICS_METADATA)
         if method_metrics:
             metrics |= {k: float(v) for k, v in json.loads(method_metrics).items()}

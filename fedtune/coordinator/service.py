@@ -32,7 +32,7 @@ from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
 from fedtune.crypto.envelope import UpdateBinding
 from fedtune.crypto.keys import ed25519_public
 from fedtune.data import load_data
-from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed
+from fedtune.errors import InvalidInput, LimitExceeded, NotFound, PreconditionFailed, Unavailable
 from fedtune.hashing import loadable_files, model_dir_hash
 from fedtune.methods import config_for, get_method
 from fedtune.methods.lora import declared_rank, schema_at_rank, travelling
@@ -341,24 +341,50 @@ class Coordinator:
             raise InvalidInput("update id must be 1 to 128 characters")
         if job_id != client.job_id:
             raise PreconditionFailed(f"client {client.client_id} is not enrolled in job {job_id!r}")
-        known = [u for u in self.state.updates(job_id, rnd) if u.update_id == update_id]
-        if known:
-            if known[0].client_id != client.client_id:
+        known = self.state.find_update(update_id)
+        if known is not None:
+            if known.client_id != client.client_id:
                 raise PreconditionFailed(f"update id {update_id} belongs to another client")
             return True
         job = self.state.job(job_id)
-        round_row = self.state.find_round(job_id, rnd)
-        if round_row is None or round_row.state != "open" or rnd != job.current_round:
-            raise PreconditionFailed(f"round {rnd} of job {job_id} is not open")
-        if client.client_id not in round_row.cohort:
-            raise PreconditionFailed(f"client {client.client_id} is not in the cohort of round {rnd}")
-        expected_task = self.state.task_for(job_id, rnd, client.client_id)
-        if task_id != expected_task:
-            raise PreconditionFailed(f"task {task_id!r} is not this client's task for round {rnd}")
+        if self.spec(job_id).aggregation.mode == "async":
+            self.async_target(client, job, rnd, task_id)
+        else:
+            round_row = self.state.find_round(job_id, rnd)
+            if round_row is None or round_row.state != "open" or rnd != job.current_round:
+                raise PreconditionFailed(f"round {rnd} of job {job_id} is not open")
+            if client.client_id not in round_row.cohort:
+                raise PreconditionFailed(f"client {client.client_id} is not in the cohort of round {rnd}")
+            expected_task = self.state.task_for(job_id, rnd, client.client_id)
+            if task_id != expected_task:
+                raise PreconditionFailed(f"task {task_id!r} is not this client's task for round {rnd}")
         limit = self.max_update_bytes(job)
         if total_size > limit:
             raise LimitExceeded(f"update of {total_size} bytes is over the job's limit of {limit} bytes")
         return False
+
+    def async_target(self, client: Client, job: Job, rnd: int, task_id: str) -> int:
+        """Async mode: the buffer (open round) an update of ``task_id``, trained on round ``rnd``'s
+        global adapter, lands in.
+
+        Raises:
+            PreconditionFailed: not this client's task, the job is over, or the update is older
+                than ``async.max_staleness`` versions.
+            Unavailable: the buffer is being aggregated (retry in a moment: the next one opens).
+        """
+        if self.state.task(task_id) != (job.job_id, rnd, client.client_id):
+            raise PreconditionFailed(f"task {task_id!r} is not this client's task for round {rnd}")
+        if job.state in TERMINAL:
+            raise PreconditionFailed(f"job {job.job_id} is {job.state}")
+        current = self.state.find_round(job.job_id, job.current_round)
+        if current is None or current.state != "open":
+            raise Unavailable(f"job {job.job_id}: version {job.current_round - 1} is being aggregated; "
+                              "retry in a moment")
+        limit = self.spec(job.job_id).aggregation.async_.max_staleness
+        if limit is not None and current.round - rnd > limit:
+            raise PreconditionFailed(f"update trained on round {rnd}'s adapter is {current.round - rnd} versions "
+                                     f"old; job {job.job_id} accepts at most {limit}")
+        return current.round
 
     def _schema(self, job: Job) -> dict[str, tuple[int, ...]]:
         if job.job_id not in self._schemas:
@@ -409,8 +435,11 @@ class Coordinator:
                 check_control(control, schema, scaffold, self._schema(job))
         # The envelope is what is stored: updates stay encrypted at rest until aggregation.
         sha = self.store.put_bytes(inc.payload)
+        # Async: it joins the open buffer; its task keeps the round it trained on (its staleness).
+        target = self.async_target(client, job, inc.round, inc.task_id) if spec.aggregation.mode == "async" \
+            else inc.round
         fresh = self.state.add_update(Update(
-            update_id=inc.update_id, job_id=inc.job_id, round=inc.round, client_id=client.client_id,
+            update_id=inc.update_id, job_id=inc.job_id, round=target, client_id=client.client_id,
             task_id=inc.task_id, sha256=sha, size=len(inc.payload), num_examples=inc.num_examples,
             metrics=dict(inc.metrics), codec=inc.codec, received=time.time(),
         ))

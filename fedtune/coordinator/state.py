@@ -474,6 +474,23 @@ class CoordinatorState:
             ).fetchone()
         return row[0] if row else None
 
+    def ensure_task(self, job_id: str, rnd: int, client_id: str) -> str:
+        """Async mode: the client's task in round ``rnd``, created (and the client added to the
+        round's cohort) on first ask."""
+        with self._tx() as db:
+            row = db.execute("SELECT task_id FROM tasks WHERE job_id=? AND round=? AND client_id=?",
+                             (job_id, rnd, client_id)).fetchone()
+            if row:
+                return str(row[0])
+            task_id = "task-" + secrets.token_hex(6)
+            db.execute("INSERT INTO tasks (task_id, job_id, round, client_id) VALUES (?,?,?,?)",
+                       (task_id, job_id, rnd, client_id))
+            cohort = json.loads(db.execute("SELECT cohort_json FROM rounds WHERE job_id=? AND round=?",
+                                           (job_id, rnd)).fetchone()[0])
+            db.execute("UPDATE rounds SET cohort_json=? WHERE job_id=? AND round=?",
+                       (json.dumps([*cohort, client_id]), job_id, rnd))
+        return task_id
+
     def task(self, task_id: str) -> tuple[str, int, str] | None:
         """(job_id, round, client_id) of a task."""
         with self._lock:
@@ -522,6 +539,16 @@ class CoordinatorState:
                  json.dumps(u.metrics), u.codec, u.received),
             )
         return True
+
+    def find_update(self, update_id: str) -> Update | None:
+        """An accepted update by its id, in any round."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM updates WHERE update_id=?", (update_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d["metrics"] = json.loads(d.pop("metrics_json"))
+        return Update(**d)
 
     def updates(self, job_id: str, rnd: int) -> list[Update]:
         """Accepted updates of a round, in arrival order."""
