@@ -151,8 +151,8 @@ class DataSpec(_Strict):
 class AsyncSpec(_Strict):
     """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022), with ``aggregation.mode: async``."""
 
-    # A new global version is aggregated from every `buffer` arriving updates (FedBuff's K).
-    buffer: int = Field(3, ge=1)
+    # A new global version is aggregated from every `buffer` arriving updates (FedBuff's K); null: min_clients.
+    buffer: int | None = Field(None, ge=1)
     # An update trained on a version s versions old weighs (1 + s) ** -staleness_exponent.
     staleness_exponent: float = Field(0.5, ge=0)
     # Updates more than this many versions old are refused (null: any age).
@@ -384,8 +384,8 @@ class JobSpec(_Strict):
             raise ValueError("aggregation.mode async: secure aggregation masks one cohort's updates together and "
                              "unmasks only their sum, and asynchronous updates arrive one by one from different "
                              "versions; use mode: sync with it")
-        if self.aggregation.mode == "async" and self.aggregation.async_.buffer > self.min_clients:
-            raise ValueError(f"aggregation.async.buffer ({self.aggregation.async_.buffer}) is more than min_clients "
+        if self.aggregation.mode == "async" and self.buffer > self.min_clients:
+            raise ValueError(f"aggregation.async.buffer ({self.buffer}) is more than min_clients "
                              f"({self.min_clients}): each client adds at most one update per version, so a version "
                              "could wait for clients the job does not require")
         if self.aggregation.mode == "async" and self.privacy is not None:
@@ -442,6 +442,11 @@ class JobSpec(_Strict):
                              "the clipped sum does not bound; use ffa or factors with privacy")
         if self.tunes_blocks and mode != "factors":
             raise ValueError("aggregation.lora applies to LoRA; offsite.tune: blocks trains no LoRA")
+
+    @property
+    def buffer(self) -> int:
+        """Async mode: updates per new version (``aggregation.async.buffer``, else min_clients)."""
+        return self.aggregation.async_.buffer or self.min_clients
 
     @property
     def tunes_blocks(self) -> bool:
@@ -551,7 +556,12 @@ data:                      # how examples are read and rendered, the same on eve
   # prompt: question       # column mapping: the data's name for prompt, response, text,
   # response: answer       #   instruction, input, output, messages or conversations
 aggregation:
-  strategy: fedavg         # weighted by each client's example count
+  strategy: fedavg         # fedtune job init --list-strategies: fedavgm, fedadam, fedyogi, fedadagrad,
+                           # fedprox, scaffold, fedmedian, fedtrimmedavg, krum, multikrum, bulyan
+  options: {{}}              # the strategy's own: fedadam {{server_lr: 0.01, beta1: 0.9, beta2: 0.99,
+                           # tau: 0.001}}, fedprox {{mu: 0.01}}, krum {{byzantine: 1}}, ...
+  mode: sync               # or async: a new version every async.buffer updates (FedBuff)
+  # async: {{buffer: null, staleness_exponent: 0.5, max_staleness: null}}  # buffer null: min_clients
   max_update_norm: null    # reject updates with a larger L2 norm
 {lora_aggregation}codec: fp32                # fp32, fp16, bf16, int8, int4, int2, topk:0.05, topk:0.5+int4 (lossy: error feedback)
 rounds: 3
@@ -560,6 +570,10 @@ min_clients: 2             # a round closes at its deadline with at least this m
 round_deadline_seconds: 600
 cohort_wait_seconds: 10    # with min_clients connected, wait this long for clients_per_round
 eval_data: null            # data file on the coordinator (any format), evaluated after every round
+evaluation:
+  metrics: [loss, perplexity]  # also token_accuracy, exact_match, choice_accuracy
+  clients: false           # federated evaluation on clients' held-out data (client run --eval-fraction)
+  every: 1                 # rounds between client evaluations (and the last)
 # secure_aggregation:      # SecAgg+: the coordinator sees only the cohort's sum
 #   dropout_tolerance: 0.1 # share of a cohort that may drop (sets degree and threshold)
 #   clip: 1.0              # per-element range of a delta in fixed point

@@ -26,10 +26,17 @@ def init(
     base: Annotated[str, typer.Option("--base", help="Base model: preset, local dir or hub id.")] = "tiny-llama",
     method: Annotated[str, typer.Option("--method", help="PEFT method of the example (see --list-methods).")] = "lora",
     list_methods: Annotated[bool, typer.Option("--list-methods", help="List the PEFT methods, one per line.")] = False,
+    list_strategies: Annotated[bool, typer.Option(
+        "--list-strategies", help="List the aggregation strategies (aggregation.strategy), one per line.")] = False,
 ) -> None:
     """Print a commented example job spec to stdout."""
     if list_methods:
         typer.echo(method_list(), nl=False)
+        return
+    if list_strategies:
+        from fedtune.strategies import strategy_list
+
+        typer.echo(strategy_list(), nl=False)
         return
     typer.echo(example_spec(base, method), nl=False)
 

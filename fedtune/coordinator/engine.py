@@ -209,7 +209,7 @@ class RoundEngine:
             elif rnd.state == "open" and self.secure is not None:
                 self._secure_step(job, rnd)
             elif rnd.state == "open" and self.asynchronous:
-                if len(self.state.updates(self.job_id, rnd.round)) >= self.spec.aggregation.async_.buffer:
+                if len(self.state.updates(self.job_id, rnd.round)) >= self.spec.buffer:
                     self.state.set_round_state(self.job_id, rnd.round, "closing")
                     self._aggregate_and_publish(job, self.state.round(self.job_id, rnd.round))
             elif rnd.state == "open":
