@@ -5,7 +5,6 @@ spec or a coordinator refuses; and the coordinator's evaluation returning them f
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,12 @@ CPU = torch.device("cpu")
 # A random base has near-uniform outputs; adapting lm_head lets LoRA move them (as in test_training).
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 # What the memorising model is trained on: two pairs and a conversation (ChatML by default).
-MEMORISED = [
+MEMORISED: list[dict[str, Any]] = [
     {"prompt": "capital of france?", "response": " Paris."},
     {"prompt": "2 + 3 =", "response": " five"},
     {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello there"}]},
 ]
-UNSEEN = [
+UNSEEN: list[dict[str, Any]] = [
     {"prompt": "capital of italy?", "response": " Rome."},
     {"prompt": "7 - 4 =", "response": " three"},
     {"messages": [{"role": "user", "content": "say bye"}, {"role": "assistant", "content": "see you"}]},
@@ -270,7 +269,7 @@ def test_a_question_trains_as_its_prompt_and_right_option(tokenizer: Any, tmp_pa
     assert tokenize(records, tokenizer, 64) == tokenize([Example("sky:", " blue")] * 2, tokenizer, 64)
     csv = tmp_path / "mc.csv"
     csv.write_text('prompt,choices,answer\nsky:,"[""green"", ""blue""]",1\nsky:,"[""green"", ""blue""]",green\n')
-    assert [r.answer for r in load_data(csv)] == [1, 0]  # type: ignore[attr-defined]
+    assert [r.answer for r in load_data(csv) if isinstance(r, Choice)] == [1, 0]
 
 
 @pytest.mark.parametrize(
@@ -279,14 +278,13 @@ def test_a_question_trains_as_its_prompt_and_right_option(tokenizer: Any, tmp_pa
         ({"prompt": "q", "choices": ["a", "b"], "answer": 2}, "'answer' 2 is out of range for 2 options (0 to 1)"),
         ({"prompt": "q", "choices": ["a", "b"], "answer": -1}, "'answer' -1 is out of range for 2 options"),
         ({"prompt": "q", "choices": ["a", "b"], "answer": "c"}, "'answer' 'c' is none of the 2 options"),
-        ({"prompt": "q", "choices": ["a", "b"], "answer": 1.5}, "'answer' must be an option's index (from 0) or its text, "
-                                                                "got number"),
+        ({"prompt": "q", "choices": ["a", "b"], "answer": 1.5}, "'answer' must be an option's index (from 0)"),
         ({"prompt": "q", "choices": ["a"], "answer": 0}, "'choices' has 1 option; a question needs at least 2"),
         ({"prompt": "q", "choices": [], "answer": 0}, "'choices' has 0 options; a question needs at least 2"),
         ({"prompt": "q", "choices": ["a", " "], "answer": 0}, "'choices': option 1 is empty"),
         ({"prompt": "q", "choices": ["a", "a"], "answer": 0}, "'choices': option 1 repeats option 0 ('a')"),
-        ({"prompt": "q", "choices": ["a", 2], "answer": 0}, "'choices' must be an array of strings, got an array with "
-                                                            "number"),
+        ({"prompt": "q", "choices": ["a", 2], "answer": 0},
+         "'choices' must be an array of strings, got an array with number"),
         ({"prompt": "q", "choices": "a or b", "answer": 0}, "'choices' must be an array of options"),
         ({"prompt": "q", "answer": 0}, "missing key(s) 'choices' of a choice record"),
         ({"prompt": "q", "choices": ["a", "b"]}, "missing key(s) 'answer' of a choice record"),
@@ -383,7 +381,7 @@ EVAL_ROWS: list[dict[str, Any]] = [
     {"prompt": "sort: cab ->", "choices": [" abc", " cab", " bca"], "answer": 0},
     {"prompt": "reverse: fed ->", "choices": [" fed", " def"], "answer": " def"},
 ]
-ALL = "evaluation: {metrics: [loss, perplexity, token_accuracy, exact_match, choice_accuracy], max_new_tokens: 6}\n"
+ALL = "evaluation: {metrics: [loss, perplexity, token_accuracy, exact_match, choice_accuracy], max_new_tokens: 16}\n"
 EXTRA_KEYS = {"eval_token_accuracy", "eval_tokens", "eval_exact_match", "eval_exact_match_examples",
               "eval_choice_accuracy", "eval_choice_accuracy_norm", "eval_choice_examples"}
 
@@ -391,7 +389,7 @@ EXTRA_KEYS = {"eval_token_accuracy", "eval_tokens", "eval_exact_match", "eval_ex
 def _direct(model: Any, tokenizer: Any, path: Path) -> dict[str, float]:
     """What evaluate_metrics gives for the job's settings (max_seq_len 96, batch 8)."""
     return evaluate_metrics(model, tokenizer, load_data(path), ["token_accuracy", "exact_match", "choice_accuracy"],
-                            data=None, max_seq_len=96, batch_size=8, device=CPU, max_new_tokens=6)
+                            data=None, max_seq_len=96, batch_size=8, device=CPU, max_new_tokens=16)
 
 
 def _spec(path: Path, extra: str = "") -> str:
@@ -405,27 +403,33 @@ def _job(job_id: str, spec_text: str, base: Path) -> Job:
 
 
 def test_evaluator_adds_the_jobs_metrics_for_the_adapter_and_the_bare_base(
-        base: Path, tokenizer: Any, tmp_path: Path) -> None:
-    path = _write(tmp_path / "eval.jsonl", EVAL_ROWS)
-    job = _job("job-m", _spec(path, ALL), base)
-    model = build_peft_model(load_causal_lm(base, CPU), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    adapter = {k: torch.randn_like(v) * 0.3 for k, v in adapter_state(model).items()}
-    load_adapter_state(model, adapter)
+        base: Path, tokenizer: Any, memorised: Any, tmp_path: Path) -> None:
+    path = _write(tmp_path / "eval.jsonl", [*MEMORISED, *EVAL_ROWS[3:]])
+    # The memorising model's adapter, as a job's global adapter.
+    peft = "peft: {r: 16, alpha: 32, target_modules: [q_proj, v_proj, lm_head]}"
+    job = _job("job-m", _spec(path, ALL).replace("peft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", peft),
+               base)
+    adapter = adapter_state(memorised)
     evaluator = Evaluator(lambda _job: base, CPU)
     got = evaluator.evaluate(job, adapter)
     assert set(got) == {"eval_loss", "eval_ppl"} | EXTRA_KEYS
-    assert {k: got[k] for k in EXTRA_KEYS} == pytest.approx(_direct(model.eval(), tokenizer, path))
+    assert {k: got[k] for k in EXTRA_KEYS} == pytest.approx(_direct(memorised, tokenizer, path))
+    # The three memorised answers are generated, the two questions' options are not.
+    assert got["eval_exact_match"] == pytest.approx(3 / 5) and got["eval_choice_examples"] == 2
     zero = evaluator.evaluate(job, None)
-    with model.disable_adapter():
-        assert {k: zero[k] for k in EXTRA_KEYS} == pytest.approx(_direct(model, tokenizer, path))
-    assert zero["eval_token_accuracy"] != got["eval_token_accuracy"]
-    assert math.isfinite(zero["eval_loss"])
+    assert set(zero) == {"eval_loss", "eval_ppl"} | EXTRA_KEYS
+    with memorised.disable_adapter():
+        assert {k: zero[k] for k in EXTRA_KEYS} == pytest.approx(_direct(memorised, tokenizer, path))
+    assert zero["eval_exact_match"] == 0.0 and zero["eval_token_accuracy"] < got["eval_token_accuracy"]
+    assert zero["eval_loss"] > got["eval_loss"]
     # A job that asks for loss only gets loss only; on Ray, jobs with more leave the batched pass.
     plain = _job("job-p", _spec(path), base)
-    assert set(evaluator.evaluate(plain, adapter)) == {"eval_loss", "eval_ppl"}
-    assert batchable(plain, adapter) and not batchable(job, adapter)
+    lora = build_peft_model(load_causal_lm(base, CPU), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    small = {k: torch.randn_like(v) * 0.3 for k, v in adapter_state(lora).items()}
+    assert set(evaluator.evaluate(plain, small)) == {"eval_loss", "eval_ppl"}
+    assert batchable(plain, small) and not batchable(job, adapter)
     batcher = EvalBatcher(Evaluator(lambda _job: base, CPU), base, load_causal_lm, CPU)
-    both = batcher.evaluate_many([(job, adapter), (plain, adapter)])
+    both = batcher.evaluate_many([(job, adapter), (plain, small)])
     assert batcher.passes == []  # each alone
     assert both[0] == pytest.approx(got)
 

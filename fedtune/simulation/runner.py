@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -139,6 +140,7 @@ def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], 
     launched: set[tuple[str, int, int]] = set()
     shown, started = 0, time.time()
     passes: list[int] = []
+    asynchronous = co.spec(job).aggregation.mode == "async"
     print(HEADER, flush=True)
     while True:
         # Virtual clients are always available: the engine samples its cohort among all of them.
@@ -161,8 +163,14 @@ def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], 
             sec = co.state.secagg_round(job, rnd.round)
             attempt = sec.attempt if sec else 0
             busy = {cid for members in tasks.values() for cid in members}
-            due = [cid for cid in rnd.cohort if (cid, rnd.round, attempt) not in launched and cid not in busy
+            # Async rounds have no cohort: up to clients_per_round idle virtual clients train at once,
+            # each on the newest version when it asks.
+            pool = ids if asynchronous else rnd.cohort
+            due = [cid for cid in pool if (cid, rnd.round, attempt) not in launched and cid not in busy
                    and not co.state.has_update(job, rnd.round, cid)]
+            if asynchronous:
+                random.Random(rnd.round).shuffle(due)
+                due = due[: max(0, co.spec(job).clients_per_round - len(busy))]
             for first in range(0, len(due), batch_clients):
                 group = due[first : first + batch_clients]
                 members = [(str(files[index[c]]), str(root / "clients" / f"v{index[c]}")) for c in group]
