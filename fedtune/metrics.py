@@ -29,6 +29,7 @@ from fedtune.data import IGNORE_INDEX, Chat, Choice, DataFile, Example, collate,
 from fedtune.data.render import chat_template_for, encode, segments_of
 from fedtune.data.schemas import LoadedData, as_data_spec, parse_records
 from fedtune.errors import InvalidInput
+from fedtune.methods import PeftMethod, method_of_config
 
 if TYPE_CHECKING:
     from fedtune.spec import DataSpec
@@ -59,12 +60,20 @@ def check_metric_data(names: Sequence[str], records: Sequence[Example | Chat], w
         InvalidInput: ``choice_accuracy`` without a multiple-choice record, or ``exact_match``
             without a record that has a prompt and a response.
     """
-    if "choice_accuracy" in names and not any(isinstance(r, Choice) for r in records):
+    if "choice_accuracy" in names and not _scorable("choice_accuracy", records):
         raise InvalidInput(f"evaluation.metrics choice_accuracy: {where} has no multiple-choice record "
                            "({prompt, choices, answer}) to score")
-    if "exact_match" in names and not any(_has_reference(r) for r in records):
+    if "exact_match" in names and not _scorable("exact_match", records):
         raise InvalidInput(f"evaluation.metrics exact_match: {where} has no record with a prompt and a "
                            "response to compare (plain text only)")
+
+
+def _scorable(name: str, records: Sequence[Example | Chat]) -> bool:
+    if name == "choice_accuracy":
+        return any(isinstance(r, Choice) for r in records)
+    if name == "exact_match":
+        return any(_has_reference(r) for r in records)
+    return True
 
 
 def evaluate_metrics(
@@ -78,6 +87,7 @@ def evaluate_metrics(
     batch_size: int,
     device: torch.device,
     max_new_tokens: int = 32,
+    strict: bool = True,
 ) -> dict[str, float]:
     """Computes the named metrics of a model on a data set (``loss`` and ``perplexity`` are skipped).
 
@@ -92,6 +102,8 @@ def evaluate_metrics(
         batch_size: Sequences per forward pass (the results do not depend on it).
         device: Where the model is.
         max_new_tokens: exact_match's longest generated response, in tokens.
+        strict: Refuse a metric the records cannot score; False: leave it out (a client's
+            held-out data may hold no question of the kind the job's eval data has).
 
     Returns:
         ``eval_token_accuracy`` and ``eval_tokens`` (labelled tokens counted); ``eval_exact_match``
@@ -99,8 +111,8 @@ def evaluate_metrics(
         and ``eval_choice_examples``: those of the metrics asked for.
 
     Raises:
-        InvalidInput: An unknown metric name, or records that the metric cannot score (see
-            `check_metric_data`).
+        InvalidInput: An unknown metric name, records that the metric cannot score (see
+            `check_metric_data`), or exact_match on a method that cannot generate.
     """
     unknown = [n for n in names if n not in METRICS + _LOSS_METRICS]
     if unknown:
@@ -113,7 +125,12 @@ def evaluate_metrics(
     elif isinstance(records, LoadedData) and records.columns != spec.columns():
         records = parse_records(records.source, spec)
     where = str(records.source.path) if isinstance(records, LoadedData) else "the evaluation data"
+    if not strict:
+        names = [name for name in names if _scorable(name, records)]
     check_metric_data(names, records, where)
+    method = _method(model)
+    if "exact_match" in names and method is not None and not method.generates:
+        raise InvalidInput(f"evaluation.metrics exact_match: peft cannot generate with peft.method {method.name}")
     out: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -155,6 +172,13 @@ def score_choices(model: Any, tokenizer: Any, questions: Sequence[Choice], *,
             return _choice_scores(model, tokenizer, questions, as_data_spec(data), max_seq_len, batch_size, device)
     finally:
         model.train(was_training)
+
+
+def _method(model: Any) -> type[PeftMethod] | None:
+    """The registered method of a peft model's active adapter (None for a plain model)."""
+    config = getattr(model, "active_peft_config", None)
+    peft_type = getattr(config, "peft_type", None)
+    return None if peft_type is None else method_of_config({"peft_type": str(getattr(peft_type, "value", peft_type))})
 
 
 def _has_reference(record: Example | Chat) -> bool:

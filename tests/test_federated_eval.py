@@ -50,7 +50,7 @@ def test_clients_evaluate_each_round_on_held_out_data_and_the_numbers_are_their_
     from fedtune.training import evaluate_loss
 
     clients, eval_file = fed_data
-    job = admin.create_job(make_spec(eval_file, steps=6, rounds=2, clients=3) + "evaluation: {clients: true}\n")
+    job = admin.create_job(make_spec(eval_file, steps=6, rounds=2, clients=3) + "evaluation: {clients: true, metrics: [loss, perplexity, token_accuracy]}\n")
     agents = _agents(coordinator, admin, job, tmp_path, [
         {"data": clients[0], "fraction": 0.25}, {"data": clients[1], "eval": clients[3]}, {"data": clients[2]}])
     status = admin.job(job)
@@ -65,6 +65,8 @@ def test_clients_evaluate_each_round_on_held_out_data_and_the_numbers_are_their_
         losses = [json.loads(reports[i].metrics_json)["eval_loss"] for i in ids[:2]]
         assert m["clients_evaluated"] == 2 and m["clients_eval_examples"] == 40
         assert m["clients_eval_loss"] == pytest.approx((8 * losses[0] + 32 * losses[1]) / 40)
+        assert 0 <= m["clients_eval_token_accuracy"] <= 1
+        assert all("eval_token_accuracy" in json.loads(reports[i].metrics_json) for i in ids[:2])
     # The second client's number is what it gets itself from the published adapter on its own file.
     co = coordinator.coordinator
     published = co.adapters_root / job / "round-2"

@@ -196,6 +196,9 @@ def test_exact_match_skips_plain_text_and_refuses_a_file_of_it(memorised: Any, t
     with pytest.raises(InvalidInput, match=rf"^evaluation.metrics exact_match: {text} has no record with a prompt "
                                            r"and a response to compare \(plain text only\)$"):
         _metrics(memorised, tokenizer, load_data(text), ["exact_match"])
+    # Not strict (a client's own held-out data): what cannot be scored is left out.
+    assert _metrics(memorised, tokenizer, load_data(text), ["exact_match", "choice_accuracy", "token_accuracy"],
+                    strict=False).keys() == {"eval_token_accuracy", "eval_tokens"}
 
 
 # ------------------------------------------------------------------ multiple choice
@@ -225,6 +228,10 @@ def _hand_scores(model: Any, tokenizer: Any) -> list[list[float]]:
     return out
 
 
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def test_choice_accuracy_picks_the_option_of_highest_log_likelihood_as_by_hand(
         base: Path, tokenizer: Any, tmp_path: Path) -> None:
     model = _perturbed(base, seed=3)
@@ -233,13 +240,14 @@ def test_choice_accuracy_picks_the_option_of_highest_log_likelihood_as_by_hand(
     got = score_choices(model, tokenizer, questions, data=None, max_seq_len=96, batch_size=3, device=CPU)
     for g, h in zip(got, hand, strict=True):
         assert g == pytest.approx(h, abs=1e-4)
-    best = [max(range(len(s)), key=s.__getitem__) for s in hand]
-    best_norm = [max(range(len(s)), key=lambda k, s=s, c=c: s[k] / len(c[1][k]))
-                 for s, c in zip(hand, QUESTIONS, strict=True)]
+    best = [_argmax(s) for s in hand]
+    best_norm = [_argmax([v / len(c) for v, c in zip(s, choices, strict=True)])
+                 for s, (_, choices) in zip(hand, QUESTIONS, strict=True)]
     # The right answer is the model's pick for every other question, another option otherwise.
     answers = [b if i % 2 == 0 else (b + 1) % len(c) for i, (b, (_, c)) in enumerate(zip(best, QUESTIONS, strict=True))]
     want_norm = sum(a == b for a, b in zip(answers, best_norm, strict=True)) / len(QUESTIONS)
-    by_index = [{"prompt": p, "choices": c, "answer": a} for (p, c), a in zip(QUESTIONS, answers, strict=True)]
+    by_index: list[dict[str, Any]] = [{"prompt": p, "choices": c, "answer": a}
+                                      for (p, c), a in zip(QUESTIONS, answers, strict=True)]
     by_text = [{**r, "answer": r["choices"][r["answer"]]} for r in by_index]
     for rows in (by_index, by_text):
         records = load_data(_write(tmp_path / "mc.jsonl", [*rows, {"prompt": "a pair", "response": " too"}]))
@@ -340,6 +348,15 @@ def test_exact_match_is_refused_for_methods_that_cannot_generate(text: str, mess
     with pytest.raises(InvalidInput) as info:
         parse_spec(text)
     assert str(info.value).startswith(message)
+
+
+def test_exact_match_refuses_a_model_of_such_a_method(base: Path, tokenizer: Any, tmp_path: Path) -> None:
+    model = _perturbed(base, config_for({"method": "prefix_tuning", "num_virtual_tokens": 4}))
+    records = load_data(_write(tmp_path / "pairs.jsonl", UNSEEN))
+    with pytest.raises(InvalidInput, match="^evaluation.metrics exact_match: peft cannot generate with peft.method "
+                                           "prefix_tuning$"):
+        _metrics(model, tokenizer, records, ["exact_match"])
+    assert set(_metrics(model, tokenizer, records, ["token_accuracy"])) == {"eval_token_accuracy", "eval_tokens"}
 
 
 def test_what_the_spec_accepts_for_metrics() -> None:

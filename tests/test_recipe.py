@@ -168,7 +168,7 @@ def test_out_of_memory_halves_the_micro_batch_and_retries_once(setup, tmp_path: 
 
     handle = model.get_base_model().model.register_forward_pre_hook(guard, with_kwargs=True)
     try:
-        result, _ = agent._train(prepared, global_state, pb.Task(round=1))
+        result, _, _ = agent._train(prepared, global_state, pb.Task(round=1))
         assert result.steps == 2 and rows_seen[0] == 8 and set(rows_seen[1:]) == {4}
         limit["rows"] = 2
         rows_seen.clear()

@@ -569,9 +569,12 @@ class ClientAgent:
         if names:
             from fedtune.metrics import evaluate_metrics
 
+            # A metric this client's records cannot score (choice_accuracy on pairs) is left out,
+            # not an error: each client's data is its own.
             metrics |= evaluate_metrics(model, tokenizer, self._eval_examples, names, data=t.get("data"),
                                         max_seq_len=int(t["max_seq_len"]), batch_size=int(t["batch_size"]),
-                                        device=self.device, max_new_tokens=int(evaluation.get("max_new_tokens", 32)))
+                                        device=self.device, max_new_tokens=int(evaluation.get("max_new_tokens", 32)),
+                                        strict=False)
         return metrics, int(getattr(held, "examples", 0) or len(held))
 
     # ------------------------------------------------------------------ secure aggregation
