@@ -281,7 +281,8 @@ def run_simulate(args: argparse.Namespace, data: dict[str, Any], alpha: float, l
     cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "fedtune", "simulate", "--config", str(spec),
            "--clients", str(N_CLIENTS), "--partition", f"dirichlet:{alpha}", "--data", str(data["pool"]),
            "--out", str(out), "--client-resources", f"cpus={cpus}"]
-    env = _env({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    env = _env({"OMP_NUM_THREADS": "1"})
+    env.update(env_extra or {})  # after _env, which drops PYTHONPATH (part 3 sets one)
     log = run_dir / "simulate.log"
     try:
         if timeout is None:

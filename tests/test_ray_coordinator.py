@@ -85,7 +85,9 @@ def test_two_jobs_with_different_peft_share_one_base_and_both_publish(
     # Three rounds: one job's client may start seconds before the other's, and each job's engine
     # must still be running when it is inspected after its first publication.
     a = ray_admin.create_job(_spec(eval_file, "qv-r4", 4, "q_proj, v_proj", rounds=3))
-    b = ray_admin.create_job(_spec(eval_file, "mlp-r8", 8, "gate_proj, up_proj, down_proj", rounds=3))
+    # b aggregates with FedAdam: its moments come back from the compute actor and are kept per round.
+    b = ray_admin.create_job(_spec(eval_file, "mlp-r8", 8, "gate_proj, up_proj, down_proj", rounds=3)
+                             + "aggregation: {strategy: fedadam, options: {server_lr: 0.01}}\n")
     backend = ray_coordinator.coordinator.ray
     assert backend is not None
     # Both run at once as actors, on one copy of the base in the object store.
@@ -130,6 +132,8 @@ def test_two_jobs_with_different_peft_share_one_base_and_both_publish(
         adapter = Path(ray_coordinator.coordinator.state.published(job)[-1][2])
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert set(config["target_modules"]) == targets
+    state = ray_coordinator.coordinator.state
+    assert all(state.strategy_state(b, r) for r in (1, 2, 3)) and not state.strategy_state(a, 1)
 
 
 def test_killed_job_actor_restarts_from_its_checkpoint_while_the_other_job_finishes(
