@@ -68,7 +68,6 @@ import transformers
 
 import fedtune  # noqa: F401  (registers fedtune's own peft tuners: bitfit, bottleneck)
 from fedtune.coordinator.compute import next_global, product_error
-from fedtune.strategies.base import StrategyRun
 from fedtune.data import Example, collate, load_jsonl, tokenize, write_synthetic_federation
 from fedtune.methods import METHODS, resolve_targets
 from fedtune.methods.client_plan import ClientPlan, client_plan
@@ -82,6 +81,7 @@ from fedtune.peft_io import (
     tensors_to_bytes,
 )
 from fedtune.simulation.partition import partition
+from fedtune.strategies.base import StrategyRun
 from fedtune.tensor_blobs import metadata as blob_metadata
 from fedtune.training import evaluate_loss, train_adapter
 

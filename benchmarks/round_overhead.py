@@ -42,12 +42,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from fedtune.client.channel import INSECURE, ClientTls
-from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
 from fedtune.demo import wait_for_coordinator
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
 from fedtune.peft_io import adapter_state, build_peft_model, load_adapter_state
 from fedtune.report import human_bytes
+from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.training import train_adapter
 
 LORA_R = 8

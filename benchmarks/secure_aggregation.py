@@ -49,7 +49,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedtune.compression.codecs import get_codec
-from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.coordinator.validation import validate_update
 from fedtune.crypto.envelope import UpdateBinding, open_envelope, raw_public, seal
 from fedtune.crypto.keys import raw_public_bytes
@@ -71,6 +70,7 @@ from fedtune.secagg import (
 from fedtune.secagg.adapter_vector import flatten, unflatten_sum, vector_len
 from fedtune.secagg.adverts import verify_advert
 from fedtune.secagg.graph import neighbor_graph
+from fedtune.strategies import WeightedDelta, get_strategy
 
 LORA_R = 8
 LORA_TARGETS = ["q_proj", "v_proj"]

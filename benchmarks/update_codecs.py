@@ -46,7 +46,6 @@ import torch
 
 from fedtune.compression.codecs import get_codec, wire_bytes
 from fedtune.compression.feedback import ErrorFeedback
-from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.data import load_jsonl, tokenize, write_synthetic_federation
 from fedtune.models import load_causal_lm, load_tokenizer, materialize_preset
 from fedtune.peft_io import (
@@ -56,6 +55,7 @@ from fedtune.peft_io import (
     load_adapter_state,
     tensors_to_bytes,
 )
+from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.training import evaluate_loss, train_adapter
 
 log = logging.getLogger("codecs")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedtune.compression.codecs import get_codec
-from fedtune.strategies import WeightedDelta, get_strategy
 from fedtune.coordinator.validation import validate_update
 from fedtune.errors import InvalidInput
+from fedtune.strategies import WeightedDelta, get_strategy
 
 
 def _rand(seed: int) -> dict[str, torch.Tensor]:

@@ -323,7 +323,7 @@ def test_coordinator_killed_mid_job_under_fedadam_ends_as_an_uninterrupted_run(t
             job = c.create_job(spec)
             agents = [c.start_client(job, clients[i], i) for i in range(2)]
             if kill:
-                def round_1_state() -> bool:
+                def round_1_state(c: Cluster = c, job: str = job) -> bool:
                     with c.db() as db:
                         return db.execute("SELECT 1 FROM strategy_states WHERE job_id=? AND round=1",
                                           (job,)).fetchone() is not None

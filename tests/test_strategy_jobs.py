@@ -93,7 +93,7 @@ def test_a_scaffold_update_without_or_with_a_bad_control_variate_is_refused(coor
     task = raw.task()
     state = raw.global_state(task)
     delta = {k: torch.zeros_like(v) for k, v in state.items()}
-    first = sorted(delta)[0]
+    first = min(delta)
     cases = [
         (delta, "update has no SCAFFOLD control variate"),
         ({**delta, **{f"control/{k}": v.clone() for k, v in delta.items() if k != first}},
@@ -152,9 +152,9 @@ def test_scaffold_variate_survives_a_client_restart(coordinator, admin: Admin, f
 
 
 def test_fedprox_with_a_large_mu_keeps_the_local_adapter_near_the_global(tmp_path_factory, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.methods import config_for
     from fedtune.models import load_causal_lm
     from fedtune.peft_io import adapter_state, build_peft_model, load_adapter_state
-    from fedtune.methods import config_for
     from fedtune.strategies.local import FedProxObjective, begin
     from fedtune.training import train_adapter
     from tests.conftest import tiny_training_setup
