@@ -350,3 +350,32 @@ def test_coordinator_killed_mid_job_under_fedadam_ends_as_an_uninterrupted_run(t
     assert moments[0].keys() == moments[1].keys() and any(k.startswith("v/") for k in moments[0])
     for k in moments[0]:
         assert torch.allclose(moments[0][k], moments[1][k], rtol=1e-6, atol=1e-12), k
+
+
+def test_coordinator_killed_mid_job_in_async_mode_loses_and_doubles_no_update(cluster: Cluster, fed_data) -> None:  # type: ignore[no-untyped-def]
+    clients, eval_file = fed_data
+    cluster.start_coordinator()
+    job = cluster.create_job(make_spec(eval_file, steps=10, rounds=4, clients=3, min_clients=2)
+                             + "aggregation: {mode: async, async: {buffer: 2}}\n")
+    agents = [cluster.start_client(job, clients[i], i) for i in range(3)]
+
+    def version_2_published() -> bool:
+        with cluster.db() as db:
+            return db.execute("SELECT 1 FROM rounds WHERE job_id=? AND round=2 AND state='published'",
+                              (job,)).fetchone() is not None
+
+    wait_until(version_2_published, timeout=180, interval=0.05, what="version 2")
+    assert cluster.coord is not None
+    cluster.coord.send_signal(signal.SIGKILL)
+    cluster.coord.wait()
+    cluster.start_coordinator()
+    for i, a in enumerate(agents):
+        assert _wait_exit(a) == 0, cluster.log(f"client-{i}.log")[-3000:]
+    status = cluster.status(job)
+    assert status["state"] == "finished"
+    with cluster.db() as db:
+        rows = db.execute("SELECT update_id, round FROM updates WHERE job_id=?", (job,)).fetchall()
+    ids = [u for u, _ in rows]
+    assert len(ids) == len(set(ids))
+    assert sum(h["metrics"]["contributors"] for h in status["history"]) == len(rows)
+    assert all(h["metrics"]["contributors"] >= 2 for h in status["history"])
