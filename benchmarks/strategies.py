@@ -264,7 +264,8 @@ def read_rounds(db_path: Path) -> list[dict[str, Any]]:
         if closed is None or m.get("eval_loss") is None:
             continue
         out.append({"round": rnd, "opened": opened, "closed": closed, "eval_loss": m.get("eval_loss"),
-                    "train_loss": m.get("train_loss"), "contributors": m.get("contributors")})
+                    "train_loss": m.get("train_loss"), "contributors": m.get("contributors"),
+                    "staleness_mean": m.get("staleness_mean"), "staleness_max": m.get("staleness_max")})
     return out
 
 
@@ -623,21 +624,24 @@ def render(result: dict[str, Any]) -> str:
         lines += ["#### Async vs sync with one client at a quarter of the others' speed", ""]
         if asy.get("skipped"):
             lines += [f"Skipped: {asy['skipped']}", ""]
-        else:
+        if asy.get("rows"):
             lines += [(f"Dirichlet {asy['alpha']}, FedAvg, target {asy['target']:.4f}, {asy['cpus']} CPU per "
-                      f"virtual client, client v0 slowed {asy['factor']:g}x (slept {asy['slow_sleeps']} times, "
-                      f"{_f(asy['slow_sleep_mean'], 1)} s on average)."), "",
-                      ("| mode | versions | client updates | s to target | versions to target | final eval loss | "
-                      "s per version (2+) | total wall (s) |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                       f"virtual client; v0 slowed {asy['factor']:g}x by sleeping before its upload."), "",
+                      ("| mode | versions | client updates | s to target (from round 1 open) | versions to target | "
+                       "final eval loss | s per version (2+) | staleness mean / max | v0 sleeps (mean s) | "
+                       "total wall (s) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for row in asy["rows"]:
                 s = row["summary"]
                 if s.get("final") is None:
-                    lines.append(f"| {row['mode']} | failed: {s.get('error', '')[:80]} | | | | | | |")
+                    lines.append(f"| {row['mode']} | failed: {s.get('error', '')[:80]} | | | | | | | | |")
                     continue
+                stale = (f"{row['staleness_mean']:.2f} / {row['staleness_max']:g}" if row["staleness_mean"] is not None
+                         else "-")
                 lines.append(f"| {row['mode']} | {s['rounds']} | {row['updates']} | "
                              f"{_f(s['seconds_to_target']) if s['seconds_to_target'] else 'never'} | "
                              f"{s['rounds_to_target'] or 'never'} | {s['final']:.4f} | {_f(s['later_seconds'])} | "
-                             f"{_f(s['wall'], 0)} |")
+                             f"{stale} | {row['slow_sleeps']} ({_f(row['slow_sleep_mean'])}) | "
+                             f"{_f(s['wall'], 0)}{' (timed out)' if row['timed_out'] else ''} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -718,7 +722,8 @@ def part_async(args: argparse.Namespace, data: dict[str, Any], work: Path, base:
     alpha = args.async_alpha
     agg_async = {"strategy": "fedavg", "mode": "async",
                  "async": {"buffer": args.async_buffer, "staleness_exponent": 0.5}}
-    out: dict[str, Any] = {"alpha": alpha, "cpus": args.async_cpus, "factor": args.slow_factor}
+    out: dict[str, Any] = {"alpha": alpha, "cpus": args.async_cpus, "factor": args.slow_factor,
+                           "buffer": args.async_buffer}
     result["async"] = out
     try:
         from fedtune.spec import parse_spec
@@ -738,37 +743,43 @@ def part_async(args: argparse.Namespace, data: dict[str, Any], work: Path, base:
     hook = work / "slow-client"
     hook.mkdir(parents=True, exist_ok=True)
     (hook / "sitecustomize.py").write_text(SLOW_CLIENT_HOOK)
-    sleeps = work / "slow-client.log"
-    sleeps.unlink(missing_ok=True)
-    env = {"PYTHONPATH": str(hook), "STRATEGIES_SLOW_CLIENT": "v0", "STRATEGIES_SLOW_FACTOR": str(args.slow_factor),
-           "STRATEGIES_SLOW_LOG": str(sleeps)}
-    updates = args.rounds * N_CLIENTS
-    versions = math.ceil(updates / args.async_buffer)
+    versions = math.ceil(args.rounds * N_CLIENTS / args.async_buffer)  # the sync runs' number of updates
+    runs = [("sync, no slow client", "sync-fast", {"strategy": "fedavg"}, args.rounds, False),
+            ("sync, v0 at 1/4 speed", "sync-slow", {"strategy": "fedavg"}, args.rounds, True),
+            (f"async (buffer {args.async_buffer}), v0 at 1/4 speed", "async-slow", agg_async, versions, True)]
     rows = []
     sync_wall = None
-    for mode, aggregation, rounds in (("sync", {"strategy": "fedavg"}, args.rounds),
-                                      (f"async (buffer {args.async_buffer})", agg_async, versions)):
-        progress(f"async part: {mode}, {rounds} versions, slow client v0 (load {load_average()})")
-        # The sync run bounds the async one: it may take at most 3x as long (plus start-up) before it
-        # counts as not working here.
-        timeout = None if sync_wall is None else 3 * sync_wall + 120
-        run = run_simulate(args, data, alpha, "async" if "async" in mode else "sync-slow", aggregation, rounds, work,
-                           args.async_cpus, env_extra=env, timeout=timeout)
-        if sync_wall is None:
+    for mode, label, aggregation, rounds, slow in runs:
+        if args.quick and not slow:
+            continue
+        sleeps = work / f"slow-client-{label}.log"
+        env = {"PYTHONPATH": str(hook), "STRATEGIES_SLOW_CLIENT": "v0", "STRATEGIES_SLOW_FACTOR": str(args.slow_factor),
+               "STRATEGIES_SLOW_LOG": str(sleeps)} if slow else {}
+        progress(f"async part: {mode}, {rounds} versions (load {load_average()})")
+        # The slow sync run bounds the async one: at most 3x its time (plus start-up) before it counts
+        # as not working here.
+        timeout = 3 * sync_wall + 120 if "async" in label and sync_wall else None
+        run = run_simulate(args, data, alpha, label, aggregation, rounds, work, args.async_cpus, env_extra=env,
+                           timeout=timeout)
+        if label == "sync-slow":
             sync_wall = run.get("wall_seconds")
         summary = summarize_fedtune(run, target)
-        if run.get("timed_out"):
-            summary["timed_out"] = True
-        rows.append({"mode": mode, "rounds_planned": rounds, "updates": rounds * (N_CLIENTS if mode == "sync"
-                                                                               else args.async_buffer),
-                     "summary": summary})
+        rr = run.get("rounds") or []
+        pauses = [float(line.split()[2]) for line in sleeps.read_text().splitlines()] if sleeps.exists() else []
+        stale = [r["staleness_mean"] for r in rr if r.get("staleness_mean") is not None]
+        rows.append({"mode": mode, "rounds_planned": rounds, "timed_out": bool(run.get("timed_out")),
+                     "updates": int(sum(r.get("contributors") or 0 for r in rr)),
+                     "contributors_per_version": [r.get("contributors") for r in rr],
+                     "staleness_mean": _mean(stale), "staleness_max": max((r.get("staleness_max") or 0 for r in rr),
+                                                                          default=None),
+                     "slow_sleeps": len(pauses), "slow_sleep_mean": _mean(pauses), "summary": summary})
         progress(f"  {summary.get('final')} final, {summary.get('seconds_to_target')} s to target, "
-                 f"wall {run.get('wall_seconds')}{' (timed out)' if run.get('timed_out') else ''}")
-    if rows[1]["summary"].get("final") is None:
+                 f"wall {run.get('wall_seconds')}{' (timed out)' if run.get('timed_out') else ''}, "
+                 f"v0 slept {len(pauses)} times")
+    if rows[-1]["summary"].get("final") is None:
         out["skipped"] = (f"fedtune accepts aggregation.mode async but its simulate published no version "
-                          f"({rows[1]['summary'].get('error', 'timed out')})"[:400])
-    pauses = [float(line.split()[2]) for line in sleeps.read_text().splitlines()] if sleeps.exists() else []
-    out.update({"rows": rows, "slow_sleeps": len(pauses), "slow_sleep_mean": _mean(pauses)})
+                          f"({rows[-1]['summary'].get('error', 'timed out')})"[:400])
+    out["rows"] = rows
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -780,7 +791,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", choices=["table", "byzantine", "async"], default=["table", "byzantine", "async"])
     p.add_argument("--alphas", type=float, nargs="+", default=None, help="Dirichlet alphas (default 0.1 1.0)")
     p.add_argument("--strategies", default=None, help="comma-separated subset of the strategy table")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 8; --quick 3)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 6; --quick 3)")
     p.add_argument("--steps", type=int, default=5, help="local optimizer steps per client per round")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=8)
@@ -807,7 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     args.alphas = args.alphas or ([1.0] if args.quick else [0.1, 1.0])
-    args.rounds = args.rounds or (3 if args.quick else 8)
+    args.rounds = args.rounds or (3 if args.quick else 6)
     args.pretrain_steps = args.pretrain_steps or (100 if args.quick else 300)
     names = [s[0] for s in STRATEGIES]
     args.strategy_list = ([s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies
