@@ -33,6 +33,7 @@ METHODS: dict[str, str] = {
     _CLIENT_SVC + "Upload": CLIENT,
     _CLIENT_SVC + "SecAgg": CLIENT,
     _CLIENT_SVC + "ReportEval": CLIENT,
+    _CLIENT_SVC + "Leave": CLIENT,
     **{_ADMIN_SVC + m: ADMIN for m in (
         "CreateJob", "ListJobs", "GetJob", "CancelJob", "CreateToken", "RevokeToken", "GetInfo", "ListAdapters",
         "PullAdapter")},

@@ -49,10 +49,14 @@ class JoinReply(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., job_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id",)
+    __slots__ = ("client_id", "wait_seconds", "training_task_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+    wait_seconds: float
+    training_task_id: str
+    def __init__(self, client_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., training_task_id: _Optional[str] = ...) -> None: ...
 
 class FileRef(_message.Message):
     __slots__ = ("path", "sha256", "size")
@@ -163,6 +167,22 @@ class SecAggAck(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("client_id", "reason")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    reason: str
+    def __init__(self, client_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("released", "message")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    message: str
+    def __init__(self, released: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("action", "task", "retry_after_seconds", "message", "secagg")

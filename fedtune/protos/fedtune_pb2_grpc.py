@@ -70,6 +70,11 @@ class ClientServiceStub:
                 request_serializer=fedtune__pb2.EvalReport.SerializeToString,
                 response_deserializer=fedtune__pb2.EvalAck.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/fedtune.v1.ClientService/Leave',
+                request_serializer=fedtune__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -125,6 +130,14 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """The client is going away (SIGINT/SIGTERM): its open task is released so that its round
+        closes without it (or picks a replacement). An update already accepted stays counted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +170,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.ReportEval,
                     request_deserializer=fedtune__pb2.EvalReport.FromString,
                     response_serializer=fedtune__pb2.EvalAck.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=fedtune__pb2.LeaveRequest.FromString,
+                    response_serializer=fedtune__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -327,6 +345,33 @@ class ClientService:
             '/fedtune.v1.ClientService/ReportEval',
             fedtune__pb2.EvalReport.SerializeToString,
             fedtune__pb2.EvalAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.ClientService/Leave',
+            fedtune__pb2.LeaveRequest.SerializeToString,
+            fedtune__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
