@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,11 +75,23 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+DEFAULT_OUT = "fedtune-demo"
+
+
+def default_out_dir(cwd: Path) -> Path:
+    """Where a demo without --out keeps its files: ./fedtune-demo, else the first free ./fedtune-demo-N."""
+    for n in range(1, 1000):
+        candidate = cwd / (DEFAULT_OUT if n == 1 else f"{DEFAULT_OUT}-{n}")
+        if not candidate.exists():
+            return candidate
+    raise FedtuneError(f"{cwd} already holds 999 demo directories; pass --out DIR")
+
+
 def run_demo(out: Path | None, n_clients: int, rounds: int, secure: bool = False) -> None:
-    """Runs the demo; raises FedtuneError when something does not work."""
-    keep = out is not None
-    root = out.resolve() if out is not None else Path(tempfile.mkdtemp(prefix="fedtune-demo-"))
-    if keep and (root / "coordinator").exists():
+    """Runs the demo and keeps what it made (the published adapter above all) in ``out``, by default
+    a new ./fedtune-demo directory; raises FedtuneError when something does not work."""
+    root = (out if out is not None else default_out_dir(Path.cwd())).resolve()
+    if (root / "coordinator").exists():
         raise FedtuneError(f"{root} already holds a demo; pass an empty or new --out directory")
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -132,8 +142,7 @@ def run_demo(out: Path | None, n_clients: int, rounds: int, secure: bool = False
         print(f"\neval loss on held-out data: base {base['eval_loss']:.4f} -> published adapter "
               f"{last['eval_loss']:.4f} ({drop:.1f}% lower)")
         print(f"published adapter: {adapters[-1].path}")
-        print("load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER_DIR)"
-              f"\n  BASE = {final.base_model}")  # type: ignore[attr-defined]
+        print(_load_hint(coordinator_dir, final.base_model, adapters[-1].path))  # type: ignore[attr-defined]
         for p in procs:
             try:
                 p.wait(timeout=30)
@@ -148,12 +157,17 @@ def run_demo(out: Path | None, n_clients: int, rounds: int, secure: bool = False
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-    if keep:
-        print(f"state dir, logs and adapters kept in {root}")
-    else:
-        print("(the demo's files were in a temporary dir, now removed; pass --out DIR to keep them)")
+    print(f"state dir, logs, data and adapters kept in {root} (delete it when done)")
+
+
+def _load_hint(coordinator_dir: Path, base_model: str, adapter: str) -> str:
+    # A preset base is an ordinary model directory under the coordinator's state dir.
+    preset = coordinator_dir / "models" / "presets" / base_model
+    base = str(preset) if preset.is_dir() else base_model
+    return ("load it with plain peft:\n"
+            "  from peft import PeftModel\n"
+            "  from transformers import AutoModelForCausalLM\n"
+            f"  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r})")
 
 
 def _follow(admin: AdminClient, job_id: str, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:

@@ -454,12 +454,26 @@ class JobSpec(_Strict):
         return self.offsite is not None and self.offsite.tune == "blocks"
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    parts = [str(p) for p in first["loc"]]
+def _path(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc]
     if len(parts) > 1 and parts[0] == "peft" and parts[1] in METHODS:
         del parts[1]  # the union's tag: peft.r, not peft.lora.r
-    loc = ".".join(parts)
+    return ".".join(parts)
+
+
+def _describe(err: ValidationError) -> str:
+    errors = err.errors()
+    # Every unknown key at once: a user fixing a spec by hand should not meet them one per run.
+    unknown = list(dict.fromkeys(_path(e["loc"]) for e in errors if e["type"] == "extra_forbidden"))
+    if len(unknown) > 1:
+        rest = [e for e in errors if e["type"] != "extra_forbidden"]
+        also = f"; also {_describe_one(rest[0]).removeprefix('job spec: ')}" if rest else ""
+        return f"job spec: unknown keys {', '.join(unknown)}{also}"
+    return _describe_one(errors[0])
+
+
+def _describe_one(first: Any) -> str:
+    loc = _path(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if loc and msg.startswith(loc + "."):
         loc = ""  # the message names its own key (aggregation.options.beta1: ...)
@@ -480,7 +494,7 @@ def parse_spec(text: str, *, base_dir: Path | None = None) -> JobSpec:
             made absolute against it, so a spec next to its data works from any working directory.
 
     Raises:
-        InvalidInput: naming the first bad or unknown key.
+        InvalidInput: naming every unknown key, else the first bad value.
     """
     try:
         raw = yaml.safe_load(text)

@@ -102,7 +102,49 @@ def test_unreachable_coordinator_is_named(tmp_path: Path) -> None:
     proc = fedtune_cmd("job", "list", "--coordinator", f"127.0.0.1:{port}", "--admin-token", "x", "--insecure",
                        timeout=60)
     assert proc.returncode == ExitCode.UNAVAILABLE
-    assert "coordinator unreachable" in _last_line(proc.stderr)
+    assert f"nothing is listening at 127.0.0.1:{port} (connection refused)" in _last_line(proc.stderr)
+
+
+def test_coordinator_key_is_what_verifies_its_adapters(coordinator, admin: Admin, fed_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedtune.crypto.keys import raw_public_bytes
+    from tests.conftest import run_agents
+
+    state_dir = str(coordinator.coordinator.state_dir)
+    job = admin.create_job(make_spec(steps=2))
+    run_agents(coordinator, admin, job, fed_data[0][:1], tmp_path)
+    key = fedtune_cmd("coordinator", "key", "--state-dir", state_dir, check=True).stdout.strip()
+    assert base64.b64decode(key) == coordinator.coordinator.keys.signing_public_key()
+    # The same key through the admin API: job status (text and json) and adapters list.
+    assert f"signing key: {key}" in fedtune_cmd("job", "status", job, "--state-dir", state_dir, check=True).stdout
+    status = json.loads(fedtune_cmd("job", "status", job, "--state-dir", state_dir, "--format", "json",
+                                    check=True).stdout)
+    assert status["signing_public_key"] == key
+    listed = json.loads(fedtune_cmd("adapters", "list", "--state-dir", state_dir, "--format", "json",
+                                    check=True).stdout)
+    assert [a["signing_public_key"] for a in listed] == [key]
+
+    out = tmp_path / "adapter"
+    fedtune_cmd("adapters", "pull", job, "--out", str(out), "--state-dir", state_dir, check=True)
+    ok = fedtune_cmd("adapters", "verify", str(out), "--public-key", key)
+    assert ok.returncode == 0 and "signature by the pinned key" in ok.stdout, ok.stderr
+    (tmp_path / "coordinator.pub").write_text(key + "\n")
+    assert fedtune_cmd("adapters", "verify", str(out), "--public-key", str(tmp_path / "coordinator.pub")).returncode == 0
+    stranger = base64.b64encode(raw_public_bytes(Ed25519PrivateKey.generate())).decode()
+    forged = fedtune_cmd("adapters", "verify", str(out), "--public-key", stranger)
+    assert forged.returncode == ExitCode.BAD_INPUT
+    assert "signed by another key than the trusted coordinator key" in _last_line(forged.stderr)
+
+
+def test_coordinator_key_needs_a_coordinator_state_dir(tmp_path: Path) -> None:
+    proc = fedtune_cmd("coordinator", "key", "--state-dir", str(tmp_path / "nothing"))
+    assert proc.returncode == ExitCode.BAD_INPUT
+    assert "no signing key in" in _last_line(proc.stderr)
+    assert not (tmp_path / "nothing").exists()  # nothing was created
 
 
 def test_every_command_has_help() -> None:

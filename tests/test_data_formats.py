@@ -274,6 +274,19 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path: Path, record: dict[str
     assert message.startswith(f"{path}:2: ") and problem in message, message
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_malformed_json_lines_name_the_right_column(tmp_path: Path, newline: str) -> None:
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(PAIRS[0])
+    cut = '{"prompt": "a", "response": "b"'  # 31 characters, the closing brace missing
+    path.write_bytes(newline.join([good, cut, good, ""]).encode())
+    assert one_line_error(lambda: load_data(path)) == (
+        f"{path}:2: not valid JSON: Expecting ',' delimiter at the end of the line (column 32)")
+    path.write_bytes(newline.join([good, '{"prompt": "a",, "response": "b"}', ""]).encode())
+    assert one_line_error(lambda: load_data(path)) == (
+        f"{path}:2: not valid JSON: Expecting property name enclosed in double quotes at column 16")
+
+
 def test_rows_are_named_in_csv_parquet_json_and_datasets(tmp_path: Path) -> None:
     records = [PAIRS[0], PAIRS[0], {"prompt": "p", "response": ""}]
     for fmt, where in (("csv", "row 3"), ("parquet", "row 3"), ("datasets", "row 3"), ("json", "record 3")):

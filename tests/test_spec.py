@@ -75,6 +75,18 @@ def test_bad_specs_name_the_problem(text: str, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_every_unknown_key_is_named_at_once() -> None:
+    text = "roundz: 3\npeft: {r: 8, bogus: 1}\ntraining: {stepz: 2, lr: 0.01}\nrounds: 0\n"
+    with pytest.raises(InvalidInput) as info:
+        parse_spec(text)
+    message = str(info.value)
+    assert message.startswith("job spec: unknown keys ")
+    named = message.removeprefix("job spec: unknown keys ").split(";")[0].split(", ")
+    assert sorted(named) == ["peft.bogus", "roundz", "training.stepz"]
+    # A bad value beside them is still named, in the same line.
+    assert message.endswith("; also rounds: Input should be greater than 0") and "\n" not in message
+
+
 def test_secure_and_private_specs_that_work_are_accepted() -> None:
     spec = parse_spec("clients_per_round: 10\nmin_clients: 9\nsecure_aggregation: {degree: 8, threshold: 5}\n"
                       "privacy: {clip_norm: 0.5, noise_multiplier: 1.1}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 import grpc
 import pytest
 
-from fedtune.client.channel import ClientTls, open_channel
+from fedtune.client.channel import ClientTls, connection_problem, open_channel
 from fedtune.coordinator.server import start
 from fedtune.coordinator.tls import ServerTls
 from fedtune.crypto.certs import init_certs
@@ -65,7 +67,7 @@ def test_client_refuses_a_coordinator_whose_certificate_does_not_verify(tmp_path
                            "--data", str(fed_data[0][0]), "--state-dir", str(tmp_path / "c"),
                            "--ca-cert", str(other.ca_cert), timeout=120)
         assert proc.returncode == ExitCode.AUTH
-        assert "TLS with coordinator" in proc.stderr
+        assert "its certificate is not signed by --ca-cert" in proc.stderr
     finally:
         running.stop(grace=0.5)
 
@@ -84,3 +86,80 @@ def test_certs_init_writes_a_usable_pki(tmp_path: Path) -> None:
     for name in ("ca.pem", "ca.key", "server.pem", "server.key", "a.pem", "a.key"):
         assert (tmp_path / "pki" / name).exists()
     assert oct((tmp_path / "pki" / "server.key").stat().st_mode & 0o777) == "0o600"
+
+
+# gRPC's C-core log lines: "E1203 10:00:00.123456  1234 ssl_transport_security.cc:1234] ...".
+_GRPC_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]", re.MULTILINE)
+
+
+def _admin_error(*args: str) -> tuple[int, str]:
+    """Runs `fedtune job list` with ``args``; (exit code, its one stderr line)."""
+    proc = fedtune_cmd("job", "list", "--admin-token", "x", *args, timeout=60)
+    assert not _GRPC_LOG_LINE.search(proc.stderr), proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedtune: error: "), proc.stderr
+    return proc.returncode, lines[0]
+
+
+@pytest.fixture
+def three_coordinators(tmp_path: Path, pki):  # type: ignore[no-untyped-def]
+    """A plaintext, a TLS and an mTLS coordinator, all signed by the ``good`` CA."""
+    good, _ = pki
+    running = {
+        "plain": start(tmp_path / "plain", "127.0.0.1", 0, insecure=True),
+        "tls": start(tmp_path / "tls", "127.0.0.1", 0, tls=ServerTls(good.server_cert, good.server_key)),
+        "mtls": start(tmp_path / "mtls", "127.0.0.1", 0,
+                      tls=ServerTls(good.server_cert, good.server_key, client_ca=good.ca_cert)),
+    }
+    yield {name: r.address for name, r in running.items()}
+    for r in running.values():
+        r.stop(grace=0.2)
+
+
+def test_admin_commands_say_what_is_wrong_with_the_connection(three_coordinators, pki) -> None:  # type: ignore[no-untyped-def]
+    good, other = pki
+    addr = three_coordinators
+    cases = [
+        # (coordinator, flags, exit code, what the line must say)
+        ("plain", ["--ca-cert", str(good.ca_cert)], ExitCode.AUTH,
+         f"the coordinator at {addr['plain']} speaks plaintext, not TLS: pass --insecure"),
+        ("tls", ["--ca-cert", str(other.ca_cert)], ExitCode.AUTH,
+         f"TLS handshake with {addr['tls']} failed: its certificate is not signed by --ca-cert {other.ca_cert}"),
+        ("tls", ["--insecure"], ExitCode.AUTH, "speaks TLS: pass --ca-cert FILE"),
+        ("mtls", ["--ca-cert", str(good.ca_cert)], ExitCode.AUTH,
+         (f"the coordinator at {addr['mtls']} requires a client certificate (mTLS): pass --client-cert FILE "
+          "--client-key FILE")),
+        ("mtls", ["--ca-cert", str(good.ca_cert), "--client-cert", str(other.client_cert),
+                  "--client-key", str(other.client_key)], ExitCode.AUTH, "refused the client certificate"),
+    ]
+    for name, flags, code, says in cases:
+        rc, line = _admin_error("--coordinator", addr[name], *flags)
+        assert (rc, says in line) == (code, True), (name, flags, line)
+    # The right flags get through to the admin API, whose own answer is unchanged.
+    rc, line = _admin_error("--coordinator", addr["tls"], "--ca-cert", str(good.ca_cert))
+    assert rc == ExitCode.AUTH and "admin token missing or wrong" in line
+
+
+def test_admin_command_against_a_closed_port_says_nothing_listens() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, line = _admin_error("--coordinator", f"127.0.0.1:{port}", "--insecure")
+    assert rc == ExitCode.UNAVAILABLE
+    assert f"nothing is listening at 127.0.0.1:{port} (connection refused)" in line
+
+
+def test_connection_problem_names_a_timeout() -> None:
+    # A socket that listens but never accepts: the handshake hangs until the deadline.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        channel = open_channel(address, ClientTls(insecure=True))
+        try:
+            pb_grpc.AdminServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=1)
+        except grpc.RpcError as e:
+            message = connection_problem(e, address, tls_configured=False)
+        finally:
+            channel.close()
+    assert message is not None and "(timed out)" in message and address in message

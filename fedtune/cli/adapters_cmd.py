@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from fedtune.cli.options import (
     Format,
     FormatOpt,
 )
-from fedtune.errors import InvalidInput, from_rpc_error
+from fedtune.errors import InvalidInput
 from fedtune.protos import fedtune_pb2 as pb
 
 app = typer.Typer(help="Published adapters: list, pull, verify.", no_args_is_help=True)
@@ -33,13 +32,15 @@ def list_adapters(
     client: AdminClient,
     fmt: FormatOpt = Format.text,
 ) -> None:
-    """Every published adapter with its round, contributors and eval loss."""
+    """Every published adapter with its round, contributors and eval loss, and the key that signed them."""
     reply = client.call("ListAdapters", pb.ListAdaptersRequest(job_id=job or ""))
+    key = client.signing_key()
     rows = []
     for a in reply.adapters:  # type: ignore[attr-defined]
         manifest = json.loads(a.manifest_json)
         rows.append({"job": a.job_id, "round": a.round, "path": a.path, "contributors": manifest.get("contributors"),
-                     "metrics": manifest.get("metrics", {}), "base_model": manifest.get("base_model")})
+                     "metrics": manifest.get("metrics", {}), "base_model": manifest.get("base_model"),
+                     "signing_public_key": key})
     if fmt == Format.json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -47,6 +48,7 @@ def list_adapters(
         loss = r["metrics"].get("eval_loss")
         loss_s = f"eval_loss {loss:.4f}" if isinstance(loss, float) else "no eval"
         typer.echo(f"{r['job']}  round {r['round']:>3}  {r['contributors']} contributors  {loss_s}  {r['path']}")
+    typer.echo(f"signed by the coordinator key {key} (adapters verify --public-key)", err=True)
 
 
 @app.command("pull")
@@ -75,9 +77,8 @@ def pull(
             got_round = msg.round
     except grpc.RpcError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise from_rpc_error(e) from e
-    info = client.call("GetInfo", pb.GetInfoRequest())
-    trusted = base64.b64encode(info.signing_public_key).decode()  # type: ignore[attr-defined]
+        raise client.error(e) from e
+    trusted = client.signing_key()
     try:
         verify_adapter_dir(tmp, trusted)
     except InvalidInput:

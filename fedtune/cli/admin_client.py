@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import inspect
 import json
@@ -13,12 +14,15 @@ from typing import Any
 
 import grpc
 
-from fedtune.client.channel import INSECURE, ClientTls, open_channel
-from fedtune.errors import AuthError, from_rpc_error
+from fedtune.client.channel import INSECURE, ClientTls, diagnose_connection, open_channel
+from fedtune.errors import AuthError, FedtuneError, Unavailable, from_rpc_error
+from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 
 ADMIN_KEY = "x-fedtune-admin"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# A coordinator listening on every interface is reached over loopback from its own machine.
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
 def resolve_address(coordinator: str | None, state_dir: Path | None) -> str:
@@ -26,7 +30,9 @@ def resolve_address(coordinator: str | None, state_dir: Path | None) -> str:
     if coordinator:
         return coordinator
     if state_dir is not None and (state_dir / "coordinator.json").exists():
-        return json.loads((state_dir / "coordinator.json").read_text())["address"]
+        address: str = json.loads((state_dir / "coordinator.json").read_text())["address"]
+        host, _, port = address.rpartition(":")
+        return f"127.0.0.1:{port}" if host in _WILDCARD_HOSTS else address
     return DEFAULT_ADDRESS
 
 
@@ -48,6 +54,7 @@ class AdminClient:
 
     def __init__(self, address: str, token: str, tls: ClientTls) -> None:
         self.address = address
+        self.tls = tls
         self.channel = open_channel(address, tls)
         self.stub = pb_grpc.AdminServiceStub(self.channel)
         self.metadata = [(ADMIN_KEY, token)]
@@ -71,7 +78,21 @@ class AdminClient:
         try:
             return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
+            raise self.error(e) from e
+
+    def error(self, err: grpc.RpcError) -> FedtuneError:
+        """The domain error for a failed call: what is wrong with the connection, and the flag that
+        fixes it, when the call never reached the coordinator; else the coordinator's own answer."""
+        problem = diagnose_connection(err, self.address, not self.tls.insecure, ca_cert=self.tls.ca_cert,
+                                      client_cert=self.tls.cert is not None)
+        if problem is None:
+            return from_rpc_error(err)
+        return AuthError(problem.message) if problem.credentials else Unavailable(problem.message)
+
+    def signing_key(self) -> str:
+        """The coordinator's manifest-signing key as `adapters verify --public-key` takes it (base64)."""
+        info = self.call("GetInfo", pb.GetInfoRequest())
+        return base64.b64encode(info.signing_public_key).decode()  # type: ignore[attr-defined]
 
     def stream(self, method: str, request: object, timeout: float = 600.0) -> object:
         """Calls a streaming admin method by name; iterate the result inside ``guard``."""

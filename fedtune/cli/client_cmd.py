@@ -47,6 +47,10 @@ def run(
     eval_data: Annotated[Path | None, typer.Option(
         "--eval-data", help="Held-out data for federated evaluation, of DATA's schema (instead of "
                             "--eval-fraction).")] = None,
+    connect_timeout: Annotated[float, typer.Option(
+        "--connect-timeout", min=0.0, help="Seconds to keep trying a coordinator that cannot be reached at first "
+                                           "contact before giving up with exit 5 (0: for ever). Once reached, "
+                                           "outages are retried for ever.")] = 60.0,
     ca_cert: CaCert = None,
     client_cert: ClientCert = None,
     client_key: ClientKey = None,
@@ -78,7 +82,8 @@ def run(
     agent = ClientAgent(coordinator, token, data, state_dir.expanduser(), tls, device=device, name=name,
                         progress=progress, examples=examples, max_rank=max_rank,
                         micro_batch=micro_batch, quantize=quantize,
-                        base_dir=base_dir.expanduser() if base_dir else None, eval_examples=held_out)
+                        base_dir=base_dir.expanduser() if base_dir else None, eval_examples=held_out,
+                        connect_timeout=connect_timeout or None)
     stats = agent.run()
     typer.echo(f"job over: trained {len(stats.rounds)} rounds, {stats.bytes_up} bytes up, "
                f"{stats.bytes_down} bytes down", err=True)

@@ -58,9 +58,10 @@ def create(
     typer.echo(status.job_id)  # type: ignore[attr-defined]
 
 
-def _print_status(status: pb.JobStatus) -> None:
+def _print_status(status: pb.JobStatus, signing_key: str) -> None:
     typer.echo(f"job {status.job_id} ({status.name}): {status.state}, round {status.current_round}/{status.rounds}")
     typer.echo(f"base model: {status.base_model}")
+    typer.echo(f"signing key: {signing_key} (adapters verify --public-key)")
     sched = status.scheduling
     if sched.backend:
         quota = f"{sched.cpus:g} CPU" + (f", {sched.gpus:g} GPU" if sched.gpus else "") + (
@@ -101,10 +102,11 @@ def status(
 ) -> None:
     """State, current round, clients and metrics of a job."""
     st = client.call("GetJob", pb.GetJobRequest(job_id=job_id))
+    key = client.signing_key()
     if fmt == Format.json:
-        typer.echo(json.dumps(status_dict(st), indent=2))
+        typer.echo(json.dumps(status_dict(st) | {"signing_public_key": key}, indent=2))
     else:
-        _print_status(st)  # type: ignore[arg-type]
+        _print_status(st, key)  # type: ignore[arg-type]
 
 
 @app.command("list")

@@ -15,6 +15,8 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune import __version__
-from fedtune.client.channel import ClientTls, is_tls_failure, is_transient, open_channel
+from fedtune.client.channel import ClientTls, diagnose_connection, is_tls_failure, is_transient, open_channel
 from fedtune.client.local_base import BaseFile, verified_base
 from fedtune.client.secure import SecureParticipant
 from fedtune.client.transfer import BlobCache, materialize, upload
@@ -36,7 +38,15 @@ from fedtune.crypto.envelope import UpdateBinding, seal
 from fedtune.crypto.keys import load_or_create, raw_public_bytes
 from fedtune.crypto.requests import sign_request
 from fedtune.data import Chat, DataFile, Example, read_data, tokenize
-from fedtune.errors import AuthError, FedtuneError, InvalidInput, LimitExceeded, StateConflict, from_rpc_error
+from fedtune.errors import (
+    AuthError,
+    FedtuneError,
+    InvalidInput,
+    LimitExceeded,
+    StateConflict,
+    Unavailable,
+    from_rpc_error,
+)
 from fedtune.methods.client_plan import ClientPlan, client_plan
 from fedtune.models import load_causal_lm, load_tokenizer, pick_device
 from fedtune.peft_io import (
@@ -70,6 +80,14 @@ log = logging.getLogger(__name__)
 _SVC = "/fedtune.v1.ClientService/"
 MAX_BACKOFF_SECONDS = 30.0
 RPC_TIMEOUT_SECONDS = 30.0
+# How long a first contact keeps retrying an unreachable coordinator before giving up (exit 5).
+CONNECT_TIMEOUT_SECONDS = 60.0
+# A heartbeat asks the coordinator to hold it this long when there is nothing to do (long-poll).
+LONG_POLL_SECONDS = 20.0
+# While a task runs, a background heartbeat keeps this client counted as connected.
+PRESENCE_SECONDS = 1.0
+# A Leave on the way out waits at most this long for the coordinator.
+LEAVE_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass
@@ -131,7 +149,8 @@ class ClientAgent:
                  examples: list[Example | Chat] | DataFile | None = None, max_rank: int | None = None,
                  micro_batch: int | None = None, quantize: str | None = None, base_dir: Path | None = None,
                  eval_fraction: float | None = None, eval_data: Path | None = None,
-                 eval_examples: list[Example | Chat] | DataFile | None = None) -> None:
+                 eval_examples: list[Example | Chat] | DataFile | None = None,
+                 connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS) -> None:
         """``examples``: ``data`` already read with :func:`fedtune.data.read_data` (else read at :meth:`run`).
         ``max_rank``: train LoRA at most at this rank (small devices; the job's rank otherwise).
         ``micro_batch``: examples per forward pass (the job's batch is kept by accumulation).
@@ -140,7 +159,9 @@ class ClientAgent:
         checked file by file instead of downloaded.
         ``eval_fraction`` / ``eval_data``: held-out data for federated evaluation (a fraction of
         ``data``, left out of training, or a file of the same schema); only metrics leave.
-        ``eval_examples``: the held-out data already read (and split off ``examples``)."""
+        ``eval_examples``: the held-out data already read (and split off ``examples``).
+        ``connect_timeout``: seconds a first contact retries an unreachable coordinator before
+        :class:`Unavailable` (None or 0: retry for ever); once reached, outages are retried for ever."""
         if eval_fraction is not None and eval_data is not None:
             raise InvalidInput("pass --eval-fraction or --eval-data, not both")
         if eval_fraction is not None and not 0 < eval_fraction < 1:
@@ -172,6 +193,9 @@ class ClientAgent:
         self._secure: SecureParticipant | None = None
         self.sign_key: Ed25519PrivateKey | None = None
         self.kx_key: X25519PrivateKey | None = None
+        self.connect_timeout = connect_timeout
+        self._reached = False  # some call of this process got an answer from the coordinator
+        self._current_task = ""
 
     # ------------------------------------------------------------------ identity
     def _lock_state_dir(self) -> None:
@@ -236,21 +260,71 @@ class ClientAgent:
 
     # ------------------------------------------------------------------ the loop
     def _call(self, fn: Any) -> Any:
-        """Runs an RPC, retrying with backoff while the coordinator is unreachable."""
+        """Runs an RPC, retrying with backoff while the coordinator is unreachable.
+
+        Until the coordinator first answers, retries stop after ``connect_timeout`` (Unavailable,
+        exit 5, saying whether the address refused or timed out), and transport settings that
+        cannot work (plaintext against TLS, a missing client certificate) fail at once (AuthError).
+        """
         delay = 0.5
+        first_failure: float | None = None
         while True:
             try:
-                return fn()
+                out = fn()
+                self._reached = True
+                return out
             except grpc.RpcError as e:
-                if is_tls_failure(e):
-                    raise AuthError(f"TLS with coordinator {self.address} failed (is --ca-cert the CA that signed "
-                                    f"its certificate? does it require --client-cert?): {e.details()}") from e
+                problem = diagnose_connection(e, self.address, not self.tls.insecure, ca_cert=self.tls.ca_cert,
+                                              client_cert=self.tls.cert is not None)
+                if is_tls_failure(e) or (problem is not None and problem.credentials and not self._reached):
+                    raise AuthError(problem.message if problem is not None else
+                                    f"TLS with coordinator {self.address} failed: {e.details()}") from e
                 if not is_transient(e):
                     raise from_rpc_error(e) from e
-                log.warning("coordinator %s unreachable (%s); retrying in %.1fs", self.address,
-                            e.code().name, delay)
+                what = problem.message if problem is not None else f"coordinator {self.address} unreachable " \
+                                                                   f"({e.code().name})"
+                if not self._reached and self.connect_timeout:
+                    first_failure = time.monotonic() if first_failure is None else first_failure
+                    waited = time.monotonic() - first_failure
+                    if waited + delay > self.connect_timeout:
+                        raise Unavailable(f"gave up after {waited:.0f} s (--connect-timeout "
+                                          f"{self.connect_timeout:g}): {what}") from e
+                log.warning("coordinator unreachable: %s; retrying in %.1fs", what, delay)
                 time.sleep(delay * (0.8 + 0.4 * random.random()))
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+    @contextmanager
+    def _present(self, stub: pb_grpc.ClientServiceStub, client_id: str, task_id: str) -> Iterator[None]:
+        """Keeps this client counted as connected while it works on ``task_id`` (a heartbeat that
+        carries the task every PRESENCE_SECONDS, on a background thread)."""
+        stop = threading.Event()
+        self._current_task = task_id
+
+        def beat() -> None:
+            while not stop.wait(PRESENCE_SECONDS):
+                try:
+                    stub.Heartbeat(pb.HeartbeatRequest(client_id=client_id, training_task_id=task_id),
+                                   metadata=self._md("Heartbeat"), timeout=RPC_TIMEOUT_SECONDS)
+                except grpc.RpcError as e:  # the work goes on; its upload retries on its own
+                    log.debug("presence heartbeat failed: %s", e.code().name)
+
+        thread = threading.Thread(target=beat, name="presence", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            self._current_task = ""
+
+    def _leave(self, stub: pb_grpc.ClientServiceStub, client_id: str, reason: str) -> None:
+        """Tells the coordinator this client is going (once, briefly: the process is stopping)."""
+        try:
+            reply = stub.Leave(pb.LeaveRequest(client_id=client_id, reason=reason, task_id=self._current_task),
+                               metadata=self._md("Leave"), timeout=LEAVE_TIMEOUT_SECONDS)
+            log.info("left the job: %s", reply.message)
+        except grpc.RpcError as e:
+            log.warning("could not tell the coordinator this client is leaving (%s): its task waits for the "
+                        "round's deadline", e.code().name)
 
     def run(self, max_tasks: int | None = None, idle_seconds: float | None = None) -> AgentStats:
         """Runs until the job ends. Raises FedtuneError for what the user must fix.
@@ -275,33 +349,50 @@ class ClientAgent:
             ident = self._identity(stub)
             client_id = self._client_id = ident["client_id"]
             _import_training_libraries()
-            idle_since = time.monotonic()
-            while max_tasks is None or self._tasks_done < max_tasks:
-                if idle_seconds is not None and time.monotonic() - idle_since > idle_seconds:
-                    break
-                reply = self._call(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=client_id),
-                                                          metadata=self._md("Heartbeat"), timeout=RPC_TIMEOUT_SECONDS))
-                if reply.action == pb.HeartbeatReply.STOP:
-                    log.info("coordinator says stop: %s", reply.message)
-                    return self.stats
-                if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
-                    self._run_task(stub, client_id, reply.task)
-                    idle_since = time.monotonic()
-                    continue
-                if reply.action == pb.HeartbeatReply.EVALUATE:
-                    self._evaluate(stub, reply.task)
-                    idle_since = time.monotonic()
-                    continue
-                if reply.action == pb.HeartbeatReply.SECAGG:
-                    self._secure_step(stub, client_id, reply.secagg)
-                    idle_since = time.monotonic()
-                    continue
-                time.sleep(max(0.2, min(reply.retry_after_seconds or 1.0, 10.0)))
+            try:
+                self._loop(stub, client_id, max_tasks, idle_seconds)
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: the round should not wait for us
+                self._leave(stub, client_id, "interrupted")
+                raise
             return self.stats
         finally:
             channel.close()
             if self._lock is not None:
                 self._lock.close()
+
+    def _loop(self, stub: pb_grpc.ClientServiceStub, client_id: str, max_tasks: int | None,
+              idle_seconds: float | None) -> None:
+        idle_since = time.monotonic()
+        while max_tasks is None or self._tasks_done < max_tasks:
+            idle = time.monotonic() - idle_since
+            if idle_seconds is not None and idle > idle_seconds:
+                return
+            # Long-poll: the coordinator answers as soon as there is something to do.
+            wait = LONG_POLL_SECONDS if idle_seconds is None else max(0.0, min(LONG_POLL_SECONDS, idle_seconds - idle))
+            reply = self._call(lambda w=wait: stub.Heartbeat(pb.HeartbeatRequest(client_id=client_id, wait_seconds=w),
+                                                             metadata=self._md("Heartbeat"),
+                                                             timeout=RPC_TIMEOUT_SECONDS + w))
+            if reply.action == pb.HeartbeatReply.STOP:
+                log.info("coordinator says stop: %s", reply.message)
+                return
+            if reply.action == pb.HeartbeatReply.TRAIN and reply.task.task_id not in self._finished_tasks:
+                with self._present(stub, client_id, reply.task.task_id):
+                    self._run_task(stub, client_id, reply.task)
+                idle_since = time.monotonic()
+                continue
+            if reply.action == pb.HeartbeatReply.EVALUATE:
+                with self._present(stub, client_id, reply.task.task_id):
+                    self._evaluate(stub, reply.task)
+                idle_since = time.monotonic()
+                continue
+            if reply.action == pb.HeartbeatReply.SECAGG:
+                with self._present(stub, client_id, reply.secagg.task_id):
+                    self._secure_step(stub, client_id, reply.secagg)
+                idle_since = time.monotonic()
+                continue
+            # 0: the coordinator held the call (long-poll) and there is still nothing: ask again now.
+            if reply.retry_after_seconds > 0:
+                time.sleep(min(reply.retry_after_seconds, 10.0))
 
     # ------------------------------------------------------------------ one task
     def _fetch(self, stub: pb_grpc.ClientServiceStub, ref: pb.FileRef) -> Path:

@@ -26,7 +26,7 @@ TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.CANCELLED)
 # A failed TLS handshake also surfaces as UNAVAILABLE, but waiting will not fix a certificate.
 _TLS_FAILURES = ("handshake failed", "certificate verify failed", "certificate_verify_failed", "ssl_error",
-                 "tls handshake")
+                 "tls handshake", "hostname verification")
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,104 @@ def is_tls_failure(err: grpc.RpcError) -> bool:
 def is_transient(err: grpc.RpcError) -> bool:
     """Whether a failed call is worth retrying."""
     return hasattr(err, "code") and err.code() in TRANSIENT and not is_tls_failure(err)
+
+
+@dataclass(frozen=True)
+class ConnectionProblem:
+    """Why a call never reached the coordinator's service.
+
+    Attributes:
+        message: One line naming the address, what went wrong and the flag that fixes it.
+        credentials: True when the transport settings are wrong (TLS vs plaintext, CA, client
+            certificate): retrying will not help, and the CLI exits with the authentication code.
+            False when nothing answered (refused, timed out, unresolvable).
+    """
+
+    message: str
+    credentials: bool
+
+
+def diagnose_connection(error: grpc.RpcError, address: str, tls_configured: bool, *,
+                        ca_cert: Path | None = None, client_cert: bool = False) -> ConnectionProblem | None:
+    """Classifies a failed call as a connection problem, or returns None when the coordinator answered.
+
+    gRPC reports every transport failure as UNAVAILABLE (or DEADLINE_EXCEEDED) with a C-core
+    string; this reads that string once, here, so that the CLI and the client agent say the same thing.
+
+    Args:
+        error: The failed call.
+        address: HOST:PORT the channel was opened to.
+        tls_configured: Whether the channel spoke TLS (False: ``--insecure``).
+        ca_cert: The ``--ca-cert`` file, when one was given (named in the message).
+        client_cert: Whether a client certificate was presented (mTLS).
+
+    Returns:
+        The problem, or None when the error is an answer from the service (bad token, unknown job...).
+    """
+    code = error.code() if hasattr(error, "code") else None
+    details = (error.details() or "") if hasattr(error, "details") else str(error)
+    low = details.lower()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ConnectionProblem(f"the coordinator at {address} did not answer in time (timed out): check "
+                                 "--coordinator HOST:PORT, and that no firewall drops the traffic", False)
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return None
+    ca = f"--ca-cert {ca_cert}" if ca_cert is not None else "this machine's trusted CAs (no --ca-cert given)"
+    tls_failed = f"TLS handshake with {address} failed"
+    if tls_configured and any(m in low for m in ("wrong_version_number", "packet_length_too_long", "http_request")):
+        return ConnectionProblem(f"the coordinator at {address} speaks plaintext, not TLS: pass --insecure "
+                                 "(it was started with --insecure)", True)
+    if "hostname verification" in low:
+        host = address.rsplit(":", 1)[0]
+        return ConnectionProblem(f"{tls_failed}: its certificate is not issued for {host}: connect to a name "
+                                 "its certificate lists (`fedtune certs init --host NAME`)", True)
+    if "expired" in low:
+        return ConnectionProblem(f"{tls_failed}: its certificate has expired", True)
+    if any(m in low for m in ("certificate signature failure", "bad_signature", "certificate_verify_failed",
+                              "unable to get local issuer", "self signed", "self-signed")):
+        hint = "" if ca_cert is not None else ": pass --ca-cert FILE, the CA that signed it"
+        return ConnectionProblem(f"{tls_failed}: its certificate is not signed by {ca}{hint}", True)
+    if "socket closed" in low or "connection reset" in low:
+        # The server hung up during or right after the handshake. Plaintext against a TLS port and
+        # TLS without an acceptable client certificate against an mTLS port both look like this.
+        if not tls_configured:
+            return ConnectionProblem(f"the coordinator at {address} closed a plaintext connection: it speaks "
+                                     "TLS: pass --ca-cert FILE (the CA that signed its certificate) instead of "
+                                     "--insecure", True)
+        if not client_cert:
+            return ConnectionProblem(f"the coordinator at {address} requires a client certificate (mTLS): pass "
+                                     "--client-cert FILE --client-key FILE", True)
+        return ConnectionProblem(f"the coordinator at {address} refused the client certificate: pass a "
+                                 "--client-cert/--client-key signed by the CA it trusts (its --client-ca)", True)
+    if "handshake" in low or "tsi_" in low or "ssl_error" in low:
+        reason = details.rsplit(":", 2)[-2].strip() if details.count(":") >= 2 else details
+        return ConnectionProblem(f"{tls_failed}: {reason}", True)
+    if "connection refused" in low:
+        return ConnectionProblem(f"nothing is listening at {address} (connection refused): is the coordinator "
+                                 "running, and is --coordinator HOST:PORT right?", False)
+    if "timed out" in low or "timeout" in low:
+        return ConnectionProblem(f"the coordinator at {address} did not answer in time (timed out): check "
+                                 "--coordinator HOST:PORT, and that no firewall drops the traffic", False)
+    if "resolv" in low or "name not found" in low or "dns" in low:
+        return ConnectionProblem(f"cannot resolve the host of {address}: check --coordinator HOST:PORT", False)
+    if "unreachable" in low or "no route" in low:
+        return ConnectionProblem(f"{address} cannot be reached from here (no route): check --coordinator "
+                                 "HOST:PORT and the network", False)
+    if "failed to connect" in low:
+        last = details.split("last error:", 1)[-1].strip()
+        return ConnectionProblem(f"cannot connect to the coordinator at {address}: {last}", False)
+    return None
+
+
+def connection_problem(error: grpc.RpcError, address: str, tls_configured: bool, *,
+                       ca_cert: Path | None = None, client_cert: bool = False) -> str | None:
+    """One line saying why a call did not reach the coordinator at ``address``, or None when it did.
+
+    Names whether the address refused the connection, timed out, or failed TLS and how (plaintext
+    peer, certificate not signed by the CA, client certificate required or refused), with the flag
+    that fixes it. See :func:`diagnose_connection` for the arguments; "socket closed" can also be a
+    coordinator going away mid-connection, so a caller that retries should treat it as final only
+    on a first connection.
+    """
+    problem = diagnose_connection(error, address, tls_configured, ca_cert=ca_cert, client_cert=client_cert)
+    return problem.message if problem is not None else None

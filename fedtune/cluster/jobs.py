@@ -192,6 +192,10 @@ class JobActor:
         """Whether the engine thread is still driving the job."""
         return self.engine._thread is not None and self.engine._thread.is_alive()
 
+    def wake(self) -> None:
+        """Something that can move the job's round happened (see :meth:`RoundEngine.wake`)."""
+        self.engine.wake()
+
     def stop(self) -> None:
         """Stops the engine after its current step."""
         self.engine.stop()
@@ -329,6 +333,13 @@ class RayBackend:
         self._running[job.job_id] = _Running(actor, demand_of(spec), base_hash=job.base_hash)
         self._size_compute(job.base_hash)
         log.info("job %s: engine started (quota %s)", job.job_id, demand_of(spec).describe())
+
+    def wake(self, job_id: str) -> None:
+        """Wakes a running job's engine actor (fire and forget: a dead one is the supervisor's)."""
+        with self._lock:
+            run = self._running.get(job_id)
+        if run is not None:
+            run.actor.wake.remote()
 
     def actor(self, job_id: str) -> Any:
         """The job's engine actor handle."""

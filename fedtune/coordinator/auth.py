@@ -7,11 +7,13 @@ health service are open.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.crypto.keys import ed25519_public
@@ -48,6 +50,12 @@ def metadata_value(metadata: Any, key: str) -> str:
         if k == key:
             return v if isinstance(v, str) else v.decode()
     return ""
+
+
+@functools.lru_cache(maxsize=65536)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    """The parsed key of an enrolled client (parsed once per key, not once per call)."""
+    return ed25519_public(raw)
 
 
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -93,7 +101,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 if not client_id:
                     raise AuthError("unsigned request: join with an enrollment token first")
                 client = self.state.client(client_id)
-                verify_request(ed25519_public(client.sign_public_key), details.method, client_id,
+                verify_request(_public_key(client.sign_public_key), details.method, client_id,
                                metadata_value(md, TIME_KEY), metadata_value(md, SIG_KEY))
             except (AuthError, InvalidInput) as e:
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, str(e))

@@ -82,7 +82,7 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
     @unary
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         client = self._client(context)
-        decision, info = self.co.heartbeat(client)
+        decision, info = self.co.heartbeat(client, request.wait_seconds, request.training_task_id, context.is_active)
         retry = float(self.co.presence.heartbeat_seconds)
         if decision.action == "train" and info is not None:
             return pb.HeartbeatReply(action=pb.HeartbeatReply.TRAIN, task=task_message(info))
@@ -95,6 +95,12 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         if decision.retry_after is not None:
             retry = decision.retry_after
         return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=retry, message=decision.message)
+
+    @unary
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        client = self._client(context)
+        released, message = self.co.leave(client, request.task_id, request.reason)
+        return pb.LeaveReply(released=released, message=message)
 
     @unary
     def SecAgg(self, request: pb.SecAggMessage, context: grpc.ServicerContext) -> pb.SecAggAck:

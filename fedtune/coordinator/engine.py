@@ -4,6 +4,14 @@ Every transition is a transaction in :class:`CoordinatorState`, and each step ca
 after a crash: an open round keeps collecting, a closing round is aggregated again from its
 durable updates (aggregation is deterministic), and publication replaces a half-written directory.
 
+Rounds are event-driven: the service wakes the engine when something that can move a round
+happens (an accepted update, a join, a leave, a SecAgg message), and otherwise it sleeps until the
+nearest deadline (at most ``IDLE_SECONDS``). The next round opens as soon as the aggregate exists:
+the evaluation and publication of round r run on a publisher thread beside round r+1. Between the
+two, round r is ``aggregated`` in the state (its global adapter and strategy state are durable and
+round r+1 trains on them); a coordinator that stops there publishes r when it starts again, once.
+The last round is evaluated and published before the job is marked finished.
+
 The engine moves adapters as safetensors bytes and leaves tensor work to its :class:`Compute`, so
 on Ray an engine actor does not import torch. Under secure aggregation the engine unmasks the
 round's sum itself (numpy and cryptography only) and hands the decoded vector to its Compute.
@@ -14,9 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 0.25
+# Longest sleep with nothing waking the engine: bounds how late a client that went quiet (no
+# heartbeats: no event) is noticed, and a cohort's wait for late joiners.
+IDLE_SECONDS = 1.0
 TERMINAL = ("finished", "failed", "cancelled")
 
 
@@ -102,31 +114,97 @@ class RoundEngine:
         self.asynchronous = self.spec.aggregation.mode == "async"
         self._ready_since: float | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Called after every change a client could be waiting for (long-polls wake on it).
+        self._listeners: list[Callable[[], None]] = []
+        self._progressed = False
+        # Rounds aggregated but not yet evaluated and published (0: the base's evaluation), in order.
+        self._publish: queue.Queue[int | None] = queue.Queue()
+        self._publisher: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Starts the engine thread."""
+        """Starts the engine thread and the publisher (which first publishes what a stop left
+        aggregated but unpublished, and evaluates the base if that was never done)."""
+        job = self.state.job(self.job_id)
+        if job.base_eval_json is None:
+            self._publish.put(0)
+        for r in self.state.rounds(self.job_id):
+            if r.state == "aggregated":
+                self._publish.put(r.round)
+        self._publisher = threading.Thread(target=self._run_publisher, name=f"publish-{self.job_id}", daemon=True)
+        self._publisher.start()
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.job_id}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Asks the thread to stop after its current step and waits for it."""
+        """Asks the threads to stop after their current step and waits for them."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._wake.set()
+        self._publish.put(None)
+        for thread in (self._thread, self._publisher):
+            if thread is not None:
+                thread.join(timeout)
+
+    def wake(self) -> None:
+        """Something that can move a round happened (an update, a join, a leave): look now."""
+        self._wake.set()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener`` (from the engine's threads) after every change a client may wait for."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """What a waiting client's next answer depends on: changes exactly when a poll may answer
+        differently (a round opened or closed, a SecAgg phase moved, a round published, the job ended)."""
+        job = self.state.job(self.job_id)
+        rnd = self.state.find_round(self.job_id, job.current_round)
+        sec = self.state.secagg_round(self.job_id, job.current_round) if self.secure is not None else None
+        published = self.state.published_count(self.job_id) if self.spec.evaluation.clients else 0
+        return (job.state, job.current_round, rnd.state if rnd else None, len(rnd.cohort) if rnd else 0,
+                (sec.attempt, sec.phase) if sec else None, published)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
+            self._progressed = False
             try:
+                before = self.fingerprint()
                 if not self.tick():
+                    self._changed()
                     return
+                if self.fingerprint() != before:
+                    self._progressed = True
+                    self._changed()
             except Exception as e:  # a bug or a broken base model: the job fails visibly, the service lives
                 log.exception("job %s failed", self.job_id)
-                self.state.set_job_state(self.job_id, "failed", f"{type(e).__name__}: {e}")
+                self._fail(e)
                 return
-            self._stop.wait(TICK_SECONDS)
+            if not self._progressed:
+                self._wake.wait(self._sleep_seconds())
+
+    def _fail(self, e: Exception) -> None:
+        self.state.set_job_state(self.job_id, "failed", f"{type(e).__name__}: {e}")
+        self._changed()
+
+    def _sleep_seconds(self) -> float:
+        """Until the nearest time-driven step (a round's deadline, the end of a cohort's wait), at
+        most IDLE_SECONDS."""
+        now = time.time()
+        wake_at = now + IDLE_SECONDS
+        job = self.state.job(self.job_id)
+        rnd = self.state.find_round(self.job_id, job.current_round)
+        if rnd is not None and rnd.state == "open":
+            wake_at = min(wake_at, rnd.deadline)
+        if self._ready_since is not None:
+            wake_at = min(wake_at, self._ready_since + self.spec.cohort_wait_seconds)
+        return max(0.0, wake_at - now)
 
     # ------------------------------------------------------------------ heartbeats
     def poll(self, client_id: str) -> Decision:
@@ -155,6 +233,8 @@ class RoundEngine:
         if self.state.has_update(self.job_id, rnd.round, client_id):
             # The next task follows as soon as the cohort is in: poll fast.
             return Decision("wait", message=f"update for round {rnd.round} received", retry_after=0.3)
+        if client_id in self.state.released(self.job_id, rnd.round):
+            return Decision("wait", message=f"left round {rnd.round}; waiting for the next")
         return Decision("train", round=rnd.round, task_id=task_id)
 
     def _evaluation_due(self, job: Job, client_id: str) -> int | None:
@@ -170,6 +250,8 @@ class RoundEngine:
         if last % ev.every and last != self.spec.rounds:
             return None
         if "federated-eval" not in self.state.client_features(client_id):
+            return None
+        if self.state.round(self.job_id, last).state != "published":  # evaluated and published beside the next round
             return None
         if self.state.has_client_eval(self.job_id, last, client_id):
             return None
@@ -201,8 +283,6 @@ class RoundEngine:
             job = self.state.job(self.job_id)
             if job.state in TERMINAL:
                 return False
-            if job.base_eval_json is None:
-                self.state.set_base_eval(self.job_id, self.compute.evaluate(job, None))
             rnd = self.state.find_round(self.job_id, job.current_round)
             if rnd is None:
                 self._maybe_open(job)
@@ -280,9 +360,23 @@ class RoundEngine:
     def _maybe_close(self, job: Job, rnd: Round) -> None:
         done = {u.client_id for u in self.state.updates(self.job_id, rnd.round)}
         now = time.time()
-        if set(rnd.cohort) <= done or (now >= rnd.deadline and len(done) >= self.spec.min_clients):
+        # Members that left (Leave) are not waited for.
+        released = self.state.released(self.job_id, rnd.round)
+        waiting = set(rnd.cohort) - done - released
+        enough = len(done) >= self.spec.min_clients
+        if (not waiting and enough) or (now >= rnd.deadline and enough):
             self.state.set_round_state(self.job_id, rnd.round, "closing")
             self._aggregate_and_publish(job, self.state.round(self.job_id, rnd.round))
+            return
+        if released and len(rnd.cohort) - len(released) < self.spec.min_clients and now < rnd.deadline:
+            # Too few members left to reach min_clients: invite live clients not yet asked now,
+            # rather than at the deadline.
+            live = self.presence.live(self.state.clients(self.job_id))
+            fresh = [c for c in live if c not in rnd.cohort]
+            if fresh:
+                self.state.extend_round(self.job_id, rnd.round, fresh, rnd.deadline)
+                log.info("job %s round %d: %d left; %d replacement clients invited", self.job_id, rnd.round,
+                         len(released), len(fresh))
             return
         if now >= rnd.deadline:
             # Too few updates: keep what arrived (it is durable and trained on the same global
@@ -397,10 +491,68 @@ class RoundEngine:
             metrics["epsilon"] = accountant.epsilon(privacy.delta)
             metrics["dp_delta"] = privacy.delta
             privacy_json = json.dumps(accountant.to_dict())
+        metrics["aggregate_seconds"] = time.perf_counter() - t0
+        # Opened -> aggregated: the round's own length (evaluation and publication run beside the next).
+        metrics["aggregated_seconds"] = time.time() - rnd.opened
+        if rnd.round >= self.spec.rounds:
+            # The job ends with its last round published: everything before it first, then it.
+            if not self._published_all():
+                return  # stopping: the round stays closing and is aggregated again at the next start
+            self._evaluate_and_publish(job, rnd, global_out, metrics, privacy_json, state_sha, last=True)
+            self.compute.release(self.job_id)
+            return
+        self.state.aggregate_round(self.job_id, rnd.round, global_out, metrics, privacy_json=privacy_json,
+                                   strategy_state=state_sha)
+        if privacy_json is not None:
+            self.accountant = RdpAccountant.from_dict(json.loads(privacy_json))
+        log.info("job %s round %d aggregated (%d contributors); round %d opens", self.job_id, rnd.round,
+                 len(updates), rnd.round + 1)
+        self._publish.put(rnd.round)
+
+    # ------------------------------------------------------------------ evaluation and publication
+    def _published_all(self) -> bool:
+        """Waits until every aggregated round is published; False when the engine stops first."""
+        while self._publish.unfinished_tasks:
+            if self._stop.wait(0.02):
+                return False
+        return True
+
+    def _run_publisher(self) -> None:
+        while True:
+            item = self._publish.get()
+            try:
+                if item is None or self._stop.is_set():
+                    return
+                if item == 0:
+                    job = self.state.job(self.job_id)
+                    if job.base_eval_json is None:
+                        self.state.set_base_eval(self.job_id, self.compute.evaluate(job, None))
+                    continue
+                rnd = self.state.round(self.job_id, item)
+                if rnd.state != "aggregated":  # published already (a repeat after a restart)
+                    continue
+                assert rnd.global_out is not None
+                self._evaluate_and_publish(self.state.job(self.job_id), rnd, rnd.global_out, dict(rnd.metrics),
+                                           None, None, last=False)
+                self._changed()
+            except Exception as e:  # evaluation or publication broke: the job fails visibly
+                log.exception("job %s failed", self.job_id)
+                self._fail(e)
+                self._stop.set()
+                self._wake.set()
+                return
+            finally:
+                self._publish.task_done()
+
+    def _evaluate_and_publish(self, job: Job, rnd: Round, global_out: str, metrics: dict[str, float],
+                              privacy_json: str | None, state_sha: str | None, *, last: bool) -> None:
+        """Evaluates round ``rnd``'s aggregate, writes its signed adapter directory and records it
+        (with the last round: the aggregate, the strategy state and the job's end, in one transaction)."""
+        new_global = self.store.read(global_out)
+        privacy = self.spec.privacy
         t1 = time.perf_counter()
         metrics.update(self.compute.evaluate(job, new_global))
         t2 = time.perf_counter()
-        metrics["aggregate_seconds"] = t1 - t0
         metrics["eval_seconds"] = t2 - t1
         plan = plan_for(job.emulator_dir)
         published = plan.to_full_blob(new_global) if plan else new_global
@@ -413,6 +565,7 @@ class RoundEngine:
                                 "accountant": "rdp-subsampled-gaussian"}
         if self.adapter_config is None:
             self.adapter_config = job_adapter_config(job, self.spec)
+        contributors = int(metrics.get("contributors", 0))
         path, _ = publish_adapter(
             self.adapters_root,
             job_id=self.job_id,
@@ -423,7 +576,7 @@ class RoundEngine:
             base_model=job.base_model,
             base_hash=job.base_hash,
             metrics=metrics,
-            contributors=len(updates),
+            contributors=contributors,
             signer=self.keys.signing_key,
             extra=extra,
             adapter_config=self.adapter_config,
@@ -431,14 +584,12 @@ class RoundEngine:
         metrics["publish_seconds"] = time.perf_counter() - t2
         # Opened -> published, aggregation, evaluation and publication included.
         metrics["seconds"] = time.time() - rnd.opened
-        last = rnd.round >= self.spec.rounds
-        self.state.close_round(
-            self.job_id, rnd.round, global_out, metrics, str(path), (path / MANIFEST).read_text(), last=last,
-            privacy_json=privacy_json, strategy_state=state_sha,
-        )
+        manifest = (path / MANIFEST).read_text()
+        if last:
+            self.state.close_round(self.job_id, rnd.round, global_out, metrics, str(path), manifest, last=True,
+                                   privacy_json=privacy_json, strategy_state=state_sha)
+        else:
+            self.state.publish_round(self.job_id, rnd.round, metrics, str(path), manifest)
         if privacy_json is not None:
             self.accountant = RdpAccountant.from_dict(json.loads(privacy_json))
-        log.info("job %s round %d published at %s (%d contributors)", self.job_id, rnd.round, path, len(updates))
-        if last:
-            self.compute.release(self.job_id)
-
+        log.info("job %s round %d published at %s (%d contributors)", self.job_id, rnd.round, path, contributors)

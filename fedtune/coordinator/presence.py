@@ -46,6 +46,14 @@ class Presence:
                 self._db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (client_id, now))
                 self._written[client_id] = now
 
+    def forget(self, client_id: str) -> None:
+        """The client said it is leaving: it counts as away until its next heartbeat."""
+        with self._lock:
+            self._seen.pop(client_id, None)
+            self._written.pop(client_id, None)
+            if self._db is not None:
+                self._db.execute("DELETE FROM presence WHERE client_id=?", (client_id,))
+
     def last_seen(self, client_id: str) -> float | None:
         """When the client was last heard from, or None."""
         with self._lock:

@@ -43,6 +43,8 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 GRACE_SECONDS = 5.0
+# Server threads never given to held heartbeats (uploads, downloads, admin calls).
+RESERVED_WORKERS = 16
 ADMIN_TOKEN_FILE = "admin.token"
 ADDRESS_FILE = "coordinator.json"
 
@@ -84,13 +86,14 @@ class RunningCoordinator:
     def stop(self, grace: float = GRACE_SECONDS) -> None:
         """Stops accepting calls, lets running ones finish for ``grace`` seconds, then stops engines."""
         self.health.enter_graceful_shutdown()
+        self.coordinator.release_waiters()  # held heartbeats answer now rather than at the grace's end
         self.server.stop(grace).wait()
         self.coordinator.stop()
         self.lock.close()
 
 
 def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: ServerTls | None = None,
-          insecure: bool = False, workers: int = 32, ray: bool = False,
+          insecure: bool = False, workers: int = 64, ray: bool = False,
           ray_address: str | None = None) -> RunningCoordinator:
     """Starts the service on ``host:port`` (port 0 picks a free one) over ``state_dir``.
 
@@ -143,6 +146,8 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
         state.close()
         lock.close()
         raise
+    # Held heartbeats (long-polls) each take a server thread: keep some for every other call.
+    coordinator.set_long_poll_slots(workers - RESERVED_WORKERS)
     pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator), server)
     health_servicer = health.HealthServicer()

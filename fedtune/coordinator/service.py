@@ -6,10 +6,13 @@ The gRPC servicers are thin wrappers over this class; everything here raises dom
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +59,38 @@ log = logging.getLogger(__name__)
 
 # Headroom over the fp32 adapter for safetensors' header and metadata and the envelope.
 UPDATE_SLACK_BYTES = 64 * 1024
+# The longest a heartbeat is held (long-poll) whatever the client asks; keepalive pings keep the
+# connection up meanwhile.
+MAX_LONG_POLL_SECONDS = 30.0
+# A held heartbeat refreshes its client's presence this often (and notices a client gone).
+LONG_POLL_REFRESH_SECONDS = 2.0
+# Long-polls held at once by default: each holds a server thread, so a coordinator keeps some for
+# other calls; beyond it heartbeats are answered at once (plain polling).
+DEFAULT_LONG_POLL_SLOTS = 48
+
+
+class JobSignal:
+    """A job's change counter: held heartbeats wait on it, the engine bumps it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.generation = 0
+
+    def bump(self) -> None:
+        """Something a waiting client may be told changed."""
+        with self._cond:
+            self.generation += 1
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        """Wakes the waiters without a change (one of them was superseded or the service stops)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, generation: int, timeout: float, stop: Callable[[], bool]) -> None:
+        """Until the generation moves past ``generation``, ``stop()`` is true, or ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.generation != generation or stop(), timeout)
 
 
 @dataclass(frozen=True)
@@ -113,6 +148,18 @@ class Coordinator:
         self.engines: dict[str, RoundEngine] = {}
         self._schemas: dict[str, dict[str, tuple[int, ...]]] = {}
         self.ray: RayBackend | None = None
+        self.signals: dict[str, JobSignal] = {}
+        self._poll_slots = threading.BoundedSemaphore(DEFAULT_LONG_POLL_SLOTS)
+        self._waiters: dict[str, threading.Event] = {}
+        self._waiters_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._long_poll = True
+
+    def set_long_poll_slots(self, slots: int) -> None:
+        """How many heartbeats may be held at once (call before serving)."""
+        self._long_poll = slots > 0
+        self._poll_slots = threading.BoundedSemaphore(max(slots, 1))
 
     def use_ray(self, address: str | None) -> None:
         """Runs jobs as Ray actors under the scheduler: on the cluster at ``address``, else a local Ray.
@@ -141,11 +188,51 @@ class Coordinator:
         engine = RoundEngine(job_id, self.state, self.store, self.presence, self.compute, self.adapters_root,
                              self.keys)
         self.engines[job_id] = engine
+        signal = self.signals.setdefault(job_id, JobSignal())
         if self.ray is not None:
-            # The actor drives the job; this copy only answers heartbeats from the shared state.
+            # The actor drives the job; this copy only answers heartbeats from the shared state, and
+            # a watcher bumps the job's signal when that state moves.
             self.ray.submit(job_id)
+            self._watch()
         else:
+            engine.on_change(signal.bump)
             engine.start()
+
+    def _watch(self) -> None:
+        if self._watcher is not None:
+            return
+
+        def run() -> None:
+            seen: dict[str, tuple[object, ...]] = {}
+            while not self._stopping.wait(0.05):
+                for job_id, engine in list(self.engines.items()):
+                    try:
+                        fp = engine.fingerprint()
+                    except Exception:  # a job being created or removed: look again next time
+                        log.debug("job %s: no fingerprint yet", job_id, exc_info=True)
+                        continue
+                    if seen.get(job_id) != fp:
+                        seen[job_id] = fp
+                        self.signals[job_id].bump()
+
+        self._watcher = threading.Thread(target=run, name="ray-job-watcher", daemon=True)
+        self._watcher.start()
+
+    def wake(self, job_id: str) -> None:
+        """Tells a job's engine that something that can move its round happened."""
+        engine = self.engines.get(job_id)
+        if engine is None:
+            return
+        if self.ray is not None:
+            self.ray.wake(job_id)
+        else:
+            engine.wake()
+
+    def release_waiters(self) -> None:
+        """Answers every held heartbeat now (the service is stopping)."""
+        self._stopping.set()
+        for signal in list(self.signals.values()):
+            signal.poke()
 
     def queue_place(self, job_id: str) -> tuple[int, str]:
         """(place in line, reason) for a queued job; (0, '') otherwise."""
@@ -153,6 +240,7 @@ class Coordinator:
 
     def stop(self) -> None:
         """Stops every engine (and Ray, when this process started it) and closes the database."""
+        self.release_waiters()
         for engine in self.engines.values():
             engine.stop()
         if self.ray is not None:
@@ -286,11 +374,64 @@ class Coordinator:
                                  tuple(features), admit)
         self.presence.touch(client.client_id)
         log.info("client %s (%s) joined job %s", client.client_id, client.name, client.job_id)
+        self.wake(client.job_id)
         return client
 
-    def heartbeat(self, client: Client) -> tuple[Decision, TaskInfo | None]:
-        """Records liveness and tells the client what to do."""
+    def heartbeat(self, client: Client, wait_seconds: float = 0.0, training_task_id: str = "",
+                  active: Callable[[], bool] = lambda: True) -> tuple[Decision, TaskInfo | None]:
+        """Records liveness and tells the client what to do.
+
+        ``wait_seconds`` > 0: a long-poll; with nothing to do the call is held (up to
+        MAX_LONG_POLL_SECONDS) and answered as soon as a task or step is ready, or with a WAIT whose
+        ``retry_after`` is 0 (ask again at once). One held call per client: a newer one ends the
+        older. ``training_task_id``: the client is training that task; presence only.
+        ``active``: whether the caller is still connected (a held call ends when it is not).
+        """
+        returning = not self.presence.is_live(client.client_id)
         self.presence.touch(client.client_id)
+        if returning:
+            self.wake(client.job_id)
+        if training_task_id:
+            return Decision("wait", message=f"training {training_task_id}",
+                            retry_after=float(self.presence.heartbeat_seconds)), None
+        signal = self.signals.get(client.job_id)
+        generation = signal.generation if signal is not None else 0
+        decision, info = self._poll(client)
+        if decision.action != "wait" or wait_seconds <= 0 or signal is None or not self._long_poll:
+            return decision, info
+        if not self._poll_slots.acquire(blocking=False):
+            return decision, info  # every slot is held: a plain poll
+        token = threading.Event()
+        with self._waiters_lock:
+            older = self._waiters.get(client.client_id)
+            self._waiters[client.client_id] = token
+        if older is not None:
+            older.set()
+            signal.poke()
+        try:
+            end = time.monotonic() + min(wait_seconds, MAX_LONG_POLL_SECONDS)
+            while True:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or token.is_set() or self._stopping.is_set():
+                    break
+                signal.wait(generation, min(remaining, LONG_POLL_REFRESH_SECONDS),
+                            lambda: token.is_set() or self._stopping.is_set())
+                if not active():
+                    break
+                self.presence.touch(client.client_id)
+                if signal.generation != generation:
+                    generation = signal.generation
+                    decision, info = self._poll(client)
+                    if decision.action != "wait":
+                        return decision, info
+            return dataclasses.replace(decision, retry_after=0.0), None
+        finally:
+            with self._waiters_lock:
+                if self._waiters.get(client.client_id) is token:
+                    del self._waiters[client.client_id]
+            self._poll_slots.release()
+
+    def _poll(self, client: Client) -> tuple[Decision, TaskInfo | None]:
         engine = self.engines.get(client.job_id)
         job = self.state.job(client.job_id)
         if engine is None:
@@ -313,6 +454,37 @@ class Coordinator:
                         rnd.deadline, self.max_update_bytes(job), self.keys.job_public_key(job.job_id),
                         self.state.secagg_round(job.job_id, rnd.round), client.client_id, strategy_state)
         return decision, info
+
+    def leave(self, client: Client, task_id: str, reason: str) -> tuple[bool, str]:
+        """A client going away: its open task in the current round is released, so the round does
+        not wait for it. Returns (released, what happened). An accepted update stays counted.
+
+        Raises:
+            PreconditionFailed: ``task_id`` is not this client's task in the job's current round.
+        """
+        job = self.state.job(client.job_id)
+        self.presence.forget(client.client_id)
+        rnd = self.state.find_round(job.job_id, job.current_round)
+        own = self.state.task_for(job.job_id, job.current_round, client.client_id) if rnd else None
+        if task_id and task_id != own:
+            found = self.state.task(task_id)
+            if found is None or found[2] != client.client_id:
+                raise PreconditionFailed(f"task {task_id!r} is not this client's task")
+            return False, f"task {task_id} is not open (round {found[1]} of job {found[0]} is over)"
+        log.info("client %s left job %s (%s)", client.client_id, job.job_id, reason or "no reason given")
+        if job.state in TERMINAL or rnd is None or rnd.state != "open" or own is None:
+            return False, "no open task"
+        if self.state.has_update(job.job_id, rnd.round, client.client_id):
+            return False, f"the update for round {rnd.round} was accepted and stays counted"
+        if self.spec(job.job_id).secure_aggregation is not None:
+            # SecAgg's own dropout handling applies: the round goes on when its phase times out or
+            # the rest have answered.
+            self.wake(job.job_id)
+            return False, f"round {rnd.round} is a secure-aggregation round: counted as a dropout"
+        released = self.state.release_task(job.job_id, rnd.round, client.client_id, reason or "left")
+        self.wake(job.job_id)
+        return released, (f"task {own} of round {rnd.round} released" if released
+                          else f"task {own} was released already")
 
     def max_update_bytes(self, job: Job) -> int:
         """Largest payload accepted for one update of this job (SCAFFOLD's control variate doubles it)."""
@@ -446,6 +618,7 @@ class Coordinator:
         if fresh:
             log.info("job %s round %d: update %s from %s accepted (%d bytes, %d examples)",
                      inc.job_id, inc.round, inc.update_id, client.client_id, len(inc.payload), inc.num_examples)
+            self.wake(inc.job_id)
         return fresh
 
     def report_eval(self, client: Client, job_id: str, rnd: int, num_examples: int,
@@ -516,7 +689,9 @@ class Coordinator:
                 raise InvalidInput(f"unmask shares for unknown participant {unknown[0]} (not a neighbour of {idx})")
         else:
             raise InvalidInput(f"no {phase!r} message in secure aggregation")
-        return self.state.add_secagg_message(job_id, rnd, attempt, phase, idx, payload, signature)
+        fresh = self.state.add_secagg_message(job_id, rnd, attempt, phase, idx, payload, signature)
+        self.wake(job_id)
+        return fresh
 
     def _check_masked_input(self, client: Client, inc: IncomingUpdate, plain: bytes) -> None:
         sec = self.state.secagg_round(inc.job_id, inc.round)

@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS client_features (
 CREATE TABLE IF NOT EXISTS client_evals (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
   metrics_json TEXT NOT NULL, received REAL NOT NULL, PRIMARY KEY (job_id, round, client_id));
+CREATE TABLE IF NOT EXISTS released_tasks (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL, reason TEXT NOT NULL,
+  released REAL NOT NULL, PRIMARY KEY (job_id, round, client_id));
 CREATE TABLE IF NOT EXISTS published (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, path TEXT NOT NULL, manifest_json TEXT NOT NULL,
   PRIMARY KEY (job_id, round));
@@ -179,6 +182,11 @@ class CoordinatorState:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.RLock()
+        # Enrolled clients by id, for the check every signed call makes: a client's row never
+        # changes, only its token's revocation, which clears this (as does any commit by another
+        # connection, seen through PRAGMA data_version).
+        self._client_cache: dict[str, Client] = {}
+        self._data_version = -1
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -336,6 +344,7 @@ class CoordinatorState:
             if not match:
                 raise NotFound("no such token (pass the token or the id printed by `token create --format json`)")
             db.execute("UPDATE tokens SET revoked=1 WHERE token_hash=?", (match[0],))
+            self._client_cache.clear()
             n = db.execute("SELECT COUNT(*) FROM clients WHERE token_hash=?", (match[0],)).fetchone()[0]
         return match[0][:TOKEN_ID_LEN], int(n)
 
@@ -378,18 +387,26 @@ class CoordinatorState:
             AuthError: unknown client, or its token was revoked.
         """
         with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._client_cache.clear()
+                self._data_version = version
+            cached = self._client_cache.get(client_id)
+            if cached is not None:
+                return cached
             row = self._db.execute(
                 "SELECT c.client_id, c.job_id, c.name, c.device, c.joined, c.sign_public_key, c.kx_public_key, "
                 "t.revoked FROM clients c JOIN tokens t ON t.token_hash = c.token_hash WHERE c.client_id=?",
                 (client_id,),
             ).fetchone()
-        if row is None:
-            raise AuthError(f"unknown client {client_id!r}: join with an enrollment token")
-        if row["revoked"]:
-            raise AuthError(f"the token client {client_id} enrolled with was revoked")
-        d = dict(row)
-        d.pop("revoked")
-        return Client(**d)
+            if row is None:
+                raise AuthError(f"unknown client {client_id!r}: join with an enrollment token")
+            if row["revoked"]:
+                raise AuthError(f"the token client {client_id} enrolled with was revoked")
+            d = dict(row)
+            d.pop("revoked")
+            client = self._client_cache[client_id] = Client(**d)
+            return client
 
     def clients(self, job_id: str) -> list[Client]:
         """Clients enrolled in a job."""
@@ -591,6 +608,50 @@ class CoordinatorState:
                 db.execute("UPDATE jobs SET state='finished', current_round=? WHERE job_id=?", (rnd, job_id))
             else:
                 db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
+
+    def aggregate_round(self, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
+                        privacy_json: str | None = None, strategy_state: str | None = None) -> None:
+        """Records round ``rnd``'s aggregate in one transaction (the new global, the privacy
+        accountant, the strategy's state) and moves the job to the next round; the round is
+        ``aggregated`` until :meth:`publish_round` (its evaluation and adapter directory) lands."""
+        with self._tx() as db:
+            if strategy_state is not None:
+                db.execute("INSERT OR REPLACE INTO strategy_states VALUES (?,?,?)", (job_id, rnd, strategy_state))
+            if privacy_json is not None:
+                db.execute("UPDATE jobs SET privacy_json=? WHERE job_id=?", (privacy_json, job_id))
+            db.execute(
+                "UPDATE rounds SET state='aggregated', global_out=?, metrics_json=?, closed=? "
+                "WHERE job_id=? AND round=?",
+                (global_out, json.dumps(metrics), time.time(), job_id, rnd),
+            )
+            db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
+
+    def publish_round(self, job_id: str, rnd: int, metrics: dict[str, float], path: str, manifest_json: str) -> None:
+        """Records an aggregated round's publication: its full metrics and its adapter directory."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET state='published', metrics_json=? WHERE job_id=? AND round=?",
+                       (json.dumps(metrics), job_id, rnd))
+            db.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (job_id, rnd, path, manifest_json))
+
+    def published_count(self, job_id: str) -> int:
+        """How many of a job's rounds are published."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM published WHERE job_id=?", (job_id,)).fetchone()[0])
+
+    def release_task(self, job_id: str, rnd: int, client_id: str, reason: str) -> bool:
+        """A cohort member left: its round no longer waits for it (it stays in the cohort, which is
+        the planned size DP divides by). Returns False when it was released already."""
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO released_tasks VALUES (?,?,?,?,?)",
+                             (job_id, rnd, client_id, reason, time.time()))
+            return cur.rowcount > 0
+
+    def released(self, job_id: str, rnd: int) -> set[str]:
+        """Cohort members of a round that left before sending their update."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id FROM released_tasks WHERE job_id=? AND round=?",
+                                    (job_id, rnd)).fetchall()
+        return {r[0] for r in rows}
 
     def strategy_state(self, job_id: str, rnd: int) -> str | None:
         """The blob of the strategy state that round ``rnd`` left (None: none kept, or no such round)."""

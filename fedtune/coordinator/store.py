@@ -102,7 +102,11 @@ class ArtifactStore:
         p = self.path(sha256)
         if not p.is_file():
             raise NotFound(f"no artifact {sha256}")
-        with p.open("rb") as f:
+        # Unbuffered: each chunk is read straight into its own bytes object (no second copy
+        # through a read buffer); sequential read-ahead for bases that are not in the page cache.
+        with p.open("rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), offset, 0, os.POSIX_FADV_SEQUENTIAL)
             f.seek(offset)
             while chunk := f.read(chunk_size):
                 yield chunk

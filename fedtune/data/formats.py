@@ -135,12 +135,16 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise InvalidInput(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from e
+            # Without its line ending: a record cut short would otherwise be reported one column
+            # past its end, or at column 1 of the next line.
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InvalidInput(f"{path}:{lineno}: not valid JSON: {e.msg} at column {e.colno}") from e
+                where = f"the end of the line (column {e.colno})" if e.pos >= len(line) else f"column {e.colno}"
+                raise InvalidInput(f"{path}:{lineno}: not valid JSON: {e.msg} at {where}") from e
             if not isinstance(record, dict):
                 raise InvalidInput(f"{path}:{lineno}: expected a JSON object, got {json_type(record)}")
             yield lineno, record

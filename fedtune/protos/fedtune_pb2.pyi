@@ -169,12 +169,14 @@ class SecAggAck(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("client_id", "reason")
+    __slots__ = ("client_id", "reason", "task_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     reason: str
-    def __init__(self, client_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, client_id: _Optional[str] = ..., reason: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ("released", "message")
