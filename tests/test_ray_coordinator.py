@@ -252,7 +252,7 @@ def test_an_offsite_block_tuning_job_runs_and_publishes_on_ray(
 
 def test_a_secure_aggregation_job_on_ray_gives_the_exact_fedavg_from_an_engine_without_torch(
         ray_coordinator: RunningCoordinator, ray_admin: Admin) -> None:
-    spec = (make_spec(clients=N, min_clients=9, deadline=60, rounds=2) + SECURE.format(phase=5, attempts=3)
+    spec = (make_spec(clients=N, min_clients=9, deadline=60, rounds=2, cohort_wait=30) + SECURE.format(phase=5, attempts=3)
             + "resources: {cpus: 0.5}\n")
     job = ray_admin.create_job(spec)
     backend = ray_coordinator.coordinator.ray

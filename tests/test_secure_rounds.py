@@ -97,7 +97,7 @@ def _expected(clients: list[SecureClient], contributing: list[int]) -> float:
 @pytest.fixture
 def secure_job(coordinator, admin: Admin):  # type: ignore[no-untyped-def]
     def make(phase: float = 3, attempts: int = 3, deadline: float = 30) -> str:
-        spec = make_spec(clients=N, min_clients=9, deadline=deadline) + SECURE.format(phase=phase, attempts=attempts)
+        spec = make_spec(clients=N, min_clients=9, deadline=deadline, cohort_wait=30) + SECURE.format(phase=phase, attempts=attempts)
         return admin.create_job(spec)
     return make
 
@@ -140,7 +140,7 @@ def test_a_coordinator_restart_mid_protocol_resumes_the_same_attempt(tmp_path: P
     state_dir = tmp_path / "coord"
     running = start(state_dir, "127.0.0.1", 0, insecure=True)
     admin = Admin(running)
-    job = admin.create_job(make_spec(clients=N, min_clients=9, deadline=60) + SECURE.format(phase=20, attempts=1))
+    job = admin.create_job(make_spec(clients=N, min_clients=9, deadline=60, cohort_wait=30) + SECURE.format(phase=20, attempts=1))
     clients = _federation(running, admin, job, {})
     state = running.coordinator.state
     _drive(clients, lambda: (s := state.secagg_round(job, 1)) is not None and s.phase == "mask")
@@ -161,7 +161,9 @@ def test_a_coordinator_restart_mid_protocol_resumes_the_same_attempt(tmp_path: P
 
 def test_hostile_protocol_messages_get_stable_codes_and_change_nothing(coordinator, admin, secure_job) -> None:  # type: ignore[no-untyped-def]
     job = secure_job(phase=30)
-    clients = _federation(coordinator, admin, job, {})
+    # One client never sends its shares, so the share phase stays open (rounds move the moment the
+    # last answer is in) while the hostile messages arrive.
+    clients = _federation(coordinator, admin, job, {N - 1: pb.SHARE})
     state = coordinator.coordinator.state
     _drive(clients, lambda: (s := state.secagg_round(job, 1)) is not None and s.phase == "share")
     sec = state.secagg_round(job, 1)

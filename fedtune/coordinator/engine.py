@@ -217,8 +217,11 @@ class RoundEngine:
             return Decision("stop", message=f"job {self.job_id} is {job.state}")
         rnd = self.state.find_round(self.job_id, job.current_round)
         if rnd is None or rnd.state != "open":
-            # Between rounds the next task is imminent: poll faster than the heartbeat.
-            return Decision("wait", message="waiting for the next round", retry_after=0.3)
+            # Between rounds the next task is imminent for the last cohort: it polls faster than the
+            # heartbeat (when its heartbeat is not held as a long-poll); everyone else at the heartbeat.
+            prev = self.state.find_round(self.job_id, job.current_round - 1) if job.current_round > 1 else None
+            fast = rnd is not None or (prev is not None and client_id in prev.cohort)
+            return Decision("wait", message="waiting for the next round", retry_after=0.3 if fast else None)
         if self.asynchronous:
             # FedBuff: whoever asks trains on the newest version; one update per client per buffer.
             if self.state.has_update(self.job_id, rnd.round, client_id):

@@ -147,6 +147,7 @@ class Coordinator:
         self.compute = InProcessCompute(self.evaluator)
         self.engines: dict[str, RoundEngine] = {}
         self._schemas: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._specs: dict[str, JobSpec] = {}
         self.ray: RayBackend | None = None
         self.signals: dict[str, JobSignal] = {}
         self._poll_slots = threading.BoundedSemaphore(DEFAULT_LONG_POLL_SLOTS)
@@ -321,8 +322,11 @@ class Coordinator:
         return job
 
     def spec(self, job_id: str) -> JobSpec:
-        """A job's validated spec."""
-        return JobSpec.stored(self.state.job(job_id).spec_json)
+        """A job's validated spec (parsed once: a job's spec never changes)."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = self._specs[job_id] = JobSpec.stored(self.state.job(job_id).spec_json)
+        return spec
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancels a job; its published adapters stay."""
