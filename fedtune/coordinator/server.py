@@ -41,6 +41,13 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # A peer that connects and goes quiet, or opens a stream and never reads it, is bounded: HTTP/2
+    # flow control caps what is buffered for it, an idle connection is closed after 5 minutes, and
+    # every connection is recycled after 30 (in-flight calls get 5 more minutes; agents reconnect
+    # on their own), which ends a stalled stream and frees its server thread.
+    ("grpc.max_connection_idle_ms", 5 * 60_000),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 5 * 60_000),
 ]
 GRACE_SECONDS = 5.0
 # Server threads never given to held heartbeats (uploads, downloads, admin calls).
