@@ -4,10 +4,12 @@ The same tiny model (the `tiny-llama` preset), the same rank-8 LoRA, the same pa
 data, the same local training code (`fedtune.training.train_adapter`) and the same rounds, with every
 client training in every round, for N = 10, 100 and 1000 virtual clients:
 
-- fedtune: `python -m fedtune simulate`: a real coordinator on loopback gRPC, each virtual client a
-  Ray task running the real client agent (fetch by sha256, train, pack, AEAD envelope, chunked
-  upload), the coordinator validating and storing every update durably (SQLite + blob store),
-  aggregating, evaluating and publishing a signed adapter each round.
+- fedtune: `python -m fedtune simulate`: a real coordinator on loopback gRPC, each virtual client
+  the real client agent (fetch by sha256, train, pack, AEAD envelope, chunked upload) run on a pool
+  of long-lived Ray actors that keep their imports and loaded model across clients and rounds (as
+  many as the machine's CPUs fit at ``--client-cpus`` each), the coordinator validating and storing
+  every update durably (SQLite + blob store), aggregating, evaluating and publishing a signed
+  adapter each round.
 - Flower: `flwr.simulation.run_simulation` with a `ServerApp` running the message-API `FedAvg` over
   all N nodes per round and a `ClientApp` whose train function calls the same fedtune functions
   (`fedtune.models`, `fedtune.data`, `fedtune.training`, `fedtune.peft_io`); messages stay in memory.
@@ -207,6 +209,9 @@ def run_fedtune(args: argparse.Namespace, data: dict[str, Any], n: int, rounds: 
     # The runner partitions --data itself with the same function and seed: check it fed the same shares.
     fed_parts = [out / "clients-data" / p.name for p in data["partitions"]]
     same = digest(fed_parts) == digest(data["partitions"])
+    ran = json.loads((out / "simulation.json").read_text()) if (out / "simulation.json").exists() else {}
+    pool = {"workers": ran.get("workers"), "worker_processes": len({r["pid"] for r in ran.get("runs", [])}) or None,
+            "client_runs": sum(len(r["clients"]) for r in ran.get("runs", [])) or None}
     db = sqlite3.connect(out / "coordinator" / "state.db")
     rows = db.execute("SELECT round, opened, closed, metrics_json FROM rounds ORDER BY round").fetchall()
     updates = db.execute("SELECT round, COUNT(*), AVG(size) FROM updates GROUP BY round").fetchall()
@@ -224,7 +229,7 @@ def run_fedtune(args: argparse.Namespace, data: dict[str, Any], n: int, rounds: 
         previous = closed
     if not args.keep_work:
         shutil.rmtree(out, ignore_errors=True)
-    return {**run, "rounds": per_round, "partitions_identical": same,
+    return {**run, **pool, "rounds": per_round, "partitions_identical": same,
             "update_bytes_mean": updates[-1][2] if updates else None,
             "bytes_up_per_client": per_round[-1]["bytes_up"] / n if per_round else None,
             "bytes_down_per_client_round1": per_round[0]["bytes_down"] / n if per_round else None,
@@ -419,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--examples-per-client", type=int, default=16)
     p.add_argument("--client-cpus", type=float, default=1.0,
-                   help="CPUs each virtual client's Ray task/actor reserves, on both sides")
+                   help="CPUs each fedtune pool worker / Flower actor reserves (fedtune simulate's own default: 0.25)")
     p.add_argument("--sides", nargs="+", choices=["fedtune", "fedtune-batched", "flower"],
                    default=["fedtune", "flower"])
     p.add_argument("--batch-clients", type=int, default=8,
@@ -468,8 +473,10 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 row["flower"] = run_flower(args, python, data, n, rounds, work)
             s = summarize(row[side])
+            workers = (f", {row[side]['worker_processes']} worker processes for {row[side]['client_runs']} client runs"
+                       if row[side].get("worker_processes") else "")
             print(f"  {side}: round 1 {_f(s['first'])} s, later {_f(s['later'])} s/round, peak {s['peak_gib']:.2f} GiB,"
-                  f" wall {s['wall']:.0f} s", flush=True)
+                  f" wall {s['wall']:.0f} s{workers}", flush=True)
         result["runs"].append(row)
         if not args.keep_work:
             shutil.rmtree(work / "clients-data", ignore_errors=True)

@@ -79,10 +79,15 @@ def simulate(
     partition: Annotated[str, typer.Option("--partition", help="iid, dirichlet:ALPHA or by-key:FIELD.")] = "iid",
     data: Annotated[Path | None, typer.Option("--data", help="Data file to partition, any format (default: synthetic).")] = None,
     client_resources: Annotated[str, typer.Option(
-        "--client-resources", help="Per Ray task (one virtual client, or one batch of them): cpus=..,gpus=..")]
+        "--client-resources", help="Per pool worker (a Ray actor running one virtual client, or one batch of "
+        "them, at a time): cpus=..,gpus=..; the pool holds as many workers as the cluster fits.")]
     = "cpus=0.25",
     batch_clients: Annotated[int, typer.Option(
-        "--batch-clients", help="Cohort members per Ray task, their adapters trained in one pass of the base.")] = 1,
+        "--batch-clients", help="Cohort members a worker runs at once, their adapters trained in one pass of "
+        "the base.")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Pool size (default: what the cluster's resources fit at --client-resources).")]
+    = None,
     out: Annotated[Path | None, typer.Option("--out", help="Keep state, data and adapters here.")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster.")] = None,
 ) -> None:
@@ -96,7 +101,7 @@ def simulate(
     if not config.is_file():
         raise InvalidInput(f"job spec {config} does not exist")
     run_simulation(config, clients, partition, data, ClientResources.parse(client_resources), out, ray_address,
-                   batch_clients)
+                   batch_clients, workers)
 
 
 def _setup_logging() -> None:

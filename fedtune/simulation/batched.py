@@ -27,6 +27,7 @@ from fedtune.client.agent import ClientAgent, Prepared, train_seed
 from fedtune.client.channel import INSECURE
 from fedtune.methods.lora import plain_lora
 from fedtune.protos import fedtune_pb2 as pb
+from fedtune.simulation.shared_model import SHARED
 from fedtune.training import Recipe, TrainResult
 
 log = logging.getLogger(__name__)
@@ -163,21 +164,40 @@ def _train_together(members: list[TrainRequest]) -> list[Trained]:
 
 
 class BatchedAgent(ClientAgent):
-    """A virtual client whose training step is its group's."""
+    """A virtual client whose training step is its group's.
+
+    What it trains alone, it trains on its worker process's shared model
+    (:mod:`fedtune.simulation.shared_model`): the virtual client before it loaded the base.
+    """
 
     def __init__(self, group: GroupTrainer, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.group = group
+
+    def _peft_model(self, prepared: Prepared) -> Any:
+        # Everything ClientAgent._peft_model's build reads, except the per-client paths of the same files.
+        t = prepared.training
+        key = {"base": prepared.base_hash, "peft": prepared.peft_config, "device": str(self.device),
+               "max_rank": self.max_rank, "quantize": t.get("client_quantization"),
+               "precision": t.get("precision", "auto")}
+        return SHARED.get(key, lambda: ClientAgent._peft_model(self, prepared))
+
+    def evaluate_held_out(self, prepared: Prepared, global_state: dict[str, torch.Tensor],
+                          evaluation: dict[str, Any]) -> tuple[dict[str, float], int]:
+        with SHARED.lock:
+            return ClientAgent.evaluate_held_out(self, prepared, global_state, evaluation)
 
     def _train(self, prepared: Prepared, global_state: dict[str, torch.Tensor], task: pb.Task,
                stub: Any = None) -> tuple[TrainResult, dict[str, torch.Tensor], Any]:
         assert self.name is not None
         if prepared.training.get("strategy"):
             # A client-side strategy (FedProx, SCAFFOLD) hooks every step of the agent's own loop.
-            return ClientAgent._train(self, prepared, global_state, task, stub)
+            with SHARED.lock:
+                return ClientAgent._train(self, prepared, global_state, task, stub)
 
         def alone() -> Trained:
-            result, state, _ = ClientAgent._train(self, prepared, global_state, task, stub)
+            with SHARED.lock:
+                result, state, _ = ClientAgent._train(self, prepared, global_state, task, stub)
             return result, state
 
         result, state = self.group.train(TrainRequest(self.name, prepared, global_state, task.round, self.device,

@@ -1,13 +1,16 @@
 """Runs a job with N virtual clients on Ray, through the same code path as real agents.
 
 A real coordinator serves on loopback; each virtual client is a client agent (same training,
-packing, envelope and, when the job says so, SecAgg+ code) run as a Ray task only while it is in
-a round's cohort, then it goes dormant: a dormant client costs a state dir, not a process.
-Concurrency is bounded by the resources each task asks for.
+packing, envelope and, when the job says so, SecAgg+ code) run only while it is in a round's
+cohort, then it goes dormant: a dormant client costs a state dir, not a process. The agents run on
+a pool of long-lived Ray actors (:mod:`fedtune.simulation.pool`) that keep the imports and the
+loaded model from one virtual client to the next; the pool's size follows the cluster's resources
+and ``--client-resources`` (or ``--workers``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -15,7 +18,6 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,37 +27,18 @@ from fedtune.data import write_synthetic_federation
 from fedtune.errors import FedtuneError, InvalidInput
 from fedtune.report import HEADER, round_row
 from fedtune.simulation.partition import partition, write_partitions
+from fedtune.simulation.schedule import ClientResources, pool_size
 from fedtune.spec import parse_spec, spec_to_yaml
 
 log = logging.getLogger(__name__)
 
-# A virtual client that has had nothing to do for this long gives its slot back.
+__all__ = ["ClientResources", "simulate"]
+
+# A virtual client that has had nothing to do for this long gives its worker back.
 IDLE_SECONDS = 30.0
 SIMULATION_TIMEOUT_SECONDS = 3600.0
-
-
-@dataclass(frozen=True)
-class ClientResources:
-    """What each virtual client's Ray task reserves."""
-
-    cpus: float = 0.25
-    gpus: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str) -> ClientResources:
-        """``cpus=0.5,gpus=0`` -> ClientResources."""
-        values: dict[str, float] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, _, value = part.partition("=")
-            if key not in ("cpus", "gpus"):
-                raise InvalidInput(f"--client-resources: unknown resource {key!r} (use cpus=..,gpus=..)")
-            try:
-                values[key] = float(value)
-            except ValueError:
-                raise InvalidInput(f"--client-resources: {key} must be a number, got {value!r}") from None
-            if values[key] < 0:
-                raise InvalidInput(f"--client-resources: {key} must not be negative")
-        return cls(**values)
+# Library loggers whose per-client INFO lines (joins, tasks, accepted updates) the round table replaces.
+_CHATTY = ("fedtune.coordinator", "fedtune.client", "fedtune.cluster", "fedtune.simulation.batched")
 
 
 def _init_ray(ray_address: str | None, scratch: Path) -> Any:
@@ -67,12 +50,17 @@ def _init_ray(ray_address: str | None, scratch: Path) -> Any:
 
 def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | None = None,
              resources: ClientResources | None = None, out: Path | None = None,
-             ray_address: str | None = None, batch_clients: int = 1) -> list[dict[str, Any]]:
+             ray_address: str | None = None, batch_clients: int = 1,
+             workers: int | None = None) -> list[dict[str, Any]]:
     """Runs the job in ``config`` with ``n_clients`` virtual clients; prints the per-round table.
 
+    Ends by printing where the last published adapter is and how to load it.
+
     Args:
-        batch_clients: Cohort members per Ray task; above 1 their adapters train in one pass of the
-            base (:mod:`fedtune.simulation.batched`), and ``resources`` is what each such task reserves.
+        resources: What each pool worker reserves; the pool holds as many as the cluster fits.
+        batch_clients: Cohort members a worker runs at once; above 1 their adapters train in one
+            pass of the base (:mod:`fedtune.simulation.batched`).
+        workers: Pool size instead of what the resources allow (never more than can be busy at once).
 
     Returns:
         The published rounds' metrics.
@@ -82,45 +70,71 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
     """
     if batch_clients < 1:
         raise InvalidInput(f"--batch-clients must be at least 1, got {batch_clients}")
+    if workers is not None and workers < 1:
+        raise InvalidInput(f"--workers must be at least 1, got {workers}")
     resources = resources or ClientResources()
-    # The per-round table is the output; the coordinator's per-update log lines would bury it.
-    logging.getLogger("fedtune.coordinator").setLevel(logging.WARNING)
+    # The per-round table is the output; per-client and per-update log lines would bury it.
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    worker_level = logging.DEBUG if debug else logging.WARNING
+    if not debug:
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
     spec = parse_spec(config.read_text(), base_dir=config.resolve().parent)
     root = out.resolve() if out else Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
     scratch = Path(tempfile.mkdtemp(prefix="ftray-", dir="/tmp"))
     try:
         if data is None:
-            pool, eval_file = write_synthetic_federation(root / "pool", 5, examples_per_client=max(
+            pool_files, eval_file = write_synthetic_federation(root / "pool", 5, examples_per_client=max(
                 64, math.ceil(16 * n_clients / 5)))
             data = root / "pool" / "all.jsonl"
-            data.write_text("".join(p.read_text() for p in pool))
+            data.write_text("".join(p.read_text() for p in pool_files))
             if not spec.eval_data:
                 spec = spec.model_copy(update={"eval_data": str(eval_file)})
         files = write_partitions(partition(data, n_clients, scheme, data_spec=spec.data), root / "clients-data")
         # Imported once the settings and data are known to be good: torch and peft take seconds.
         from fedtune.client.agent import ClientAgent
+        from fedtune.simulation.pool import WorkerPool
 
-        # Ray first: an unreachable --ray-address fails before any job is created.
-        # Keep a worker per concurrent virtual client alive between rounds: by default Ray keeps only
-        # one per CPU, and each fresh worker spends seconds importing torch before it trains.
-        os.environ.setdefault("RAY_num_workers_soft_limit",
-                              str(max(os.cpu_count() or 1, math.ceil((os.cpu_count() or 1) / max(resources.cpus, 0.01)))))
+        # Ray first: an unreachable --ray-address fails before any job is created. The pool's
+        # workers then import torch while the coordinator starts and the clients enroll.
         ray = _init_ray(ray_address, scratch)
-        running = start(root / "coordinator", "127.0.0.1", 0, insecure=True)
+        pool = None
         try:
-            co = running.coordinator
-            job = co.create_job(spec_to_yaml(spec)).job_id
-            ids = []
-            for i, path in enumerate(files):
-                token, _, _ = co.state.add_token(job, 1, 3600)
-                agent = ClientAgent(running.address, token, path, root / "clients" / f"v{i}", INSECURE,
-                                    device="cpu", name=f"v{i}", progress=False)
-                ids.append(agent.enroll())
-            print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {running.address}",
-                  flush=True)
-            return _drive(ray, running, job, ids, files, root, resources, batch_clients)
+            cluster = ray.cluster_resources()
+            in_flight = math.ceil(min(n_clients, spec.clients_per_round) / batch_clients)
+            size = pool_size(cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), resources, in_flight, workers)
+            # All workers warm up at once (the steadiest rounds); FEDTUNE_SIM_WARM_AT_ONCE=N starts N and
+            # the rest one at a time while clients wait (a shorter first round on a small machine).
+            warm = int(os.environ.get("FEDTUNE_SIM_WARM_AT_ONCE", "0")) or size
+            pool = WorkerPool(ray, size, resources, batch_clients, worker_level, warm_at_once=max(1, warm))
+            running = start(root / "coordinator", "127.0.0.1", 0, insecure=True)
+            try:
+                co = running.coordinator
+                job = co.create_job(spec_to_yaml(spec)).job_id
+                ids = []
+                for i, path in enumerate(files):
+                    token, _, _ = co.state.add_token(job, 1, 3600)
+                    agent = ClientAgent(running.address, token, path, root / "clients" / f"v{i}", INSECURE,
+                                        device="cpu", name=f"v{i}", progress=False)
+                    ids.append(agent.enroll())
+                each = "one virtual client" if batch_clients == 1 else f"up to {batch_clients} virtual clients"
+                gpus = f", {resources.gpus:g} GPUs" if resources.gpus else ""
+                print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {running.address}; "
+                      f"{size} workers ({resources.cpus:g} CPUs{gpus} each), {each} at a time on each", flush=True)
+                members = {cid: (str(files[i]), str(root / "clients" / f"v{i}")) for i, cid in enumerate(ids)}
+                metrics = _drive(running, job, ids, members, pool, batch_clients)
+                # What ran where, for benchmarks and tests (the state dir is kept with --out only).
+                (root / "simulation.json").write_text(json.dumps({
+                    "job": job, "clients": n_clients, "workers": size, "batch_clients": batch_clients,
+                    "client_resources": {"cpus": resources.cpus, "gpus": resources.gpus},
+                    "runs": pool.history}, indent=1))
+                _print_adapter(co.adapters_root, job, out is not None, root)
+                return metrics
+            finally:
+                running.stop(grace=1.0)
         finally:
-            running.stop(grace=1.0)
+            if pool is not None:
+                pool.stop()
             ray.shutdown()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -128,15 +142,10 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], root: Path,
-           resources: ClientResources, batch_clients: int) -> list[dict[str, Any]]:
-    from fedtune.simulation.batched import run_group
-
+def _drive(running: Any, job: str, ids: list[str], members: dict[str, tuple[str, str]], pool: Any,
+           batch_clients: int) -> list[dict[str, Any]]:
+    """Feeds each round's cohort to the worker pool and prints the table, until the job ends."""
     co = running.coordinator
-    # One task per group of up to batch_clients members (a group of one trains with its agent's own loop).
-    remote_group = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(run_group)
-    index = {cid: i for i, cid in enumerate(ids)}
-    tasks: dict[Any, list[str]] = {}
     launched: set[tuple[str, int, int]] = set()
     shown, started = 0, time.time()
     passes: list[int] = []
@@ -157,34 +166,53 @@ def _drive(ray: Any, running: Any, job: str, ids: list[str], files: list[Path], 
             if batch_clients > 1:
                 print(f"batched training: {len(passes)} shared passes trained {sum(passes)} client updates "
                       f"(up to {batch_clients} per pass)", flush=True)
+            print(f"workers: {pool.runs} virtual-client runs in {len(pool.pids)} worker processes "
+                  f"(pool of {pool.size})", flush=True)
             return [r.metrics for r in co.state.rounds(job)]
         rnd = co.state.find_round(job, state.current_round)
         if rnd is not None and rnd.state == "open":
             sec = co.state.secagg_round(job, rnd.round)
             attempt = sec.attempt if sec else 0
-            busy = {cid for members in tasks.values() for cid in members}
+            busy = pool.busy()
             # Async rounds have no cohort: up to clients_per_round idle virtual clients train at once,
             # each on the newest version when it asks.
-            pool = ids if asynchronous else rnd.cohort
-            due = [cid for cid in pool if (cid, rnd.round, attempt) not in launched and cid not in busy
+            wanted = ids if asynchronous else rnd.cohort
+            due = [cid for cid in wanted if (cid, rnd.round, attempt) not in launched and cid not in busy
                    and not co.state.has_update(job, rnd.round, cid)]
             if asynchronous:
                 random.Random(rnd.round).shuffle(due)
                 due = due[: max(0, co.spec(job).clients_per_round - len(busy))]
-            for first in range(0, len(due), batch_clients):
-                group = due[first : first + batch_clients]
-                members = [(str(files[index[c]]), str(root / "clients" / f"v{index[c]}")) for c in group]
-                tasks[remote_group.remote(running.address, members, IDLE_SECONDS)] = group
-                launched.update((c, rnd.round, attempt) for c in group)
-        if tasks:
-            done, _ = ray.wait(list(tasks), num_returns=len(tasks), timeout=0.5)
-            for ref in done:
-                group = tasks.pop(ref)
-                try:
-                    passes.extend(ray.get(ref, timeout=10)["passes"])
-                except Exception as e:  # noqa: BLE001 - a failed virtual client is a dropout, as a real one
-                    log.warning("virtual client(s) %s failed: %s", ", ".join(group), e)
-        else:
+            pool.submit(due)
+            launched.update((c, rnd.round, attempt) for c in due)
+        pool.start(running.address, members, IDLE_SECONDS)
+        for group, result in pool.collect(timeout=0.5):
+            if isinstance(result, Exception):
+                # A failed virtual client is a dropout, as a real one would be.
+                log.warning("virtual client(s) %s failed: %s", ", ".join(group), result)
+            else:
+                passes.extend(result["passes"])
+        if not pool.busy():
             time.sleep(0.3)
         if time.time() - started > SIMULATION_TIMEOUT_SECONDS:
             raise FedtuneError(f"simulation did not finish within {SIMULATION_TIMEOUT_SECONDS:.0f}s")
+
+
+def _print_adapter(adapters_root: Path, job: str, kept: bool, root: Path) -> None:
+    """Where the last published round's adapter is, and how to load or pull it."""
+    rounds = sorted((p for p in (adapters_root / job).glob("round-*") if (p / "fedtune.json").is_file()),
+                    key=lambda p: int(p.name.removeprefix("round-")))
+    if not rounds:
+        print(f"job {job} published no adapter", flush=True)
+        return
+    last = rounds[-1]
+    if not kept:
+        print(f"published adapter: {last.name} of job {job}, in a temporary dir now removed; pass --out DIR to "
+              "keep it", flush=True)
+        return
+    base = json.loads((last / "fedtune.json").read_text()).get("base_model", "BASE")
+    state_dir = root / "coordinator"
+    print(f"published adapter: {last}\n"
+          f"  load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), \"{last}\") "
+          f"(BASE: {base})\n"
+          f"  pull it: fedtune coordinator start --state-dir {state_dir}, then "
+          f"fedtune adapters pull {job} --state-dir {state_dir} --out DIR", flush=True)
