@@ -591,23 +591,14 @@ class CoordinatorState:
     def close_round(self, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
                     path: str, manifest_json: str, last: bool, privacy_json: str | None = None,
                     strategy_state: str | None = None) -> None:
-        """Publishes a round in one transaction: the new global, its metrics, the published
-        adapter, the privacy accountant, the strategy's state (a blob's sha256) and the job's next
-        round (or its end) all land together."""
+        """Aggregates and publishes a round in one transaction: the new global, its metrics, the
+        published adapter, the privacy accountant, the strategy's state (a blob's sha256) and the
+        job's next round (or, with ``last``, its end) all land together."""
         with self._tx() as db:
-            if strategy_state is not None:
-                db.execute("INSERT OR REPLACE INTO strategy_states VALUES (?,?,?)", (job_id, rnd, strategy_state))
-            if privacy_json is not None:
-                db.execute("UPDATE jobs SET privacy_json=? WHERE job_id=?", (privacy_json, job_id))
-            db.execute(
-                "UPDATE rounds SET state='published', global_out=?, metrics_json=?, closed=? WHERE job_id=? AND round=?",
-                (global_out, json.dumps(metrics), time.time(), job_id, rnd),
-            )
-            db.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (job_id, rnd, path, manifest_json))
+            self._record_aggregate(db, job_id, rnd, global_out, metrics, privacy_json, strategy_state)
+            self._record_publication(db, job_id, rnd, metrics, path, manifest_json)
             if last:
                 db.execute("UPDATE jobs SET state='finished', current_round=? WHERE job_id=?", (rnd, job_id))
-            else:
-                db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
 
     def aggregate_round(self, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
                         privacy_json: str | None = None, strategy_state: str | None = None) -> None:
@@ -615,23 +606,32 @@ class CoordinatorState:
         accountant, the strategy's state) and moves the job to the next round; the round is
         ``aggregated`` until :meth:`publish_round` (its evaluation and adapter directory) lands."""
         with self._tx() as db:
-            if strategy_state is not None:
-                db.execute("INSERT OR REPLACE INTO strategy_states VALUES (?,?,?)", (job_id, rnd, strategy_state))
-            if privacy_json is not None:
-                db.execute("UPDATE jobs SET privacy_json=? WHERE job_id=?", (privacy_json, job_id))
-            db.execute(
-                "UPDATE rounds SET state='aggregated', global_out=?, metrics_json=?, closed=? "
-                "WHERE job_id=? AND round=?",
-                (global_out, json.dumps(metrics), time.time(), job_id, rnd),
-            )
-            db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
+            self._record_aggregate(db, job_id, rnd, global_out, metrics, privacy_json, strategy_state)
 
     def publish_round(self, job_id: str, rnd: int, metrics: dict[str, float], path: str, manifest_json: str) -> None:
         """Records an aggregated round's publication: its full metrics and its adapter directory."""
         with self._tx() as db:
-            db.execute("UPDATE rounds SET state='published', metrics_json=? WHERE job_id=? AND round=?",
-                       (json.dumps(metrics), job_id, rnd))
-            db.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (job_id, rnd, path, manifest_json))
+            self._record_publication(db, job_id, rnd, metrics, path, manifest_json)
+
+    @staticmethod
+    def _record_aggregate(db: sqlite3.Connection, job_id: str, rnd: int, global_out: str, metrics: dict[str, float],
+                          privacy_json: str | None, strategy_state: str | None) -> None:
+        if strategy_state is not None:
+            db.execute("INSERT OR REPLACE INTO strategy_states VALUES (?,?,?)", (job_id, rnd, strategy_state))
+        if privacy_json is not None:
+            db.execute("UPDATE jobs SET privacy_json=? WHERE job_id=?", (privacy_json, job_id))
+        db.execute(
+            "UPDATE rounds SET state='aggregated', global_out=?, metrics_json=?, closed=? WHERE job_id=? AND round=?",
+            (global_out, json.dumps(metrics), time.time(), job_id, rnd),
+        )
+        db.execute("UPDATE jobs SET current_round=? WHERE job_id=?", (rnd + 1, job_id))
+
+    @staticmethod
+    def _record_publication(db: sqlite3.Connection, job_id: str, rnd: int, metrics: dict[str, float], path: str,
+                            manifest_json: str) -> None:
+        db.execute("UPDATE rounds SET state='published', metrics_json=? WHERE job_id=? AND round=?",
+                   (json.dumps(metrics), job_id, rnd))
+        db.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (job_id, rnd, path, manifest_json))
 
     def published_count(self, job_id: str) -> int:
         """How many of a job's rounds are published."""
