@@ -83,7 +83,7 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         client = self._client(context)
         decision, info = self.co.heartbeat(client, request.wait_seconds, request.training_task_id, context.is_active)
-        retry = float(self.co.presence.heartbeat_seconds)
+        retry = self.co.presence.idle_interval()
         if decision.action == "train" and info is not None:
             return pb.HeartbeatReply(action=pb.HeartbeatReply.TRAIN, task=task_message(info))
         if decision.action == "evaluate" and info is not None:

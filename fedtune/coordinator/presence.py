@@ -3,6 +3,10 @@
 After a coordinator restart every client counts as away until its next heartbeat, which agents
 send every few seconds. When job engines run in other processes (Ray actors), heartbeats are also
 written, at most every half heartbeat per client, to a small SQLite file that those processes read.
+
+Idle clients are paced: the interval they are told grows with how many are connected (at most
+IDLE_POLLS_PER_SECOND heartbeats a second together), and the window in which a client counts as
+connected grows with it, so thousands of clients cost the coordinator a bounded call rate.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from fedtune.coordinator.state import Client
 DEFAULT_HEARTBEAT_SECONDS = 1
 # A client missing this many heartbeats in a row is treated as gone.
 MISSED_HEARTBEATS = 6
+# Idle clients (nothing to do, no held call) are paced so that together they send at most this
+# many heartbeats a second: with thousands connected each polls less often, and the window in
+# which a client counts as connected widens with its interval.
+IDLE_POLLS_PER_SECOND = 250.0
 
 
 class Presence:
@@ -26,6 +34,8 @@ class Presence:
 
     def __init__(self, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS, shared: Path | None = None) -> None:
         self.heartbeat_seconds = heartbeat_seconds
+        self.interval = float(heartbeat_seconds)  # what idle clients are told now (see idle_interval)
+        self._paced_at = 0.0
         self._seen: dict[str, float] = {}
         self._written: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -36,6 +46,8 @@ class Presence:
             # Losing the last heartbeats in a crash costs nothing: clients send more.
             self._db.execute("PRAGMA synchronous=OFF")
             self._db.execute("CREATE TABLE IF NOT EXISTS presence (client_id TEXT PRIMARY KEY, seen REAL NOT NULL)")
+            # The idle interval, for engines in other processes (their window widens with it).
+            self._db.execute("CREATE TABLE IF NOT EXISTS pacing (key TEXT PRIMARY KEY, value REAL NOT NULL)")
 
     def touch(self, client_id: str) -> None:
         """Records a heartbeat."""
@@ -45,6 +57,31 @@ class Presence:
             if self._db is not None and now - self._written.get(client_id, 0.0) >= self.heartbeat_seconds / 2:
                 self._db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (client_id, now))
                 self._written[client_id] = now
+
+    def window(self) -> float:
+        """Seconds since its last heartbeat within which a client counts as connected."""
+        interval = self.interval
+        if self._db is not None:
+            row = self._db.execute("SELECT value FROM pacing WHERE key='interval'").fetchone()
+            interval = max(interval, row[0]) if row is not None else interval
+        return max(self.heartbeat_seconds, interval) * MISSED_HEARTBEATS
+
+    def idle_interval(self) -> float:
+        """How long an idle client should wait before its next heartbeat: the heartbeat interval,
+        or longer when so many clients are connected that they would send more than
+        IDLE_POLLS_PER_SECOND together (recomputed at most once a second)."""
+        now = time.time()
+        if now - self._paced_at >= 1.0:
+            with self._lock:
+                oldest = now - self.window()
+                connected = sum(1 for at in self._seen.values() if at >= oldest)
+                self._paced_at = now
+            interval = max(float(self.heartbeat_seconds), connected / IDLE_POLLS_PER_SECOND)
+            if self._db is not None and abs(interval - self.interval) > 0.05 * self.interval:
+                with self._lock:
+                    self._db.execute("INSERT OR REPLACE INTO pacing VALUES ('interval', ?)", (interval,))
+            self.interval = interval
+        return self.interval
 
     def forget(self, client_id: str) -> None:
         """The client said it is leaving: it counts as away until its next heartbeat."""
@@ -67,7 +104,7 @@ class Presence:
     def is_live(self, client_id: str) -> bool:
         """Whether the client sent a heartbeat recently."""
         seen = self.last_seen(client_id)
-        return seen is not None and time.time() - seen <= self.heartbeat_seconds * MISSED_HEARTBEATS
+        return seen is not None and time.time() - seen <= self.window()
 
     def live(self, clients: Iterable[Client]) -> list[str]:
         """Ids of the live clients among ``clients``."""
@@ -76,5 +113,5 @@ class Presence:
             if self._db is not None:
                 for client_id, at in self._db.execute("SELECT client_id, seen FROM presence"):
                     seen[client_id] = max(at, seen.get(client_id, at))
-        oldest = time.time() - self.heartbeat_seconds * MISSED_HEARTBEATS
+        oldest = time.time() - self.window()
         return [c.client_id for c in clients if seen.get(c.client_id, -1.0) >= oldest]
