@@ -218,9 +218,11 @@ def test_async_rounds_never_wait_for_a_slow_client_and_count_every_update_once( 
     assert all(len(u) >= 2 for u in per_round)
     ids = [u.update_id for ups in per_round for u in ups]
     assert len(ids) == len(set(ids))  # each update counted in exactly one version
-    # The fast clients were in every version; the slow one in fewer, with stale updates still counted.
-    fast = {a._client_id for a in agents[:2]}
-    assert all(fast <= {u.client_id for u in ups} for ups in per_round[1:])
+    # The fast clients were never held back: each is in at least 4 of the 5 versions (a buffer closes
+    # the moment its second update lands, so the slow client's stale update can push one fast
+    # client's update to the next version, where it still counts); the slow one in fewer.
+    for fast_id in (a._client_id for a in agents[:2]):
+        assert sum(fast_id in {u.client_id for u in ups} for ups in per_round) >= 4
     slow_rounds = [r for r, ups in enumerate(per_round, 1) if slow_id in {u.client_id for u in ups}]
     assert 1 <= len(slow_rounds) < 5
     metrics = [json.loads(r.metrics_json) for r in status.history]

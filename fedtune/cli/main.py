@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     _setup_logging()
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C stops the command cleanly (an agent sends its Leave) even when the shell started it
+    # with SIGINT ignored, as non-interactive shells do for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rv = app(args=argv, standalone_mode=False)
     except FedtuneError as e:
