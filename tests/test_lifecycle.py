@@ -166,7 +166,9 @@ def test_a_sigint_client_leaves_and_its_round_does_not_wait_for_it(coordinator, 
     try:
         wait_until(lambda: "round 1: task" in logs[2].read_text(), timeout=120, what="client 2's task")
         agents[2].send_signal(signal.SIGINT)
-        assert agents[2].wait(timeout=30) == 130, logs[2].read_text()[-2000:]
+        # Exit status 130 as a shell reports it: exit(130), or (when the interrupt lands while the
+        # interpreter is already exiting) death by the SIGINT itself, which a shell also shows as 130.
+        assert agents[2].wait(timeout=30) in (130, -signal.SIGINT), logs[2].read_text()[-2000:]
         assert "left the job: task" in logs[2].read_text()
         for i in (0, 1):
             assert agents[i].wait(timeout=300) == 0, logs[i].read_text()[-2000:]
