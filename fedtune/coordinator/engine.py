@@ -119,7 +119,6 @@ class RoundEngine:
         self._lock = threading.Lock()
         # Called after every change a client could be waiting for (long-polls wake on it).
         self._listeners: list[Callable[[], None]] = []
-        self._progressed = False
         # Rounds aggregated but not yet evaluated and published (0: the base's evaluation), in order.
         self._publish: queue.Queue[int | None] = queue.Queue()
         self._publisher: threading.Thread | None = None
@@ -173,20 +172,20 @@ class RoundEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            self._progressed = False
+            progressed = False
             try:
                 before = self.fingerprint()
                 if not self.tick():
                     self._changed()
                     return
                 if self.fingerprint() != before:
-                    self._progressed = True
+                    progressed = True
                     self._changed()
             except Exception as e:  # a bug or a broken base model: the job fails visibly, the service lives
                 log.exception("job %s failed", self.job_id)
                 self._fail(e)
                 return
-            if not self._progressed:
+            if not progressed:
                 self._wake.wait(self._sleep_seconds())
 
     def _fail(self, e: Exception) -> None:

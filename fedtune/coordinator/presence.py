@@ -49,14 +49,18 @@ class Presence:
             # The idle interval, for engines in other processes (their window widens with it).
             self._db.execute("CREATE TABLE IF NOT EXISTS pacing (key TEXT PRIMARY KEY, value REAL NOT NULL)")
 
-    def touch(self, client_id: str) -> None:
-        """Records a heartbeat."""
+    def touch(self, client_id: str) -> bool:
+        """Records a heartbeat. Returns True when the client was away (never seen, or silent for
+        longer than the window) until now."""
         now = time.time()
         with self._lock:
+            before = self._seen.get(client_id)
+            returning = before is None or now - before > max(self.heartbeat_seconds, self.interval) * MISSED_HEARTBEATS
             self._seen[client_id] = now
             if self._db is not None and now - self._written.get(client_id, 0.0) >= self.heartbeat_seconds / 2:
                 self._db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (client_id, now))
                 self._written[client_id] = now
+        return returning
 
     def window(self) -> float:
         """Seconds since its last heartbeat within which a client counts as connected."""

@@ -391,9 +391,7 @@ class Coordinator:
         older. ``training_task_id``: the client is training that task; presence only.
         ``active``: whether the caller is still connected (a held call ends when it is not).
         """
-        returning = not self.presence.is_live(client.client_id)
-        self.presence.touch(client.client_id)
-        if returning:
+        if self.presence.touch(client.client_id):  # a client back (or new): a cohort may now fill
             self.wake(client.job_id)
         if training_task_id:
             return Decision("wait", message=f"training {training_task_id}",
