@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedtune.client.channel import ClientTls, connection_problem, open_channel
+from fedtune.client.channel import ClientTls, open_channel
 from fedtune.coordinator.server import start
 from fedtune.coordinator.tls import ServerTls
 from fedtune.crypto.certs import init_certs
@@ -159,7 +159,8 @@ def test_connection_problem_names_a_timeout() -> None:
         try:
             pb_grpc.AdminServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=1)
         except grpc.RpcError as e:
-            message = connection_problem(e, address, tls_configured=False)
+            problem = ClientTls(insecure=True).diagnose(e, address)
+            message = problem.message if problem is not None else None
         finally:
             channel.close()
     assert message is not None and "(timed out)" in message and address in message

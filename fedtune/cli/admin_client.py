@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from fedtune.client.channel import INSECURE, ClientTls, diagnose_connection, open_channel
+from fedtune.client.channel import INSECURE, ClientTls, open_channel
 from fedtune.errors import AuthError, FedtuneError, Unavailable, from_rpc_error
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
@@ -83,8 +83,7 @@ class AdminClient:
     def error(self, err: grpc.RpcError) -> FedtuneError:
         """The domain error for a failed call: what is wrong with the connection, and the flag that
         fixes it, when the call never reached the coordinator; else the coordinator's own answer."""
-        problem = diagnose_connection(err, self.address, not self.tls.insecure, ca_cert=self.tls.ca_cert,
-                                      client_cert=self.tls.cert is not None)
+        problem = self.tls.diagnose(err, self.address)
         if problem is None:
             return from_rpc_error(err)
         return AuthError(problem.message) if problem.credentials else Unavailable(problem.message)

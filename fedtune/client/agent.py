@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune import __version__
-from fedtune.client.channel import ClientTls, diagnose_connection, is_tls_failure, is_transient, open_channel
+from fedtune.client.channel import ClientTls, is_tls_failure, is_transient, open_channel
 from fedtune.client.local_base import BaseFile, verified_base
 from fedtune.client.secure import SecureParticipant
 from fedtune.client.transfer import BlobCache, materialize, upload
@@ -274,8 +274,7 @@ class ClientAgent:
                 self._reached = True
                 return out
             except grpc.RpcError as e:
-                problem = diagnose_connection(e, self.address, not self.tls.insecure, ca_cert=self.tls.ca_cert,
-                                              client_cert=self.tls.cert is not None)
+                problem = self.tls.diagnose(e, self.address)
                 if is_tls_failure(e) or (problem is not None and problem.credentials and not self._reached):
                     raise AuthError(problem.message if problem is not None else
                                     f"TLS with coordinator {self.address} failed: {e.details()}") from e

@@ -52,6 +52,11 @@ class ClientTls:
         except OSError as e:
             raise InvalidInput(f"cannot read TLS file: {e}") from e
 
+    def diagnose(self, error: grpc.RpcError, address: str) -> ConnectionProblem | None:
+        """:func:`diagnose_connection` of a call made with these settings."""
+        return diagnose_connection(error, address, not self.insecure, ca_cert=self.ca_cert,
+                                   client_cert=self.cert is not None)
+
 
 INSECURE = ClientTls(insecure=True)
 
@@ -159,17 +164,3 @@ def diagnose_connection(error: grpc.RpcError, address: str, tls_configured: bool
         last = details.split("last error:", 1)[-1].strip()
         return ConnectionProblem(f"cannot connect to the coordinator at {address}: {last}", False)
     return None
-
-
-def connection_problem(error: grpc.RpcError, address: str, tls_configured: bool, *,
-                       ca_cert: Path | None = None, client_cert: bool = False) -> str | None:
-    """One line saying why a call did not reach the coordinator at ``address``, or None when it did.
-
-    Names whether the address refused the connection, timed out, or failed TLS and how (plaintext
-    peer, certificate not signed by the CA, client certificate required or refused), with the flag
-    that fixes it. See :func:`diagnose_connection` for the arguments; "socket closed" can also be a
-    coordinator going away mid-connection, so a caller that retries should treat it as final only
-    on a first connection.
-    """
-    problem = diagnose_connection(error, address, tls_configured, ca_cert=ca_cert, client_cert=client_cert)
-    return problem.message if problem is not None else None
