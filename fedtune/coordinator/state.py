@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedtune import STATE_FORMAT, __version__
 from fedtune.errors import AuthError, NotFound, PreconditionFailed, StateConflict
+from fedtune.registry.tags import TAGS_SCHEMA, AdapterTags
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -212,7 +213,7 @@ class CoordinatorState:
                 raise StateConflict("state dir holds a database that is not a fedtune coordinator's")
         # executescript commits implicitly, so it runs outside the transaction helper.
         with self._lock:
-            self._db.executescript(SCHEMA)
+            self._db.executescript(SCHEMA + TAGS_SCHEMA)  # the registry's tags: a table added, no format bump
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('state_format', ?), ('written_by', ?), ('coordinator_id', ?)",
                 (str(STATE_FORMAT), __version__, uuid.uuid4().hex),
@@ -632,6 +633,11 @@ class CoordinatorState:
         db.execute("UPDATE rounds SET state='published', metrics_json=? WHERE job_id=? AND round=?",
                    (json.dumps(metrics), job_id, rnd))
         db.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (job_id, rnd, path, manifest_json))
+
+    @property
+    def tags(self) -> AdapterTags:
+        """The registry's tags on published rounds (fedtune.registry.tags), written in this database's transactions."""
+        return AdapterTags(self._tx)
 
     def published_count(self, job_id: str) -> int:
         """How many of a job's rounds are published."""
