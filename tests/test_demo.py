@@ -16,6 +16,7 @@ from tests.conftest import fedtune_cmd
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_demo_runs_rounds_and_publishes_a_better_adapter(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = fedtune_cmd("demo", "--clients", "2", "--rounds", "2", "--out", str(out), timeout=600)
@@ -39,6 +40,7 @@ def test_demo_runs_rounds_and_publishes_a_better_adapter(tmp_path: Path) -> None
     assert loaded.returncode == 0 and loaded.stdout.strip() == "PeftModelForCausalLM", loaded.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_secure_demo_without_out_keeps_its_adapter_in_the_working_dir(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fedtune", "demo", "--clients", "3", "--rounds", "1", "--secure"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False,

@@ -230,6 +230,7 @@ def test_client_killed_mid_round_round_closes_at_deadline(cluster: Cluster, fed_
     assert rnd["metrics"]["seconds"] >= 19
 
 
+@pytest.mark.slow
 def test_coordinator_killed_mid_round_resumes_without_losing_or_doubling_updates(cluster: Cluster, fed_data) -> None:  # type: ignore[no-untyped-def]
     clients, eval_file = fed_data
     cluster.start_coordinator()
@@ -309,6 +310,7 @@ def test_a_qlora_agent_trains_on_an_nf4_base(coordinator, admin, fed_data, tmp_p
     assert rnd.metrics["eval_loss"] < json.loads(state.job(job).base_eval_json)["eval_loss"]
 
 
+@pytest.mark.slow
 def test_coordinator_killed_mid_job_under_fedadam_ends_as_an_uninterrupted_run(tmp_path: Path, fed_data) -> None:  # type: ignore[no-untyped-def]
     """FedAdam's moments are durable with each round: a coordinator SIGKILLed after round 1 resumes
     with them, and the final adapter equals an uninterrupted run's."""
@@ -352,6 +354,7 @@ def test_coordinator_killed_mid_job_under_fedadam_ends_as_an_uninterrupted_run(t
         assert torch.allclose(moments[0][k], moments[1][k], rtol=1e-6, atol=1e-12), k
 
 
+@pytest.mark.slow
 def test_coordinator_killed_mid_job_in_async_mode_loses_and_doubles_no_update(cluster: Cluster, fed_data) -> None:  # type: ignore[no-untyped-def]
     clients, eval_file = fed_data
     cluster.start_coordinator()

@@ -198,6 +198,7 @@ def test_a_client_given_a_dead_address_exits_5_within_its_connect_timeout(tmp_pa
     assert took < 60  # interpreter start and imports included
 
 
+@pytest.mark.slow
 def test_a_coordinator_killed_between_aggregating_and_publishing_a_round_publishes_it_once(  # type: ignore[no-untyped-def]
         tmp_path: Path) -> None:
     # A large evaluation set: round r's evaluation (beside round r+1) takes long enough to kill in.

@@ -60,6 +60,7 @@ def test_by_key_partition_and_bad_requests(pool: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_100_client_simulation_completes_on_ray(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text(
@@ -96,6 +97,7 @@ def _sim_spec(tmp_path: Path, clients: int) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_batched_virtual_clients_publish_what_one_client_per_task_does(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
