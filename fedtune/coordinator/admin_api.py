@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedtune import __version__
+from fedtune.coordinator import registry_api
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator
 from fedtune.coordinator.store import CHUNK_SIZE
@@ -111,16 +112,19 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @unary
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersReply:
-        if request.job_id:
-            self.co.state.job(request.job_id)
-        rows = self.co.state.published(request.job_id or None)
-        return pb.ListAdaptersReply(adapters=[
-            pb.AdapterInfo(job_id=j, round=r, path=p, manifest_json=m) for j, r, p, m in rows
-        ])
+        return registry_api.list_adapters(self.co, request)
+
+    @unary
+    def TagAdapter(self, request: pb.TagAdapterRequest, context: grpc.ServicerContext) -> pb.TagAdapterReply:
+        return registry_api.tag_adapter(self.co, request)
+
+    @unary
+    def UntagAdapter(self, request: pb.UntagAdapterRequest, context: grpc.ServicerContext) -> pb.TagAdapterReply:
+        return registry_api.untag_adapter(self.co, request)
 
     @streaming
     def PullAdapter(self, request: pb.PullAdapterRequest, context: grpc.ServicerContext) -> Iterator[pb.AdapterChunk]:
-        rnd, path, manifest = self.co.adapter_dir(request.job_id, request.round)
+        rnd, path, manifest = registry_api.pull_target(self.co, request)
         names = sorted(manifest["files"]) + ["fedtune.json"]
         for name in names:
             data = (path / name).read_bytes()

@@ -38,7 +38,7 @@ METHODS: dict[str, str] = {
     _CLIENT_SVC + "Leave": CLIENT,
     **{_ADMIN_SVC + m: ADMIN for m in (
         "CreateJob", "ListJobs", "GetJob", "CancelJob", "CreateToken", "RevokeToken", "GetInfo", "ListAdapters",
-        "PullAdapter")},
+        "PullAdapter", "TagAdapter", "UntagAdapter")},
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
 }

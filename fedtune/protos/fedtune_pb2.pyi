@@ -473,22 +473,26 @@ class CoordinatorInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "tag")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    tag: str
+    def __init__(self, job_id: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("job_id", "round", "path", "manifest_json")
+    __slots__ = ("job_id", "round", "path", "manifest_json", "tags")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     path: str
     manifest_json: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., manifest_json: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAdaptersReply(_message.Message):
     __slots__ = ("adapters",)
@@ -497,12 +501,14 @@ class ListAdaptersReply(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
 
 class PullAdapterRequest(_message.Message):
-    __slots__ = ("job_id", "round")
+    __slots__ = ("job_id", "round", "tag")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    tag: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class AdapterChunk(_message.Message):
     __slots__ = ("path", "sha256", "chunk", "round")
@@ -515,3 +521,33 @@ class AdapterChunk(_message.Message):
     chunk: Chunk
     round: int
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
+
+class TagAdapterRequest(_message.Message):
+    __slots__ = ("job_id", "round", "tag")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    tag: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class UntagAdapterRequest(_message.Message):
+    __slots__ = ("job_id", "tag")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    tag: str
+    def __init__(self, job_id: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class TagAdapterReply(_message.Message):
+    __slots__ = ("job_id", "tag", "round", "previous_round")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ROUND_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    tag: str
+    round: int
+    previous_round: int
+    def __init__(self, job_id: _Optional[str] = ..., tag: _Optional[str] = ..., round: _Optional[int] = ..., previous_round: _Optional[int] = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from . import fedtune_pb2 as fedtune__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -441,6 +441,16 @@ class AdminServiceStub:
                 request_serializer=fedtune__pb2.PullAdapterRequest.SerializeToString,
                 response_deserializer=fedtune__pb2.AdapterChunk.FromString,
                 _registered_method=True)
+        self.TagAdapter = channel.unary_unary(
+                '/fedtune.v1.AdminService/TagAdapter',
+                request_serializer=fedtune__pb2.TagAdapterRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.TagAdapterReply.FromString,
+                _registered_method=True)
+        self.UntagAdapter = channel.unary_unary(
+                '/fedtune.v1.AdminService/UntagAdapter',
+                request_serializer=fedtune__pb2.UntagAdapterRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.TagAdapterReply.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -506,6 +516,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TagAdapter(self, request, context):
+        """Registry: points a tag (production, staging) of a job at one of its published rounds, creating
+        or moving it; moving it to an earlier round is a rollback. NOT_FOUND: no such job or the round
+        is not published; INVALID_ARGUMENT: a bad tag name. A refused call changes no tag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UntagAdapter(self, request, context):
+        """Registry: removes a tag from a job (NOT_FOUND when the job has no such tag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -553,6 +579,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PullAdapter,
                     request_deserializer=fedtune__pb2.PullAdapterRequest.FromString,
                     response_serializer=fedtune__pb2.AdapterChunk.SerializeToString,
+            ),
+            'TagAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagAdapter,
+                    request_deserializer=fedtune__pb2.TagAdapterRequest.FromString,
+                    response_serializer=fedtune__pb2.TagAdapterReply.SerializeToString,
+            ),
+            'UntagAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UntagAdapter,
+                    request_deserializer=fedtune__pb2.UntagAdapterRequest.FromString,
+                    response_serializer=fedtune__pb2.TagAdapterReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -802,6 +838,60 @@ class AdminService:
             '/fedtune.v1.AdminService/PullAdapter',
             fedtune__pb2.PullAdapterRequest.SerializeToString,
             fedtune__pb2.AdapterChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/TagAdapter',
+            fedtune__pb2.TagAdapterRequest.SerializeToString,
+            fedtune__pb2.TagAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UntagAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/UntagAdapter',
+            fedtune__pb2.UntagAdapterRequest.SerializeToString,
+            fedtune__pb2.TagAdapterReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,6 +103,11 @@ class AdapterTags:
             db.execute("INSERT OR REPLACE INTO adapter_tags VALUES (?,?,?,?)", (job_id, tag, rnd, time.time()))
         return TagMove(job_id, tag, rnd, int(prev[0]) if prev else None)
 
+    def by_round(self, job_id: str | None = None) -> dict[tuple[str, int], tuple[str, ...]]:
+        """{(job, round): its tags} of one job, or of all."""
+        with self._tx() as db:
+            return tags_by_round(db, job_id)
+
     def remove(self, job_id: str, tag: str) -> TagMove:
         """Removes ``tag`` from ``job_id``.
 
