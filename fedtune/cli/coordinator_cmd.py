@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fedtune.cli.options import CaCert, ClientCert, ClientKey, Insecure
+
 app = typer.Typer(help="Run the coordinator service.", no_args_is_help=True)
 
 
@@ -24,6 +26,10 @@ def start(
         "--ray-address", help="Run jobs on this existing Ray cluster (HOST:PORT of its head).")] = None,
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="Run jobs as threads in this process, without Ray, quotas or a queue.")] = False,
+    health_port: Annotated[int | None, typer.Option(
+        "--health-port", min=0, max=65535,
+        help="Also serve the gRPC health service, alone and in plaintext, on this port (Kubernetes grpc probes, "
+             "load balancers).")] = None,
 ) -> None:
     """Serve the client API, the admin API and gRPC health until SIGTERM or Ctrl-C.
 
@@ -49,7 +55,8 @@ def start(
     use_ray = bool(ray_address) or (not in_process and ray_installed())
     if not use_ray and not in_process:
         print(f"Ray is not installed: jobs run in this process without quotas; {ENABLE_HINT}", flush=True)
-    serve_forever(state_dir.resolve(), host, port, tls, insecure, ray=use_ray, ray_address=ray_address)
+    serve_forever(state_dir.resolve(), host, port, tls, insecure, ray=use_ray, ray_address=ray_address,
+                  health_port=health_port)
 
 
 @app.command("key")
@@ -81,3 +88,41 @@ def key(
     if not isinstance(private, Ed25519PrivateKey):
         raise InvalidInput(f"{path} holds a {type(private).__name__}, not an Ed25519 key")
     typer.echo(base64.b64encode(raw_public_bytes(private)).decode())
+
+
+@app.command("health")
+def health_check(
+    address: Annotated[str | None, typer.Option(
+        "--address", help="HOST:PORT to probe: the service port, or the --health-port (default: the "
+                          "address in --state-dir, else 127.0.0.1:50051).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", help="A local coordinator's state dir, to read its address and TLS mode.")] = None,
+    service: Annotated[str, typer.Option(
+        "--service", help="Service to ask about: '' (the whole coordinator), fedtune.v1.ClientService or "
+                          "fedtune.v1.AdminService.")] = "",
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the answer.")] = 5.0,
+    ca_cert: CaCert = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    insecure: Insecure = False,
+) -> None:
+    """Probe the coordinator's gRPC health service: exit 0 when SERVING, 1 otherwise (one line says why).
+
+    For Docker's HEALTHCHECK and service managers; Kubernetes probes the --health-port natively.
+    """
+    import json
+
+    from fedtune.cli.admin_client import resolve_address
+    from fedtune.client.channel import ClientTls
+    from fedtune.coordinator.health_port import probe
+
+    tls = ClientTls(ca_cert, client_cert, client_key, insecure)
+    info = state_dir / "coordinator.json" if state_dir is not None else None
+    if address is None and info is not None and info.is_file():
+        # A local coordinator: over TLS its certificate lists localhost and 127.0.0.1 (fedtune certs init).
+        if not insecure and ca_cert is None and json.loads(info.read_text()).get("tls") is False:
+            tls = ClientTls(insecure=True)
+    result = probe(resolve_address(address, state_dir), tls, service, timeout)
+    typer.echo(result.message, err=not result.serving)
+    if not result.serving:
+        raise typer.Exit(1)

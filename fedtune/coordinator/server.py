@@ -89,6 +89,9 @@ class RunningCoordinator:
     coordinator: Coordinator
     health: health.HealthServicer
     lock: IO[str]
+    # --health-port: plaintext, health only (fedtune.coordinator.health_port).
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
 
     def stop(self, grace: float = GRACE_SECONDS) -> None:
         """Stops accepting calls, lets running ones finish for ``grace`` seconds, then stops engines."""
@@ -96,13 +99,18 @@ class RunningCoordinator:
         self.coordinator.release_waiters()  # held heartbeats answer now rather than at the grace's end
         self.server.stop(grace).wait()
         self.coordinator.stop()
+        if self.health_server is not None:
+            self.health_server.stop(0)
         self.lock.close()
 
 
 def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: ServerTls | None = None,
           insecure: bool = False, workers: int = 64, ray: bool = False,
-          ray_address: str | None = None) -> RunningCoordinator:
+          ray_address: str | None = None, health_port: int | None = None) -> RunningCoordinator:
     """Starts the service on ``host:port`` (port 0 picks a free one) over ``state_dir``.
+
+    With ``health_port``, the health service alone is also served in plaintext on that port (for
+    Kubernetes' gRPC probes, which speak no TLS).
 
     TLS is required unless ``insecure`` is set explicitly. With ``ray`` (a local Ray) or
     ``ray_address`` (an existing cluster), jobs run as Ray actors under the scheduler.
@@ -159,11 +167,24 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_server = None
+    if health_port is not None:
+        from fedtune.coordinator.health_port import start_health_server
+
+        try:
+            health_server, health_port = start_health_server(host, health_port, health_servicer)
+        except BaseException:
+            server.stop(0)
+            coordinator.stop()
+            lock.close()
+            raise
     if ray or ray_address:
         try:
             coordinator.use_ray(ray_address)
         except BaseException:
             server.stop(0)
+            if health_server is not None:
+                health_server.stop(0)
             coordinator.stop()
             lock.close()
             raise
@@ -174,20 +195,24 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     address = f"{host}:{bound}"
     (state_dir / ADDRESS_FILE).write_text(json.dumps({
         "address": address, "pid": os.getpid(), "tls": tls is not None,
-        "mtls": tls is not None and tls.client_ca is not None,
+        "mtls": tls is not None and tls.client_ca is not None, "health_port": health_port,
     }))
     log.info("coordinator listening on %s, state in %s", address, state_dir)
-    return RunningCoordinator(address, bound, server, coordinator, health_servicer, lock)
+    return RunningCoordinator(address, bound, server, coordinator, health_servicer, lock, health_server,
+                              health_port)
 
 
 def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, insecure: bool, *,
-                  ray: bool = False, ray_address: str | None = None) -> None:
+                  ray: bool = False, ray_address: str | None = None, health_port: int | None = None) -> None:
     """Runs the coordinator until SIGTERM or SIGINT, then stops it with a grace period."""
-    running = start(state_dir, host, port, tls=tls, insecure=insecure, ray=ray, ray_address=ray_address)
+    running = start(state_dir, host, port, tls=tls, insecure=insecure, ray=ray, ray_address=ray_address,
+                    health_port=health_port)
     mode = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
     jobs = (f"jobs as Ray actors on {ray_address}" if ray_address else "jobs as Ray actors on a local Ray" if ray
             else "jobs in this process")
     print(f"fedtune coordinator listening on {running.address} ({mode}, {jobs}, state dir {state_dir})", flush=True)
+    if running.health_port is not None:
+        print(f"gRPC health (plaintext, health only) on {host}:{running.health_port}", flush=True)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
