@@ -42,6 +42,7 @@ from fedtune.methods import get_method
 from fedtune.methods.base import METHOD_METRICS_METADATA, AfterAggregate
 from fedtune.methods.lora import PRODUCT_ERROR_METADATA, LoraAggregation, declared_rank, travelling
 from fedtune.privacy import DpNoise, RdpAccountant
+from fedtune.registry.lineage import publication_lineage
 from fedtune.spec import JobSpec
 from fedtune.strategies.base import StrategyRun
 from fedtune.tensor_blobs import metadata as blob_metadata
@@ -562,6 +563,7 @@ class RoundEngine:
                                     if plan else {})
         agg = self.spec.aggregation
         extra["aggregation"] = {"strategy": agg.strategy, "options": dict(agg.options), "mode": agg.mode}
+        extra["lineage"] = publication_lineage(self.state, job, rnd)  # spec hash, parent round
         if privacy is not None:
             extra["privacy"] = {**privacy.model_dump(mode="json"), "epsilon": metrics["epsilon"],
                                 "accountant": "rdp-subsampled-gaussian"}
