@@ -314,6 +314,72 @@ class UploadReply(_message.Message):
     bytes_received: int
     def __init__(self, update_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
+class AdminIdentity(_message.Message):
+    __slots__ = ("name", "role", "kind", "created_unix", "created_by", "key_fingerprint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    kind: str
+    created_unix: float
+    created_by: str
+    key_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., kind: _Optional[str] = ..., created_unix: _Optional[float] = ..., created_by: _Optional[str] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
+
+class AddAdminRequest(_message.Message):
+    __slots__ = ("name", "role", "public_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    public_key: bytes
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class AddAdminReply(_message.Message):
+    __slots__ = ("identity", "token")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    identity: AdminIdentity
+    token: str
+    def __init__(self, identity: _Optional[_Union[AdminIdentity, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ListAdminsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdminsReply(_message.Message):
+    __slots__ = ("identities",)
+    IDENTITIES_FIELD_NUMBER: _ClassVar[int]
+    identities: _containers.RepeatedCompositeFieldContainer[AdminIdentity]
+    def __init__(self, identities: _Optional[_Iterable[_Union[AdminIdentity, _Mapping]]] = ...) -> None: ...
+
+class RemoveAdminRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReadAuditRequest(_message.Message):
+    __slots__ = ("limit", "who")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    who: str
+    def __init__(self, limit: _Optional[int] = ..., who: _Optional[str] = ...) -> None: ...
+
+class ReadAuditReply(_message.Message):
+    __slots__ = ("lines", "truncated")
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    truncated: bool
+    def __init__(self, lines: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec_yaml",)
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]

@@ -385,8 +385,9 @@ class ClientService:
 
 class AdminServiceStub:
     """---------------------------------------------------------------------------------------------
-    Admin service, for operators and consumers. Every call carries the coordinator's admin token in
-    the `x-fedtune-admin` metadata key.
+    Admin service, for operators and consumers. Every call carries an admin credential: the
+    coordinator's admin token or an identity's token in the `x-fedtune-admin` metadata key, or a key
+    identity's signature (see AddAdmin). Each method needs a role; every call is audited.
     ---------------------------------------------------------------------------------------------
     """
 
@@ -451,12 +452,33 @@ class AdminServiceStub:
                 request_serializer=fedtune__pb2.UntagAdapterRequest.SerializeToString,
                 response_deserializer=fedtune__pb2.TagAdapterReply.FromString,
                 _registered_method=True)
+        self.AddAdmin = channel.unary_unary(
+                '/fedtune.v1.AdminService/AddAdmin',
+                request_serializer=fedtune__pb2.AddAdminRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.AddAdminReply.FromString,
+                _registered_method=True)
+        self.ListAdmins = channel.unary_unary(
+                '/fedtune.v1.AdminService/ListAdmins',
+                request_serializer=fedtune__pb2.ListAdminsRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.ListAdminsReply.FromString,
+                _registered_method=True)
+        self.RemoveAdmin = channel.unary_unary(
+                '/fedtune.v1.AdminService/RemoveAdmin',
+                request_serializer=fedtune__pb2.RemoveAdminRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.AdminIdentity.FromString,
+                _registered_method=True)
+        self.ReadAudit = channel.unary_unary(
+                '/fedtune.v1.AdminService/ReadAudit',
+                request_serializer=fedtune__pb2.ReadAuditRequest.SerializeToString,
+                response_deserializer=fedtune__pb2.ReadAuditReply.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
     """---------------------------------------------------------------------------------------------
-    Admin service, for operators and consumers. Every call carries the coordinator's admin token in
-    the `x-fedtune-admin` metadata key.
+    Admin service, for operators and consumers. Every call carries an admin credential: the
+    coordinator's admin token or an identity's token in the `x-fedtune-admin` metadata key, or a key
+    identity's signature (see AddAdmin). Each method needs a role; every call is audited.
     ---------------------------------------------------------------------------------------------
     """
 
@@ -532,6 +554,37 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddAdmin(self, request, context):
+        """Operator identities (role viewer < operator < admin; each method's role is in
+        fedtune/coordinator/roles.py) and the audit log of admin calls. A key identity signs its calls
+        like a client does, with its raw public key (base64) in `x-fedtune-admin-key` as the id.
+        Adds an identity: with public_key, a key identity; without, a token identity whose token is
+        in the reply (shown once, stored as a hash). FAILED_PRECONDITION: the name or key exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdmins(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAdmin(self, request, context):
+        """Removes an identity: its token or key is refused from the next call on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadAudit(self, request, context):
+        """The last lines of the audit log (audit.jsonl in the state dir), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -590,6 +643,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=fedtune__pb2.UntagAdapterRequest.FromString,
                     response_serializer=fedtune__pb2.TagAdapterReply.SerializeToString,
             ),
+            'AddAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAdmin,
+                    request_deserializer=fedtune__pb2.AddAdminRequest.FromString,
+                    response_serializer=fedtune__pb2.AddAdminReply.SerializeToString,
+            ),
+            'ListAdmins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdmins,
+                    request_deserializer=fedtune__pb2.ListAdminsRequest.FromString,
+                    response_serializer=fedtune__pb2.ListAdminsReply.SerializeToString,
+            ),
+            'RemoveAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAdmin,
+                    request_deserializer=fedtune__pb2.RemoveAdminRequest.FromString,
+                    response_serializer=fedtune__pb2.AdminIdentity.SerializeToString,
+            ),
+            'ReadAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadAudit,
+                    request_deserializer=fedtune__pb2.ReadAuditRequest.FromString,
+                    response_serializer=fedtune__pb2.ReadAuditReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fedtune.v1.AdminService', rpc_method_handlers)
@@ -600,8 +673,9 @@ def add_AdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
     """---------------------------------------------------------------------------------------------
-    Admin service, for operators and consumers. Every call carries the coordinator's admin token in
-    the `x-fedtune-admin` metadata key.
+    Admin service, for operators and consumers. Every call carries an admin credential: the
+    coordinator's admin token or an identity's token in the `x-fedtune-admin` metadata key, or a key
+    identity's signature (see AddAdmin). Each method needs a role; every call is audited.
     ---------------------------------------------------------------------------------------------
     """
 
@@ -892,6 +966,114 @@ class AdminService:
             '/fedtune.v1.AdminService/UntagAdapter',
             fedtune__pb2.UntagAdapterRequest.SerializeToString,
             fedtune__pb2.TagAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/AddAdmin',
+            fedtune__pb2.AddAdminRequest.SerializeToString,
+            fedtune__pb2.AddAdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdmins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/ListAdmins',
+            fedtune__pb2.ListAdminsRequest.SerializeToString,
+            fedtune__pb2.ListAdminsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/RemoveAdmin',
+            fedtune__pb2.RemoveAdminRequest.SerializeToString,
+            fedtune__pb2.AdminIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.AdminService/ReadAudit',
+            fedtune__pb2.ReadAuditRequest.SerializeToString,
+            fedtune__pb2.ReadAuditReply.FromString,
             options,
             channel_credentials,
             insecure,
