@@ -9,6 +9,8 @@ import grpc
 
 from fedtune import __version__
 from fedtune.coordinator import registry_api
+from fedtune.coordinator.admin_access import AdminAccess
+from fedtune.coordinator.identity_api import IdentityRpcs
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator
 from fedtune.coordinator.store import CHUNK_SIZE
@@ -22,11 +24,12 @@ DEFAULT_TOKEN_TTL = 24 * 3600
 MAX_TOKEN_USES = 100000
 
 
-class AdminServicer(pb_grpc.AdminServiceServicer):
+class AdminServicer(IdentityRpcs, pb_grpc.AdminServiceServicer):
     """The operator API."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, access: AdminAccess) -> None:
         self.co = coordinator
+        self.access = access  # identities and the audit log (IdentityRpcs)
 
     def _status(self, job_id: str) -> pb.JobStatus:
         co = self.co
@@ -49,6 +52,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 seconds=float(m.get("seconds", 0.0)),
                 client_evals=[pb.ClientEval(client_id=c, num_examples=n, metrics_json=json.dumps(em))
                               for _, c, n, em in evals.get(r.round, [])],
+                # What each client reported with its update (its train loss): `job status --watch`, `job report`.
+                client_updates=[pb.ClientUpdate(client_id=u.client_id, num_examples=u.num_examples,
+                                                metrics_json=json.dumps(u.metrics), bytes=u.size)
+                                for u in co.state.updates(job_id, r.round)],
+                cohort_client_ids=list(r.cohort),
             ))
         clients = [
             pb.ClientSummary(client_id=c.client_id, name=c.name, connected=co.presence.is_live(c.client_id),

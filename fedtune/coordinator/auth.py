@@ -1,33 +1,33 @@
 """Authentication interceptor: every method is denied unless listed here with its credential.
 
-Client calls are signed with the Ed25519 key the client enrolled (see fedtune.crypto.requests);
-admin calls carry the coordinator's admin token in ``x-fedtune-admin``. Join and the standard
-health service are open.
+Client calls are signed with the Ed25519 key the client enrolled (see fedtune.crypto.requests).
+Every AdminService call goes through fedtune.coordinator.admin_access: a credential (the admin
+token, an identity's token or key signature), the role its method needs in ADMIN_RPC_ROLES
+(fedtune/coordinator/roles.py: an admin method missing there is refused for everyone), and one
+audit line. Join and the standard health service are open.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedtune.coordinator.admin_access import AdminAccess
+from fedtune.coordinator.roles import ADMIN_SERVICE
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.crypto.keys import ed25519_public
 from fedtune.crypto.requests import CLIENT_KEY, SIG_KEY, TIME_KEY, verify_request
 from fedtune.errors import AuthError, InvalidInput
 
-ADMIN_KEY = "x-fedtune-admin"
-
 OPEN = "open"
 CLIENT = "client"
-ADMIN = "admin"
 
 _CLIENT_SVC = "/fedtune.v1.ClientService/"
-_ADMIN_SVC = "/fedtune.v1.AdminService/"
+# Admin methods are not listed here: each has its role in ADMIN_RPC_ROLES (fedtune/coordinator/roles.py).
 METHODS: dict[str, str] = {
     _CLIENT_SVC + "Join": OPEN,
     _CLIENT_SVC + "Heartbeat": CLIENT,
@@ -36,9 +36,6 @@ METHODS: dict[str, str] = {
     _CLIENT_SVC + "SecAgg": CLIENT,
     _CLIENT_SVC + "ReportEval": CLIENT,
     _CLIENT_SVC + "Leave": CLIENT,
-    **{_ADMIN_SVC + m: ADMIN for m in (
-        "CreateJob", "ListJobs", "GetJob", "CancelJob", "CreateToken", "RevokeToken", "GetInfo", "ListAdapters",
-        "PullAdapter", "TagAdapter", "UntagAdapter")},
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
 }
@@ -76,25 +73,23 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
 class AuthInterceptor(grpc.ServerInterceptor):
     """Denies by default; checks the credential each listed method needs."""
 
-    def __init__(self, state: CoordinatorState, admin_token: str) -> None:
+    def __init__(self, state: CoordinatorState, access: AdminAccess) -> None:
         self.state = state
-        self.admin_token = admin_token
+        self.access = access
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         """Passes the call on only when its credential checks out."""
-        kind = METHODS.get(details.method)
         handler = continuation(details)
+        if details.method.startswith(ADMIN_SERVICE):
+            # Credential, role and an audit line, refusals included (deny by default).
+            return self.access.gate(handler, details)
+        kind = METHODS.get(details.method)
         if kind is None:
             return _deny(handler, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {details.method}")
-        if kind == ADMIN:
-            given = metadata_value(details.invocation_metadata, ADMIN_KEY)
-            if not given or not hmac.compare_digest(given, self.admin_token):
-                return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
-                             "admin token missing or wrong: pass --state-dir of the coordinator or set FEDTUNE_ADMIN_TOKEN")
-        elif kind == CLIENT:
+        if kind == CLIENT:
             md = details.invocation_metadata
             client_id = metadata_value(md, CLIENT_KEY)
             try:

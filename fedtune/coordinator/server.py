@@ -17,6 +17,7 @@ from typing import IO, TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedtune.coordinator.admin_access import AdminAccess
 from fedtune.coordinator.auth import AuthInterceptor
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.coordinator.tls import ServerTls, is_loopback
@@ -133,10 +134,11 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     except BaseException:
         lock.close()
         raise
-    token = admin_token(state_dir)
+    # The state dir's admin token is the built-in admin; identities and the audit log sit beside it.
+    access = AdminAccess(state_dir, admin_token(state_dir))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[AuthInterceptor(state, token)],
+        interceptors=[AuthInterceptor(state, access)],
         options=SERVER_OPTIONS,
     )
     try:
@@ -164,7 +166,7 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     # Held heartbeats (long-polls) each take a server thread: keep some for every other call.
     coordinator.set_long_poll_slots(workers - RESERVED_WORKERS)
     pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
-    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator, access), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_server = None

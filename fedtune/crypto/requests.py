@@ -12,6 +12,7 @@ import base64
 import time
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedtune.errors import AuthError
@@ -19,6 +20,8 @@ from fedtune.errors import AuthError
 CLIENT_KEY = "x-fedtune-client"
 TIME_KEY = "x-fedtune-time"
 SIG_KEY = "x-fedtune-sig"
+# An operator's key identity signs admin calls the same way; its id is its public key (base64).
+ADMIN_ID_KEY = "x-fedtune-admin-key"
 # Clock skew tolerated between a client and the coordinator.
 MAX_SKEW_SECONDS = 300.0
 
@@ -32,6 +35,14 @@ def sign_request(key: Ed25519PrivateKey, method: str, client_id: str, now: float
     ts = f"{time.time() if now is None else now:.3f}"
     sig = base64.b64encode(key.sign(_message(method, client_id, ts))).decode()
     return [(CLIENT_KEY, client_id), (TIME_KEY, ts), (SIG_KEY, sig)]
+
+
+def sign_admin_request(key: Ed25519PrivateKey, method: str, now: float | None = None) -> list[tuple[str, str]]:
+    """gRPC metadata authenticating one admin call by a key identity: :func:`sign_request` with the
+    raw public key (base64) as the id, sent under ``x-fedtune-admin-key``."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    kid = base64.b64encode(raw).decode()
+    return [(ADMIN_ID_KEY if k == CLIENT_KEY else k, v) for k, v in sign_request(key, method, kid, now)]
 
 
 def verify_request(public_key: Ed25519PublicKey, method: str, client_id: str, timestamp: str, signature: str,
