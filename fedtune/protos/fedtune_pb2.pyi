@@ -387,7 +387,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, spec_yaml: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "state", "cohort", "contributors", "metrics_json", "bytes_up", "bytes_down", "seconds", "client_evals")
+    __slots__ = ("round", "state", "cohort", "contributors", "metrics_json", "bytes_up", "bytes_down", "seconds", "client_evals", "client_updates", "cohort_client_ids")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     COHORT_FIELD_NUMBER: _ClassVar[int]
@@ -397,6 +397,8 @@ class RoundSummary(_message.Message):
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_EVALS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    COHORT_CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     cohort: int
@@ -406,7 +408,21 @@ class RoundSummary(_message.Message):
     bytes_down: int
     seconds: float
     client_evals: _containers.RepeatedCompositeFieldContainer[ClientEval]
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., cohort: _Optional[int] = ..., contributors: _Optional[int] = ..., metrics_json: _Optional[str] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., client_evals: _Optional[_Iterable[_Union[ClientEval, _Mapping]]] = ...) -> None: ...
+    client_updates: _containers.RepeatedCompositeFieldContainer[ClientUpdate]
+    cohort_client_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., cohort: _Optional[int] = ..., contributors: _Optional[int] = ..., metrics_json: _Optional[str] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., seconds: _Optional[float] = ..., client_evals: _Optional[_Iterable[_Union[ClientEval, _Mapping]]] = ..., client_updates: _Optional[_Iterable[_Union[ClientUpdate, _Mapping]]] = ..., cohort_client_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ClientUpdate(_message.Message):
+    __slots__ = ("client_id", "num_examples", "metrics_json", "bytes")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    num_examples: int
+    metrics_json: str
+    bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics_json: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ClientEval(_message.Message):
     __slots__ = ("client_id", "num_examples", "metrics_json")
