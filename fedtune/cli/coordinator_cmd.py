@@ -30,6 +30,11 @@ def start(
         "--health-port", min=0, max=65535,
         help="Also serve the gRPC health service, alone and in plaintext, on this port (Kubernetes grpc probes, "
              "load balancers).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535,
+        help="Serve Prometheus metrics over HTTP at /metrics on this port (0 picks a free one).")] = None,
+    metrics_host: Annotated[str | None, typer.Option(
+        "--metrics-host", help="Address of the metrics endpoint (default: the same as --host).")] = None,
 ) -> None:
     """Serve the client API, the admin API and gRPC health until SIGTERM or Ctrl-C.
 
@@ -55,8 +60,18 @@ def start(
     use_ray = bool(ray_address) or (not in_process and ray_installed())
     if not use_ray and not in_process:
         print(f"Ray is not installed: jobs run in this process without quotas; {ENABLE_HINT}", flush=True)
+    if metrics_host is not None and metrics_port is None:
+        raise InvalidInput("--metrics-host needs --metrics-port")
+    if metrics_port and metrics_port == port:
+        raise InvalidInput(f"--metrics-port {metrics_port} is the service's --port: pick another")
+    metrics = None
+    if metrics_port is not None:
+        from fedtune.coordinator.metrics_export import MetricsServer
+
+        # Bound first: a taken port ends the start before the service binds or loads anything.
+        metrics = MetricsServer.bind(metrics_host or host, metrics_port)
     serve_forever(state_dir.resolve(), host, port, tls, insecure, ray=use_ray, ray_address=ray_address,
-                  health_port=health_port)
+                  health_port=health_port, metrics=metrics)
 
 
 @app.command("key")

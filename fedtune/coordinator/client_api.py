@@ -14,7 +14,7 @@ from fedtune.coordinator.service import Coordinator, IncomingUpdate, TaskInfo
 from fedtune.coordinator.state import Client
 from fedtune.coordinator.store import CHUNK_SIZE
 from fedtune.crypto.requests import CLIENT_KEY
-from fedtune.errors import InvalidInput, LimitExceeded
+from fedtune.errors import FedtuneError, InvalidInput, LimitExceeded
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 from fedtune.spec import JobSpec
@@ -130,10 +130,23 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
                 offset += len(data)
         finally:
             self.co.count_download(client, offset - request.offset)
+            self.co.traffic.served(client.job_id, offset - request.offset)
 
     @unary
     def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
         client = self._client(context)
+        try:
+            reply = self._upload(client, request_iterator)
+        except Exception as e:
+            # Counted against the caller's own job: a made-up job id in a header adds no series.
+            self.co.traffic.rejected(client.job_id, (e.status if isinstance(e, FedtuneError)
+                                                     else grpc.StatusCode.INTERNAL).name.lower())
+            raise
+        if not reply.duplicate:
+            self.co.traffic.accepted(client.job_id, reply.bytes_received)
+        return reply
+
+    def _upload(self, client: Client, request_iterator: Iterator[pb.UploadMessage]) -> pb.UploadReply:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidInput("upload stream must start with a header")

@@ -25,6 +25,7 @@ from fedtune.errors import InvalidInput, StateConflict
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from fedtune.coordinator.metrics_export import MetricsServer
     from fedtune.coordinator.service import Coordinator
 
 log = logging.getLogger(__name__)
@@ -205,16 +206,29 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
 
 
 def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, insecure: bool, *,
-                  ray: bool = False, ray_address: str | None = None, health_port: int | None = None) -> None:
-    """Runs the coordinator until SIGTERM or SIGINT, then stops it with a grace period."""
-    running = start(state_dir, host, port, tls=tls, insecure=insecure, ray=ray, ray_address=ray_address,
-                    health_port=health_port)
+                  ray: bool = False, ray_address: str | None = None, health_port: int | None = None,
+                  metrics: MetricsServer | None = None) -> None:
+    """Runs the coordinator until SIGTERM or SIGINT, then stops it with a grace period.
+
+    ``metrics``: a Prometheus endpoint bound beforehand (a taken port stops the start before the
+    service binds anything); it exports this coordinator's jobs once it runs.
+    """
+    try:
+        running = start(state_dir, host, port, tls=tls, insecure=insecure, ray=ray, ray_address=ray_address,
+                        health_port=health_port)
+    except BaseException:
+        if metrics is not None:
+            metrics.stop()
+        raise
     mode = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
     jobs = (f"jobs as Ray actors on {ray_address}" if ray_address else "jobs as Ray actors on a local Ray" if ray
             else "jobs in this process")
     print(f"fedtune coordinator listening on {running.address} ({mode}, {jobs}, state dir {state_dir})", flush=True)
     if running.health_port is not None:
         print(f"gRPC health (plaintext, health only) on {host}:{running.health_port}", flush=True)
+    if metrics is not None:
+        metrics.attach(running.coordinator)
+        print(f"Prometheus metrics on {metrics.url}", flush=True)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -224,4 +238,6 @@ def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     done.wait()
+    if metrics is not None:
+        metrics.stop()  # before the state it reads closes
     running.stop()

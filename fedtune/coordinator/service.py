@@ -30,6 +30,7 @@ from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
 from fedtune.coordinator.secure_round import join_shares
 from fedtune.coordinator.state import Client, CoordinatorState, FileEntry, Job, SecAggRound, Update
 from fedtune.coordinator.store import ArtifactStore
+from fedtune.coordinator.traffic import TrafficCounts
 from fedtune.coordinator.validation import aggregate_client_evals, check_control, validate_update
 from fedtune.crypto.envelope import SCHEME as ENVELOPE_SCHEME
 from fedtune.crypto.envelope import UpdateBinding
@@ -156,6 +157,8 @@ class Coordinator:
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self._long_poll = True
+        # Uploads and downloads as the client API sees them (the metrics endpoint reads them).
+        self.traffic = TrafficCounts()
 
     def set_long_poll_slots(self, slots: int) -> None:
         """How many heartbeats may be held at once (call before serving)."""
