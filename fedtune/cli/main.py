@@ -18,12 +18,14 @@ import typer
 from fedtune import __version__
 from fedtune.cli import (
     adapters_cmd,
+    admin_cmd,
     certs_cmd,
     client_cmd,
     coordinator_cmd,
     data_cmd,
     emulator_cmd,
     job_cmd,
+    serve_cmd,
     token_cmd,
 )
 from fedtune.errors import ExitCode, FedtuneError
@@ -38,11 +40,13 @@ app = typer.Typer(
 app.add_typer(coordinator_cmd.app, name="coordinator")
 app.add_typer(job_cmd.app, name="job")
 app.add_typer(token_cmd.app, name="token")
+app.add_typer(admin_cmd.app, name="admin")
 app.add_typer(client_cmd.app, name="client")
 app.add_typer(adapters_cmd.app, name="adapters")
 app.add_typer(certs_cmd.app, name="certs")
 app.add_typer(emulator_cmd.app, name="emulator")
 app.add_typer(data_cmd.app, name="data")
+app.command("serve")(serve_cmd.serve)
 
 
 def _version(value: bool) -> None:
