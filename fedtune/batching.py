@@ -19,7 +19,8 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,16 +111,21 @@ class MultiLoraModel:
     """One frozen causal LM with K LoRA adapters, each sample of a batch routed to its own.
 
     The base model is modified in place (peft injects its layers), as `build_peft_model` does.
-    Adapters may differ in rank, alpha, dropout and target modules.
+    Adapters may differ in rank, alpha, dropout and target modules. Training and evaluation route
+    contiguous segments of a batch (`token_loss_sums`); serving routes any row to any adapter
+    (`route_rows`) and adds and removes adapters while it runs (`add_adapter`, `remove_adapter`).
     """
 
-    def __init__(self, base_model: PreTrainedModel, base: str, adapters: Sequence[AdapterSpec]) -> None:
+    def __init__(self, base_model: PreTrainedModel, base: str, adapters: Sequence[AdapterSpec], *,
+                 name_width: int | None = None) -> None:
         """Wraps `base_model` with the adapters.
 
         Args:
             base_model: A causal LM, e.g. from `fedtune.models.load_causal_lm`.
             base: Its identity; every adapter's `base` must equal it.
             adapters: The adapters, in the order used by every other method.
+            name_width: Digits of the internal adapter names; adapters added later need room
+                (at most ``10**name_width`` adapters over the model's life).
 
         Raises:
             InvalidInput: No adapters, an adapter for another base, an unsupported config, no
@@ -127,19 +133,13 @@ class MultiLoraModel:
         """
         if not adapters:
             raise InvalidInput("no adapters to batch")
+        self._base_id = base
         for k, spec in enumerate(adapters):
-            if spec.base != base:
-                raise InvalidInput(
-                    f"adapter {k} is for base {spec.base!r} but the model is {base!r}; "
-                    "only adapters of one base can share a batch"
-                )
-            if not isinstance(spec.config, LoraConfig):
-                raise InvalidInput(f"adapter {k}: batched training supports LoRA only, got {type(spec.config).__name__}")
-            if spec.config.use_dora or spec.config.lora_bias:
-                raise InvalidInput(f"adapter {k}: batched training supports plain LoRA, not DoRA or LoRA bias")
+            self._check_spec(k, spec)
         # Equal-length names: peft picks an adapter's keys by substring, so none may contain another.
-        width = max(3, len(str(len(adapters) - 1)))
-        self.names = [f"fedtune_batch_{k:0{width}d}" for k in range(len(adapters))]
+        self._width = name_width or max(3, len(str(len(adapters) - 1)))
+        self._next_id = len(adapters)
+        self.names = [self._name(k) for k in range(len(adapters))]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with warnings.catch_warnings():
             # peft reads a property transformers 5 deprecated; users cannot act on the warning.
@@ -164,25 +164,176 @@ class MultiLoraModel:
         # The injected transformers model, called directly: PeftModel's forward adds nothing here.
         self._lm: Any = peft.base_model.model
         # Any: peft types its layers' ModuleDicts as tensors or modules.
-        self._layers: list[Any] = [m for m in peft.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in self._layers:
+        self._layers: list[Any] = []
+        self._hooked: set[int] = set()
+        self._attach_layers()
+        self._params = [self._adapter_params(name) for name in self.names]
+        for params in self._params:
+            for p in params:
+                p.requires_grad_(True)
+        self._segments: list[_Segment] | None = None
+        # Row routing (serving): each row's slot (0 = base only, k + 1 = adapter k) and, when all
+        # rows share one slot, that slot; per layer, every adapter's weights stacked by slot.
+        self._rows: tuple[torch.Tensor, int | None] | None = None
+        self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]] | None] = {}
+        for k, spec in enumerate(adapters):
+            if spec.state is not None:
+                self.load_state(k, spec.state)
+
+    def _name(self, k: int) -> str:
+        return f"fedtune_batch_{k:0{self._width}d}"
+
+    def _check_spec(self, k: int, spec: AdapterSpec) -> None:
+        if spec.base != self._base_id:
+            raise InvalidInput(
+                f"adapter {k} is for base {spec.base!r} but the model is {self._base_id!r}; "
+                "only adapters of one base can share a batch"
+            )
+        if not isinstance(spec.config, LoraConfig):
+            raise InvalidInput(f"adapter {k}: batched training supports LoRA only, got {type(spec.config).__name__}")
+        if spec.config.use_dora or spec.config.lora_bias:
+            raise InvalidInput(f"adapter {k}: batched training supports plain LoRA, not DoRA or LoRA bias")
+
+    def _attach_layers(self) -> None:
+        """Checks peft's layers that hold adapters, deactivates them and hooks the routing on each once."""
+        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            if not (set(getattr(layer, "lora_A", {})) | set(getattr(layer, "lora_embedding_A", {}))):
+                continue  # left behind by a removed adapter: adds nothing
             if not isinstance(layer, LoraLinear):
                 raise InvalidInput(
                     f"batched training adapts Linear layers only; a target is a {type(layer.base_layer).__name__}"
                 )
             if layer.lora_variant:
                 raise InvalidInput("batched training supports plain LoRA, not LoRA variants")
+        for layer in layers:
             # No active adapter: peft's forward yields the base output and our hook adds the deltas.
+            # (peft re-activates its default adapter whenever one is added or deleted.)
             layer.set_adapter([])
-            layer.register_forward_hook(self._route)
-        self._params = [self._adapter_params(name) for name in self.names]
-        for params in self._params:
-            for p in params:
-                p.requires_grad_(True)
-        self._segments: list[_Segment] | None = None
-        for k, spec in enumerate(adapters):
+            if isinstance(layer, LoraLinear) and id(layer) not in self._hooked:
+                layer.register_forward_hook(self._route)
+                self._hooked.add(id(layer))
+        self._layers = [m for m in layers if isinstance(m, LoraLinear)]
+
+    def add_adapter(self, spec: AdapterSpec) -> str:
+        """Adds an adapter after construction; a rejected one leaves the model as it was.
+
+        Args:
+            spec: The adapter, with its weights in `state` (or peft's fresh init seeded by `init_seed`).
+
+        Returns:
+            Its internal name, for `route_rows` and `remove_adapter`; its index is the new last one.
+
+        Raises:
+            InvalidInput: See the constructor; or no room is left in the names (`name_width`).
+        """
+        k = len(self.names)
+        self._check_spec(k, spec)
+        if self._next_id >= 10**self._width:
+            raise InvalidInput(f"this model has held {self._next_id} adapters, the most its names allow")
+        name = self._name(self._next_id)
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with warnings.catch_warnings(), MODEL_BUILD_LOCK, torch.random.fork_rng(devices=cuda):
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            torch.manual_seed(spec.init_seed)
+            try:
+                self.peft_model.add_adapter(name, copy.deepcopy(spec.config))
+            except ValueError as e:
+                raise InvalidInput(f"cannot add LoRA adapter {k} to the base model: {e}") from e
+        self._next_id += 1
+        self.names.append(name)
+        try:
+            self._attach_layers()
+            self._params.append(self._adapter_params(name))
             if spec.state is not None:
                 self.load_state(k, spec.state)
+        except InvalidInput:
+            self.remove_adapter(name)
+            raise
+        self._stacks.clear()
+        return name
+
+    def remove_adapter(self, name: str) -> None:
+        """Deletes an adapter by its internal name; the indices of those after it move down by one.
+
+        Raises:
+            InvalidInput: No adapter has this name.
+        """
+        if name not in self.names:
+            raise InvalidInput(f"no adapter named {name!r} in this model")
+        k = self.names.index(name)
+        self.peft_model.delete_adapter(name)
+        del self.names[k]
+        if k < len(self._params):
+            del self._params[k]
+        self._attach_layers()
+        self._stacks.clear()
+
+    @contextmanager
+    def route_rows(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, row i of every forward pass goes through adapter ``names[i]``.
+
+        Rows may come in any order and mix adapters freely (None: the base alone). Each
+        LoRA-targeted Linear adds ``x @ A_i @ B_i * scale_i`` to row i of its base output, with
+        every adapter's A and B stacked per layer (zero-padded to the layer's largest rank, zero for
+        adapters that skip the layer) and gathered per row: one batched product per layer however
+        many adapters the batch mixes, as Punica's BGMV and S-LoRA do.
+
+        Raises:
+            InvalidInput: A name is not one of this model's adapters.
+        """
+        slot_of = {name: k for k, name in enumerate(self.names, 1)}
+        try:
+            slots = [0 if name is None else slot_of[name] for name in names]
+        except KeyError as e:
+            raise InvalidInput(f"no adapter named {e.args[0]!r} in this model") from e
+        uniform = slots[0] if slots and all(s == slots[0] for s in slots) else None
+        self._rows = (torch.tensor(slots), uniform)
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def _stack(self, layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]] | None:
+        """(A [slots, in, r], B [slots, r, out], scale [slots], scale as floats) of a layer, slot 0 zero."""
+        key = id(layer)
+        if key not in self._stacks:
+            present = [(slot, name) for slot, name in enumerate(self.names, 1) if name in layer.lora_A]
+            stack = None
+            if present:
+                rank = max(layer.r[name] for _, name in present)
+                ref = layer.lora_A[present[0][1]].weight
+                slots = len(self.names) + 1
+                with torch.no_grad():
+                    a = ref.new_zeros(slots, layer.in_features, rank)
+                    b = ref.new_zeros(slots, rank, layer.out_features)
+                    scale = [0.0] * slots
+                    for slot, name in present:
+                        r = layer.r[name]
+                        a[slot, :, :r] = layer.lora_A[name].weight.detach().T
+                        b[slot, :r, :] = layer.lora_B[name].weight.detach().T.to(b.dtype)
+                        scale[slot] = float(layer.scaling[name])
+                stack = (a, b, torch.tensor(scale, dtype=a.dtype), scale)
+            self._stacks[key] = stack
+        return self._stacks[key]
+
+    def _route_rows(self, layer: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        assert self._rows is not None
+        stack = self._stack(layer)
+        if stack is None:
+            return output
+        a, b, scale, scale_values = stack
+        slots, uniform = self._rows
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+        if uniform is not None:
+            if scale_values[uniform] == 0.0:
+                return output  # the base alone, or an adapter that skips this layer
+            # peft's own order of operations: (x A) B, then the scale.
+            delta = (h @ a[uniform]) @ b[uniform] * scale_values[uniform]
+        else:
+            delta = torch.bmm(torch.bmm(h, a[slots]), b[slots]) * scale[slots].view(-1, 1, 1)
+        output += delta.view(output.shape).to(output.dtype)
+        return output
 
     def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
         params: list[torch.nn.Parameter] = []
@@ -192,7 +343,9 @@ class MultiLoraModel:
         return params
 
     def _route(self, layer: Any, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        """Forward hook: adds each segment's own adapter delta to its rows of the base output."""
+        """Forward hook: adds each segment's (or row's) own adapter delta to its rows of the base output."""
+        if self._rows is not None:
+            return self._route_rows(layer, args[0], output)
         if self._segments is None:
             raise RuntimeError("a MultiLoraModel runs only through its own methods, which route samples")
         x = args[0]
@@ -253,6 +406,7 @@ class MultiLoraModel:
             if not torch.isfinite(value).all():
                 raise InvalidInput(f"adapter {k}: tensor {key} holds NaN or infinite values")
         set_peft_model_state_dict(self.peft_model, dict(state), adapter_name=self.names[k])
+        self._stacks.clear()
 
     def train(self, mode: bool = True) -> None:
         """Sets train (dropout on) or eval mode."""
