@@ -94,6 +94,9 @@ def simulate(
     = None,
     out: Annotated[Path | None, typer.Option("--out", help="Keep state, data and adapters here.")] = None,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster.")] = None,
+    coordinator_host: Annotated[str | None, typer.Option(
+        "--coordinator-host", help="Where the simulation's coordinator listens, reachable from every Ray worker "
+        "(default: 127.0.0.1 on a local Ray; with --ray-address, this node's IP as Ray reports it).")] = None,
 ) -> None:
     """Many virtual clients on Ray, through the same code path as real agents."""
     from fedtune.errors import InvalidInput
@@ -105,7 +108,7 @@ def simulate(
     if not config.is_file():
         raise InvalidInput(f"job spec {config} does not exist")
     run_simulation(config, clients, partition, data, ClientResources.parse(client_resources), out, ray_address,
-                   batch_clients, workers)
+                   batch_clients, workers, coordinator_host)
 
 
 def _setup_logging() -> None:
