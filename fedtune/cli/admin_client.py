@@ -1,4 +1,4 @@
-"""How CLI commands reach a coordinator's admin API: address and admin token resolution."""
+"""How CLI commands reach a coordinator's admin API: address and admin credential resolution."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.client.channel import INSECURE, ClientTls, open_channel
+from fedtune.crypto.keys import read_ed25519_private
+from fedtune.crypto.requests import sign_admin_request
 from fedtune.errors import AuthError, FedtuneError, Unavailable, from_rpc_error
 from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 
 ADMIN_KEY = "x-fedtune-admin"
+ADMIN_METHOD = "/fedtune.v1.AdminService/"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # A coordinator listening on every interface is reached over loopback from its own machine.
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -50,20 +54,29 @@ def resolve_admin_token(admin_token: str | None, state_dir: Path | None) -> str:
 
 
 class AdminClient:
-    """A stub plus metadata; each call maps gRPC errors to domain errors."""
+    """A stub plus credentials; each call maps gRPC errors to domain errors.
 
-    def __init__(self, address: str, token: str, tls: ClientTls) -> None:
+    The credential is a token (the coordinator's admin token or an identity's), or the private key
+    of a key identity, which signs each call (method and time) the way client agents sign theirs.
+    """
+
+    def __init__(self, address: str, token: str, tls: ClientTls, key: Ed25519PrivateKey | None = None) -> None:
         self.address = address
         self.tls = tls
         self.channel = open_channel(address, tls)
         self.stub = pb_grpc.AdminServiceStub(self.channel)
-        self.metadata = [(ADMIN_KEY, token)]
+        self.key = key
+        self.metadata = [(ADMIN_KEY, token)] if key is None else []
+
+    def credentials(self, method: str) -> list[tuple[str, str]]:
+        """The metadata authenticating one call of ``method`` (its name in AdminService)."""
+        return self.metadata if self.key is None else sign_admin_request(self.key, ADMIN_METHOD + method)
 
     @classmethod
     def from_options(cls, coordinator: str | None, state_dir: Path | None, admin_token: str | None,
                      ca_cert: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None,
-                     insecure: bool = False) -> AdminClient:
-        """Builds a client from the common CLI options and environment."""
+                     insecure: bool = False, admin_key: Path | None = None) -> AdminClient:
+        """Builds a client from the common CLI options and environment (``admin_key`` wins over tokens)."""
         state_dir = state_dir or (Path(os.environ["FEDTUNE_STATE_DIR"]) if os.environ.get("FEDTUNE_STATE_DIR") else None)
         tls = ClientTls(ca_cert, client_cert, client_key, insecure)
         if not insecure and ca_cert is None and client_cert is None and coordinator is None and state_dir is not None:
@@ -71,12 +84,15 @@ class AdminClient:
             info = state_dir / "coordinator.json"
             if info.exists() and json.loads(info.read_text()).get("tls") is False:
                 tls = INSECURE
-        return cls(resolve_address(coordinator, state_dir), resolve_admin_token(admin_token, state_dir), tls)
+        address = resolve_address(coordinator, state_dir)
+        if admin_key is not None:
+            return cls(address, "", tls, read_ed25519_private(admin_key))
+        return cls(address, resolve_admin_token(admin_token, state_dir), tls)
 
     def call(self, method: str, request: object, timeout: float = 120.0) -> object:
         """Calls a unary admin method by name."""
         try:
-            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+            return getattr(self.stub, method)(request, metadata=self.credentials(method), timeout=timeout)
         except grpc.RpcError as e:
             raise self.error(e) from e
 
@@ -95,23 +111,25 @@ class AdminClient:
 
     def stream(self, method: str, request: object, timeout: float = 600.0) -> object:
         """Calls a streaming admin method by name; iterate the result inside ``guard``."""
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        return getattr(self.stub, method)(request, metadata=self.credentials(method), timeout=timeout)
 
     def close(self) -> None:
         """Closes the channel."""
         self.channel.close()
 
 
-_CONNECTION_PARAMS = ("coordinator", "state_dir", "admin_token", "ca_cert", "client_cert", "client_key", "insecure")
+_CONNECTION_PARAMS = ("coordinator", "state_dir", "admin_token", "admin_key", "ca_cert", "client_cert", "client_key",
+                      "insecure")
 
 
 def admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Gives a CLI command the connection options (--coordinator, --state-dir, --admin-token and
-    the TLS files) and calls it with ``client``, an :class:`AdminClient` built from them."""
+    """Gives a CLI command the connection options (--coordinator, --state-dir, --admin-token or
+    --admin-key, and the TLS files) and calls it with ``client``, an :class:`AdminClient` built from them."""
     from fedtune.cli import options
 
     annotations = {
         "coordinator": options.Coordinator, "state_dir": options.StateDir, "admin_token": options.AdminToken,
+        "admin_key": options.AdminKey,
         "ca_cert": options.CaCert, "client_cert": options.ClientCert, "client_key": options.ClientKey,
         "insecure": options.Insecure,
     }

@@ -20,7 +20,14 @@ StateDir = Annotated[
 ]
 AdminToken = Annotated[
     str | None,
-    typer.Option("--admin-token", envvar="FEDTUNE_ADMIN_TOKEN", help="The coordinator's admin token."),
+    typer.Option("--admin-token", envvar="FEDTUNE_ADMIN_TOKEN",
+                 help="The coordinator's admin token, or an identity's token from `fedtune admin add`."),
+]
+AdminKey = Annotated[
+    Path | None,
+    typer.Option("--admin-key", envvar="FEDTUNE_ADMIN_KEY",
+                 help="Ed25519 private key (PEM or OpenSSH) of a key identity (`fedtune admin add --public-key`): "
+                      "signs each admin call; used instead of any admin token."),
 ]
 
 
