@@ -194,7 +194,7 @@ def test_the_compute_actor_evaluates_with_the_running_jobs_cpu_quotas(
 
     _, eval_file = fed_data
     first = ray_admin.create_job(_spec(eval_file, "one-cpu", 4, "q_proj", cpus=1))
-    compute = backend._computes[ray_coordinator.coordinator.state.job(first).base_hash]
+    compute = backend._computes[(ray_coordinator.coordinator.state.job(first).base_hash, backend.node_of(first))]
 
     def threads(n: int) -> bool:
         return bool(ray.get(compute.actor.threads.remote()) == n)

@@ -136,10 +136,10 @@ def connect(address: str | None, state_dir: Path, *, num_cpus: int | None = None
     return ray
 
 
-def this_node_resource(ray: Any) -> str:
-    """The custom resource that pins work to the driver's node (``node:<ip>``)."""
+def node_ip(ray: Any) -> str:
+    """This process's Ray node's IP, as Ray reports it: where the cluster's other nodes reach this one."""
     node_id = ray.get_runtime_context().get_node_id()
     for node in ray.nodes():
         if node["NodeID"] == node_id:
-            return f"node:{node['NodeManagerAddress']}"
+            return str(node["NodeManagerAddress"])
     raise Unavailable("this process's Ray node is not in the cluster's node list")

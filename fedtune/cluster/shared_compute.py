@@ -1,4 +1,4 @@
-"""One compute actor per base on the coordinator's node: every job's aggregation and evaluation.
+"""One compute actor per base and node: the aggregation and evaluation of every job placed there.
 
 Ray tasks would give each concurrent evaluation its own worker process, and each worker imports
 torch, transformers and peft (about 330 MiB) and keeps the models it built; at small bases those
@@ -13,6 +13,10 @@ quotas of the running jobs on the base (at least one, at most the node's cores),
 neither exceeds what was admitted nor runs on one thread when jobs were granted more. (The actor
 itself reserves no CPU: Ray would otherwise start it with ``OMP_NUM_THREADS=1`` and keep it
 there.) GPU evaluations run as Ray tasks that hold the job's GPUs (:mod:`fedtune.cluster.jobs`).
+
+The actor runs on the node where its jobs' quotas are reserved, which need not be the
+coordinator's: it gets the base's weights from the object store and the files it reads (the base's
+config and tokenizer, each job's eval data) as :class:`fedtune.cluster.node_files.NodeFiles`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     # Engines look this actor up by name, which imports this module: it imports torch only inside.
     import torch
 
+    from fedtune.cluster.node_files import JobFiles, NodeFiles
     from fedtune.privacy import DpNoise
     from fedtune.tensor_blobs import Schema
 
@@ -230,13 +235,19 @@ def _torch_threads() -> int:
 class SharedCompute:
     """The body of a base's compute actor (made remote by :class:`fedtune.cluster.jobs.RayBackend`)."""
 
-    def __init__(self, base_dir: str, base_refs: dict[str, Any]) -> None:
+    def __init__(self, base: NodeFiles | str, base_refs: dict[str, Any]) -> None:
+        """Args:
+            base: The base's config and tokenizer (a path on this node, or files from the coordinator's).
+            base_refs: The base's weights in the object store, by tensor name.
+        """
         import ray
         import torch
 
+        from fedtune.cluster.job_compute import base_files_path
         from fedtune.cluster.shared_base import build_from_shared, get_base
         from fedtune.coordinator.evaluator import Evaluator
 
+        base_dir = base_files_path(base)
         arrays = get_base(ray, base_refs)
         device = torch.device("cpu")
 
@@ -284,11 +295,21 @@ class SharedCompute:
         _use_threads(self.batcher.threads)
         return next_global_from_sum(global_in, total, schema, clip, dp, after, strategy)
 
-    def evaluate(self, job: Job, adapter: bytes | None) -> dict[str, float]:
-        """See :meth:`EvalBatcher.evaluate`; ``adapter`` as safetensors bytes."""
+    def evaluate(self, job: Job, adapter: bytes | None, files: JobFiles | None = None) -> dict[str, float]:
+        """See :meth:`EvalBatcher.evaluate`; ``adapter`` as safetensors bytes, ``files``: the job's eval
+        data and emulator when they come from another node."""
+        from fedtune.cluster.node_files import localized
         from fedtune.peft_io import bytes_to_tensors
 
-        return self.batcher.evaluate(job, None if adapter is None else bytes_to_tensors(adapter))
+        return self.batcher.evaluate(localized(job, files), None if adapter is None else bytes_to_tensors(adapter))
+
+    def node(self) -> dict[str, Any]:
+        """Where this actor runs: its Ray node id and process id, and the resources that node has."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        resources = next((n.get("Resources", {}) for n in ray.nodes() if n["NodeID"] == node_id), {})
+        return {"node_id": node_id, "pid": os.getpid(), "resources": resources}
 
     def release(self, job_id: str) -> None:
         """Frees what evaluation kept for a finished job."""

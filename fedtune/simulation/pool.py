@@ -48,11 +48,14 @@ class ClientWorker:
 
     def run_group(self, address: str, members: list[tuple[str, str]], idle_seconds: float) -> dict[str, Any]:
         """Runs one round of each member (data file, state dir); see :func:`run_group`."""
+        import ray
+
         from fedtune.simulation.batched import run_group
         from fedtune.simulation.shared_model import SHARED
 
         out = run_group(address, members, idle_seconds)
-        return {**out, "pid": os.getpid(), "model_builds": SHARED.builds}
+        return {**out, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "model_builds": SHARED.builds}
 
 
 class WorkerPool:
@@ -73,7 +76,7 @@ class WorkerPool:
         self.replaced = 0
         self.pids: set[int] = set()
         self.runs = 0  # virtual-client runs done
-        self.history: list[dict[str, Any]] = []  # per group run: worker, pid, clients, models built so far
+        self.history: list[dict[str, Any]] = []  # per group run: worker, pid, Ray node, clients, models built so far
         for _ in range(max(1, min(warm_at_once, size))):
             self._start_actor(len(self._actors))
 
@@ -136,8 +139,8 @@ class WorkerPool:
             group = self.queue.finished(worker)
             self.pids.add(result["pid"])
             self.runs += len(group)
-            self.history.append({"worker": worker, "pid": result["pid"], "clients": group,
-                                 "model_builds": result["model_builds"]})
+            self.history.append({"worker": worker, "pid": result["pid"], "node_id": result["node_id"],
+                                 "clients": group, "model_builds": result["model_builds"]})
             out.append((group, result))
         return out
 

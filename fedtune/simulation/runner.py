@@ -24,7 +24,7 @@ from typing import Any
 from fedtune.client.channel import INSECURE
 from fedtune.coordinator.server import start
 from fedtune.data import write_synthetic_federation
-from fedtune.errors import FedtuneError, InvalidInput
+from fedtune.errors import FedtuneError, InvalidInput, StateConflict
 from fedtune.report import HEADER, round_row
 from fedtune.simulation.partition import partition, write_partitions
 from fedtune.simulation.schedule import ClientResources, pool_size
@@ -48,10 +48,27 @@ def _init_ray(ray_address: str | None, scratch: Path) -> Any:
     return connect(ray_address, scratch)
 
 
+def _coordinator_host(ray: Any, ray_address: str | None, coordinator_host: str | None) -> tuple[str, str]:
+    """(where the simulation's coordinator listens, the host its virtual clients dial).
+
+    On a local Ray every worker is on this machine: loopback. On a cluster, workers on other nodes
+    must reach it: ``--coordinator-host``, else this node's IP as Ray reports it (what the
+    cluster's nodes already use to reach each other). A wildcard bind is dialled at that IP.
+    """
+    from fedtune.cluster.connect import node_ip
+
+    if coordinator_host is None:
+        host = node_ip(ray) if ray_address else "127.0.0.1"
+        return host, host
+    if coordinator_host in ("0.0.0.0", "::", "[::]"):
+        return coordinator_host, node_ip(ray)
+    return coordinator_host, coordinator_host
+
+
 def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | None = None,
              resources: ClientResources | None = None, out: Path | None = None,
              ray_address: str | None = None, batch_clients: int = 1,
-             workers: int | None = None) -> list[dict[str, Any]]:
+             workers: int | None = None, coordinator_host: str | None = None) -> list[dict[str, Any]]:
     """Runs the job in ``config`` with ``n_clients`` virtual clients; prints the per-round table.
 
     Ends by printing where the last published adapter is and how to load it.
@@ -61,6 +78,8 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
         batch_clients: Cohort members a worker runs at once; above 1 their adapters train in one
             pass of the base (:mod:`fedtune.simulation.batched`).
         workers: Pool size instead of what the resources allow (never more than can be busy at once).
+        coordinator_host: Where the simulation's coordinator listens (default: loopback on a local
+            Ray, this node's IP as Ray reports it with ``ray_address``), reachable from every worker.
 
     Returns:
         The published rounds' metrics.
@@ -107,22 +126,28 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
             # the rest one at a time while clients wait (a shorter first round on a small machine).
             warm = int(os.environ.get("FEDTUNE_SIM_WARM_AT_ONCE", "0")) or size
             pool = WorkerPool(ray, size, resources, batch_clients, worker_level, warm_at_once=max(1, warm))
-            running = start(root / "coordinator", "127.0.0.1", 0, insecure=True)
+            bind, dial = _coordinator_host(ray, ray_address, coordinator_host)
+            try:
+                running = start(root / "coordinator", bind, 0, insecure=True)
+            except StateConflict as e:
+                raise InvalidInput(f"--coordinator-host {bind}: cannot listen there ({e}); pass an address of this "
+                                   "machine that the Ray cluster's workers can reach") from None
+            address = f"{dial}:{running.port}"
             try:
                 co = running.coordinator
                 job = co.create_job(spec_to_yaml(spec)).job_id
                 ids = []
                 for i, path in enumerate(files):
                     token, _, _ = co.state.add_token(job, 1, 3600)
-                    agent = ClientAgent(running.address, token, path, root / "clients" / f"v{i}", INSECURE,
+                    agent = ClientAgent(address, token, path, root / "clients" / f"v{i}", INSECURE,
                                         device="cpu", name=f"v{i}", progress=False)
                     ids.append(agent.enroll())
                 each = "one virtual client" if batch_clients == 1 else f"up to {batch_clients} virtual clients"
                 gpus = f", {resources.gpus:g} GPUs" if resources.gpus else ""
-                print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {running.address}; "
+                print(f"simulation: {n_clients} virtual clients ({scheme}), job {job}, coordinator {address}; "
                       f"{size} workers ({resources.cpus:g} CPUs{gpus} each), {each} at a time on each", flush=True)
                 members = {cid: (str(files[i]), str(root / "clients" / f"v{i}")) for i, cid in enumerate(ids)}
-                metrics = _drive(running, job, ids, members, pool, batch_clients)
+                metrics = _drive(running, address, job, ids, members, pool, batch_clients)
                 # What ran where, for benchmarks and tests (the state dir is kept with --out only).
                 (root / "simulation.json").write_text(json.dumps({
                     "job": job, "clients": n_clients, "workers": size, "batch_clients": batch_clients,
@@ -142,7 +167,7 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _drive(running: Any, job: str, ids: list[str], members: dict[str, tuple[str, str]], pool: Any,
+def _drive(running: Any, address: str, job: str, ids: list[str], members: dict[str, tuple[str, str]], pool: Any,
            batch_clients: int) -> list[dict[str, Any]]:
     """Feeds each round's cohort to the worker pool and prints the table, until the job ends."""
     co = running.coordinator
@@ -184,7 +209,7 @@ def _drive(running: Any, job: str, ids: list[str], members: dict[str, tuple[str,
                 due = due[: max(0, co.spec(job).clients_per_round - len(busy))]
             pool.submit(due)
             launched.update((c, rnd.round, attempt) for c in due)
-        pool.start(running.address, members, IDLE_SECONDS)
+        pool.start(address, members, IDLE_SECONDS)
         for group, result in pool.collect(timeout=0.5):
             if isinstance(result, Exception):
                 # A failed virtual client is a dropout, as a real one would be.
