@@ -17,6 +17,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune.coordinator.roles import ADMIN_RPC_ROLES
 from fedtune.coordinator.server import RunningCoordinator, start
@@ -90,7 +91,15 @@ def test_viewer_reads_but_a_job_or_token_is_refused_audited_and_changes_nothing(
     vera = add_token_identity(root, stub, "vera", "viewer")
     assert vera("GetInfo", pb.GetInfoRequest()).version
     assert [j.job_id for j in vera("ListJobs", pb.ListJobsRequest()).jobs] == [job]
-    assert vera("GetJob", pb.GetJobRequest(job_id=job)).state in ("queued", "running")
+    # A status with clients in it (repeated fields in the reply the audit line summarizes).
+    token = root("CreateToken", pb.CreateTokenRequest(job_id=job)).token
+    with grpc.insecure_channel(running.address) as channel:
+        pb_grpc.ClientServiceStub(channel).Join(pb.JoinRequest(
+            token=token, client_name="c", sign_public_key=raw_public_bytes(Ed25519PrivateKey.generate()),
+            kx_public_key=raw_public_bytes(X25519PrivateKey.generate())), timeout=30)
+    status = vera("GetJob", pb.GetJobRequest(job_id=job))
+    assert status.state in ("queued", "running") and len(status.clients) == 1
+    assert audit_lines(running)[-1]["result"] == {"job_id": job}
     before, lines_before = snapshot(running), len(audit_lines(running))
     code, message = vera.refused("CreateJob", pb.CreateJobRequest(spec_yaml=make_spec()))
     assert code == grpc.StatusCode.PERMISSION_DENIED

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from fedtune.coordinator.roles import ADMIN_RPC_ROLES, Role, allows, method_name
 from fedtune.crypto.keys import ed25519_public
 from fedtune.crypto.requests import ADMIN_ID_KEY, SIG_KEY, TIME_KEY, verify_request
 from fedtune.errors import AuthError, FedtuneError, InvalidInput, PermissionDenied
+
+log = logging.getLogger(__name__)
 
 ADMIN_KEY = "x-fedtune-admin"
 NO_CREDENTIAL = ("admin token missing or wrong: pass --state-dir of the coordinator or set FEDTUNE_ADMIN_TOKEN "
@@ -140,10 +143,14 @@ class AdminAccess:
 
     def _record(self, caller: Caller, name: str, request: Any, context: grpc.ServicerContext, outcome: str,
                 code: grpc.StatusCode, message: str = "", reply: Any = None) -> None:
-        self.audit.append(AuditRecord(
-            who=caller.who, auth=caller.auth, role=str(caller.role) if caller.role else "", method=name,
-            request=describe(request), outcome=outcome, code=code.name, message=message,
-            result=result_of(reply) or None, peer=context.peer() or ""))
+        try:
+            record = AuditRecord(
+                who=caller.who, auth=caller.auth, role=str(caller.role) if caller.role else "", method=name,
+                request=describe(request), outcome=outcome, code=code.name, message=message,
+                result=result_of(reply) or None, peer=context.peer() or "")
+            self.audit.append(record)
+        except Exception:  # the call has run: its answer must not turn into an audit error
+            log.exception("audit record of %s by %s (%s) failed", name, caller.who, outcome)
 
     def _refuse(self, handler: grpc.RpcMethodHandler | None, name: str, caller: Caller, code: grpc.StatusCode,
                 message: str) -> grpc.RpcMethodHandler:

@@ -86,7 +86,8 @@ def result_of(reply: Any) -> dict[str, Any]:
     """The non-secret identifiers a reply carries (a new job's id, a token's id, ...)."""
     if reply is None or not hasattr(reply, "ListFields"):
         return {}
-    return {f.name: v for f, v in reply.ListFields() if f.name in _RESULT_FIELDS and not isinstance(v, bytes)}
+    return {f.name: v for f, v in reply.ListFields()
+            if f.name in _RESULT_FIELDS and isinstance(v, (str, int, float, bool))}
 
 
 class AuditLog:
