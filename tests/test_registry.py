@@ -309,3 +309,26 @@ def test_tags_survive_a_coordinator_restart(reg: Published) -> None:
     (row,) = reg.admin.stub.ListAdapters(pb.ListAdaptersRequest(tag="stable"), metadata=reg.admin.md).adapters
     assert (row.job_id, row.round, list(row.tags)) == (reg.job, 1, ["stable"])
     assert resolve(reg.state_dir, f"{reg.job}@stable").round == 1
+
+
+def test_card_of_a_private_job_states_its_epsilon_round_by_round() -> None:
+    from fedtune.registry.card import render_card
+
+    def manifest(rnd: int, eps: float) -> dict[str, object]:
+        return {"job": "job-1", "job_name": "clinic-notes", "round": rnd, "base_model": "HuggingFaceTB/SmolLM2-135M",
+                "base_model_hash": "ab" * 32, "contributors": 4, "peft": {"method": "lora", "r": 8, "alpha": 16},
+                "aggregation": {"strategy": "fedavg"}, "lineage": {"spec_sha256": "cd" * 32, "parent_round": rnd - 1},
+                "metrics": {"contributors": 4.0, "examples": 512.0, "train_loss": 2.5 / rnd, "eval_loss": 2.0 / rnd,
+                            "epsilon": eps},
+                "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1e-5, "epsilon": eps,
+                            "accountant": "rdp-subsampled-gaussian"}}
+
+    history = [manifest(1, 1.5), manifest(2, 2.25)]
+    text = render_card(history[1], history, data_owners=6)
+    meta = front_matter(text)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and "differential-privacy" in meta["tags"]
+    assert "| differential privacy | epsilon 2.25 at delta 1e-05 (noise multiplier 1.1, clip norm 1," in text
+    assert "| data owners | 6 enrolled; 4 contributed to round 2 |" in text
+    assert "| round | contributors | examples | train loss | eval loss | epsilon |" in text
+    assert "| 1 | 4 | 512 | 2.5 | 2 | 1.5 |" in text and "| 2 | 4 | 512 | 1.25 | 1 | 2.25 |" in text
+    assert "vllm serve" not in text  # not claimed unless the directory passed the vLLM check
