@@ -85,6 +85,12 @@ class JobActor:
         """The actor's process id (tests kill it to check restarts)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this engine runs on: the coordinator's, where the state dir is."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     def imported(self, module: str) -> bool:
         """Whether this actor's process has imported ``module`` (tests check that engines stay small)."""
         import sys
