@@ -219,7 +219,12 @@ class RayBackend:
     def _admit(self, job: Job, node_id: str) -> None:
         """Reserves the job's quota on ``node_id`` and starts it once Ray has placed the reservation."""
         spec = JobSpec.stored(job.spec_json)
-        reservation = reserve(self.ray, demand_of(spec), node_id, f"fedtune-quota-{job.job_id}")
+        try:
+            reservation = reserve(self.ray, demand_of(spec), node_id, f"fedtune-quota-{job.job_id}")
+        except self.ray.exceptions.RaySystemError as e:
+            # The name is still held by the reservation of a coordinator that just died: the next tick retries.
+            log.warning("job %s: cannot reserve its quota yet: %s", job.job_id, str(e).splitlines()[0])
+            return
         self._placing[job.job_id] = (reservation, time.monotonic())
         if reservation.ready(self.ray, timeout=PLACE_WAIT_SECONDS):
             self._placed(job.job_id)
