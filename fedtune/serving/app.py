@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedtune.errors import FedtuneError, InvalidInput
@@ -41,8 +42,6 @@ DEFAULT_COMPLETION_TOKENS = 16
 
 class Engine(Protocol):
     """The part of :class:`fedtune.serving.engine.GenerationEngine` the API uses."""
-
-    stats: Any
 
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> Any: ...
 
@@ -148,7 +147,6 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        rt.metrics.collect_engine(rt.engine.stats)
         rt.metrics.adapters_resident.set(len(rt.pool.resident))
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -235,7 +233,7 @@ async def _generate(rt: Runtime, request: Request, model_cls: type[BaseModel], p
     arrived = time.perf_counter()
     label = UNKNOWN_MODEL
     lease: Lease | None = None
-    slot = False
+    slot = committed = False
     try:
         _authorize(rt, request)
         if rt.inflight >= rt.settings.max_concurrent:
@@ -243,29 +241,35 @@ async def _generate(rt: Runtime, request: Request, model_cls: type[BaseModel], p
                            "retry after the Retry-After seconds")
         rt.inflight += 1
         slot = True
-        body = _parse(await request.body(), model_cls)
+        body = _parse(await _read_body(rt, request), model_cls)
+        # Checked before the adapter is looked up: a bad request never costs a load.
+        prompt_ids = prompt_fn(rt, body)
+        params = _sampling(rt, body, len(prompt_ids))
         try:
             lease = await rt.pool.acquire(body.model)
         except AdapterRejected:
             label = body.model
             raise
         label = lease.canonical
-        prompt_ids = prompt_fn(rt, body)
-        params = _sampling(rt, body, len(prompt_ids))
         try:
             stream = rt.engine.submit(prompt_ids, lease.engine_name, params)
         except InvalidInput as e:
             raise from_domain(e, param="prompt") from e
+        committed = True  # from here the response releases the lease and the slot
     except (ApiError, FedtuneError) as e:
         error = e if isinstance(e, ApiError) else from_domain(e)
         if isinstance(e, FedtuneError) and error.status >= 500:
             log.error("request failed: %s", e)
-        if lease is not None:
-            rt.pool.release(lease)
-        if slot:
-            rt.inflight -= 1
         rt.metrics.request(label, error.status)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is left to read it
+    finally:
+        if not committed:
+            if lease is not None:
+                rt.pool.release(lease)
+            if slot:
+                rt.inflight -= 1
 
     done = _once(lambda: _finish(rt, lease, stream))
     reply = _Reply(rt, body, lease, stream, arrived, chat=isinstance(body, ChatCompletionRequest))
@@ -283,6 +287,15 @@ async def _generate(rt: Runtime, request: Request, model_cls: type[BaseModel], p
         await done()
     rt.metrics.request(label, 200)
     return JSONResponse(result)
+
+
+async def _read_body(rt: Runtime, request: Request) -> bytes:
+    """The request body, within the request's time limit (a client that trickles it in holds a slot)."""
+    try:
+        return await asyncio.wait_for(request.body(), rt.settings.request_timeout)
+    except asyncio.TimeoutError as e:
+        raise ApiError(408, f"the request body did not arrive within {rt.settings.request_timeout:g}s "
+                       "(the server's --request-timeout)", "timeout_error", code="timeout") from e
 
 
 def _parse(raw: bytes, model_cls: type[BaseModel]) -> Any:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported for the app)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -19,8 +16,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 class ServeMetrics:
     """The server's counters, gauges and histograms.
 
-    Batch sizes are the engine's: :meth:`collect_engine` moves the samples it recorded since the
-    last scrape into the histogram.
+    Batch sizes are the engine's, through :meth:`engine_hook`.
     """
 
     def __init__(self) -> None:
@@ -38,7 +34,6 @@ class ServeMetrics:
             buckets=_TTFT_BUCKETS, registry=self.registry)
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind=kind)
-        self._batches_seen = 0
 
     def request(self, model: str, status: int) -> None:
         """Counts one answered request."""
@@ -49,20 +44,14 @@ class ServeMetrics:
         self.tokens.labels(kind="prompt").inc(prompt_tokens)
         self.tokens.labels(kind="completion").inc(completion_tokens)
 
-    def collect_engine(self, stats: Mapping[str, Any]) -> None:
-        """Observes the batch sizes the engine recorded since the last call.
+    def engine_hook(self, name: str, value: float) -> None:
+        """The engine's ``metrics_hook`` (called from its decode thread): each forward pass's batch size.
 
-        Reads ``stats["batch_sizes"]`` (every forward pass's size, in order) when the engine keeps
-        a full list, or else its running ``stats["batches"]`` count with a histogram of sizes
-        (``stats["batch_size_counts"]``: size -> passes).
+        Time to first token is measured by the API from a request's arrival (adapter loading and
+        queueing included, what a client waits), not from the engine's ``ttft_seconds``.
         """
-        sizes = stats.get("batch_sizes")
-        if isinstance(sizes, list | tuple):
-            total = int(stats.get("batches", len(sizes)))
-            new = total - self._batches_seen
-            for size in list(sizes)[-new:] if new > 0 else []:
-                self.batch_size.observe(size)
-            self._batches_seen = max(self._batches_seen, total)
+        if name == "batch_size":
+            self.batch_size.observe(value)
 
     def render(self) -> bytes:
         """The exposition text."""

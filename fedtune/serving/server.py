@@ -8,6 +8,7 @@ import logging
 import shutil
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,8 @@ def _run(options: ServeOptions, source: AdapterSource, public_key: str, base: st
     from fedtune.serving.engine import GenerationEngine
     from fedtune.serving.metrics import ServeMetrics
 
+    # Pulled adapters name the coordinator's path of the base; peft warns on every load that ours differs.
+    warnings.filterwarnings("ignore", message="The PEFT config's `base_model_name_or_path` was renamed")
     base_dir = resolve_base(base, cache)
     base_hash = model_dir_hash(base_dir)
     device = pick_device(options.device)
@@ -170,8 +173,9 @@ def _run(options: ServeOptions, source: AdapterSource, public_key: str, base: st
     # fp32 on the CPU (what plain peft gives); bf16/fp16 on a GPU, as the rest of fedtune loads it.
     model = load_causal_lm(base_dir, device, torch.float32 if device.type == "cpu" else None)
     max_context = _max_context(model, tokenizer)
+    metrics = ServeMetrics()
     engine = GenerationEngine(model, tokenizer, max_batch=options.max_batch, max_context=max_context,
-                              max_queue=max(options.max_concurrent, 1))
+                              max_queue=max(options.max_concurrent, 1), metrics_hook=metrics.engine_hook)
     work_dir = Path(tempfile.mkdtemp(prefix="fedtune-serve-"))
     runtime: Runtime | None = None
     try:
@@ -179,7 +183,6 @@ def _run(options: ServeOptions, source: AdapterSource, public_key: str, base: st
         settings = ServeSettings(max_context=max_context, api_keys=options.api_keys,
                                  max_body_bytes=options.max_body_bytes, request_timeout=options.request_timeout,
                                  max_concurrent=options.max_concurrent, base_name=base)
-        metrics = ServeMetrics()
         pool = AdapterPool(engine, source, public_key=public_key, base_hash=base_hash,
                            max_adapters=options.max_adapters, work_dir=work_dir,
                            on_change=metrics.adapters_resident.set)
