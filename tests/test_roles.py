@@ -325,3 +325,16 @@ def test_the_cli_manages_identities_and_a_viewer_cannot_create_a_job(coordinator
     rows = [json.loads(line) for line in
             fedtune_cmd("admin", "audit", *state, "--who", "kim", "--format", "json", check=True).stdout.splitlines()]
     assert [(r["method"], r["outcome"], r["result"]) for r in rows] == [("CreateJob", "ok", {"job_id": job})]
+
+
+def test_reading_the_audit_log_returns_the_latest_matching_lines(tmp_path: Path) -> None:
+    from fedtune.coordinator.audit import AuditLog
+
+    log = AuditLog(tmp_path)
+    lines = [json.dumps({"who": f"w{i % 3}", "i": i, "pad": "x" * (i % 700)}) for i in range(3000)]
+    (tmp_path / "audit.jsonl").write_text("\n".join(lines) + "\n")  # ~1 MiB: read in many blocks from the end
+    assert log.tail(5) == (lines[-5:], True)
+    assert log.tail(0) == (lines, False)
+    mine = [line for line in lines if '"w1"' in line]
+    assert log.tail(7, "w1") == (mine[-7:], True)
+    assert log.tail(5000, "w1") == (mine, False)

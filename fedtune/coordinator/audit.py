@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -118,19 +119,36 @@ class AuditLog:
 
     def tail(self, limit: int, who: str = "") -> tuple[list[str], bool]:
         """The last ``limit`` lines (0: all), oldest first, optionally only ``who``'s, within
-        :data:`MAX_READ_BYTES`. Returns (lines, whether older matching lines were left out)."""
-        with self.path.open("rb") as f:
-            lines = f.read().decode(errors="replace").splitlines()
-        if who:
-            lines = [ln for ln in lines if _who(ln) == who]
+        :data:`MAX_READ_BYTES`. Returns (lines, whether older matching lines were left out).
+        Reads from the end, so the cost follows what is asked, not the size of the log."""
         picked: list[str] = []
         size = 0
-        for ln in reversed(lines):
-            if (limit and len(picked) >= limit) or size + len(ln) > MAX_READ_BYTES:
-                break
-            picked.append(ln)
-            size += len(ln) + 1
-        return picked[::-1], len(picked) < len(lines)
+        for line in _lines_backwards(self.path):
+            if who and _who(line) != who:
+                continue
+            if (limit and len(picked) >= limit) or size + len(line) > MAX_READ_BYTES:
+                return picked[::-1], True
+            picked.append(line)
+            size += len(line) + 1
+        return picked[::-1], False
+
+
+def _lines_backwards(path: Path, block: int = 1 << 16) -> Iterator[str]:
+    """The lines of a file, last first (a final line without its newline included)."""
+    with path.open("rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        rest = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            parts = (f.read(step) + rest).split(b"\n")
+            rest = parts[0]
+            for raw in reversed(parts[1:]):
+                if raw:
+                    yield raw.decode(errors="replace")
+        if rest:
+            yield rest.decode(errors="replace")
 
 
 def _who(line: str) -> str:
