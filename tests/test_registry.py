@@ -201,7 +201,8 @@ def test_lineage_is_in_every_signed_manifest(reg: Published) -> None:
     with pytest.raises(InvalidInput, match="signature does not verify"):
         verify_adapter_dir(forged_dir, reg.key())
     # A manifest from before lineage (no `lineage` block) still verifies and reads, its new fields None.
-    old = {k: v for k, v in json.loads((path / "fedtune.json").read_text()).items() if k not in ("lineage", "signature")}
+    published = json.loads((path / "fedtune.json").read_text())
+    old = {k: v for k, v in published.items() if k not in ("lineage", "signature")}
     (forged_dir / "fedtune.json").write_text(json.dumps(sign_manifest(old, reg.running.coordinator.keys.signing_key)))
     lin = lineage_of(verify_adapter_dir(forged_dir, reg.key()))
     assert (lin.spec_sha256, lin.parent_round, lin.round, lin.method) == (None, None, ROUNDS, "lora")
@@ -259,7 +260,8 @@ def test_pulled_lora_adapter_is_what_vllm_loads(reg: Published, tmp_path: Path) 
             m = re.fullmatch(r"base_model\.model\.(model\.layers\.\d+\.self_attn\.[qv]_proj)\.lora_([AB])\.weight", key)
             assert m, key
             layer, shape = linear[m.group(1)], tuple(f.get_slice(key).get_shape())
-            assert shape == ((config["r"], layer.in_features) if m.group(2) == "A" else (layer.out_features, config["r"]))
+            want = (config["r"], layer.in_features) if m.group(2) == "A" else (layer.out_features, config["r"])
+            assert shape == want, key
     assert len(keys) == 2 * 2 * base.config.num_hidden_layers  # A and B, q and v, every block
     assert vllm_problems(out, linear_modules={n.rsplit(".", 1)[-1] for n in linear}) == []
     # The checker does fail: what vLLM refuses is named.

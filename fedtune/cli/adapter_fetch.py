@@ -50,7 +50,8 @@ def pull_into(client: AdminClient, job: str, rnd: int, out: Path, tag: str = "")
     tmp.mkdir(parents=True)
     got_round = 0
     try:
-        for msg in client.stream("PullAdapter", pb.PullAdapterRequest(job_id=job, round=rnd, tag=tag)):  # type: ignore[attr-defined]
+        request = pb.PullAdapterRequest(job_id=job, round=rnd, tag=tag)
+        for msg in client.stream("PullAdapter", request):  # type: ignore[attr-defined]
             name = os.path.basename(msg.path)
             if name != msg.path or name.startswith("."):
                 raise InvalidInput(f"coordinator sent a file with an unsafe name {msg.path!r}")

@@ -28,7 +28,8 @@ app = typer.Typer(help="Published adapters: list, pull, verify, tag, card, merge
 @admin_command
 def list_adapters(
     job: Annotated[str | None, typer.Option("--job", help="Only this job's adapters.")] = None,
-    tag: Annotated[str | None, typer.Option("--tag", help="Only the rounds this tag points at (e.g. production).")] = None,
+    tag: Annotated[str | None, typer.Option(
+        "--tag", help="Only the rounds this tag points at (e.g. production).")] = None,
     *,
     client: AdminClient,
     fmt: FormatOpt = Format.text,
@@ -49,7 +50,8 @@ def list_adapters(
         loss = r["metrics"].get("eval_loss")
         loss_s = f"eval_loss {loss:.4f}" if isinstance(loss, float) else "no eval"
         tags_s = f"  [{', '.join(r['tags'])}]" if r["tags"] else ""
-        typer.echo(f"{r['job']}  round {r['round']:>3}  {r['contributors']} contributors  {loss_s}{tags_s}  {r['path']}")
+        typer.echo(f"{r['job']}  round {r['round']:>3}  {r['contributors']} contributors  {loss_s}{tags_s}  "
+                   f"{r['path']}")
     if tag and not rows:
         typer.echo(f"no adapter is tagged {tag}", err=True)
     typer.echo(f"signed by the coordinator key {key} (adapters verify --public-key)", err=True)

@@ -71,7 +71,8 @@ def parse_ref(ref: str) -> Ref:
     """
     job, at, rest = ref.strip().partition("@")
     if not job or (at and not rest) or "@" in rest:
-        raise InvalidInput(f"bad adapter reference {ref!r}: use JOB, JOB@ROUND or JOB@TAG (e.g. job-1a2b3c4d@production)")
+        raise InvalidInput(f"bad adapter reference {ref!r}: use JOB, JOB@ROUND or JOB@TAG "
+                           "(e.g. job-1a2b3c4d@production)")
     if not at or rest == LATEST:
         return Ref(job)
     if rest.isdigit():

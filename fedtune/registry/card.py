@@ -110,7 +110,8 @@ def render_card(manifest: dict[str, Any], history: list[dict[str, Any]], *, data
               "```", ""]
     if vllm_ready:
         lines += ["With vLLM, as one of many LoRA modules over one base:", "", "```bash",
-                  f"vllm serve {lin.base_model} --enable-lora --lora-modules {lin.job}-r{lin.round}=path/to/this/directory",
+                  f"vllm serve {lin.base_model} --enable-lora "
+                  f"--lora-modules {lin.job}-r{lin.round}=path/to/this/directory",
                   "```", ""]
     lines += ["## Provenance", "",
               "`fedtune.json` lists every file of the adapter with its sha256 and is signed with the "

@@ -47,7 +47,8 @@ def check_base(base_dir: Path, manifest: dict[str, Any]) -> None:
     got = model_dir_hash(base_dir)
     if got != want:
         raise InvalidInput(f"base model {base_dir} is not the one the adapter was trained on (its files hash to "
-                           f"{got[:12]}..., the adapter's manifest names {str(want)[:12]}...): pass --base with that model")
+                           f"{got[:12]}..., the adapter's manifest names {str(want)[:12]}...): "
+                           "pass --base with that model")
 
 
 def merge_adapter(adapter_dir: Path, base_dir: Path, out: Path, manifest: dict[str, Any]) -> Path:
