@@ -291,6 +291,13 @@ def test_merged_model_loads_in_transformers_and_matches_base_plus_adapter(reg: P
         want = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
     assert (want - plain).abs().max() > 1e-3  # the adapter changes the output, so equality means something
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Another base (one changed byte) is named and refused before anything is written.
+    other = tmp_path / "other-base"
+    shutil.copytree(base_path, other)
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    refused = reg.cli("adapters", "merge", f"{reg.job}@2", "--out", str(tmp_path / "m2"), "--base", str(other))
+    assert refused.returncode == ExitCode.BAD_INPUT and not (tmp_path / "m2").exists()
+    assert f"base model {other} is not the one the adapter was trained on" in _error_line(refused.stderr)
     # --out must be new: nothing is overwritten.
     again = reg.cli("adapters", "merge", f"{reg.job}@2", "--out", str(merged_dir))
     assert again.returncode == ExitCode.BAD_INPUT and "exists and is not empty" in _error_line(again.stderr)
