@@ -637,7 +637,7 @@ class CoordinatorState:
     @property
     def tags(self) -> AdapterTags:
         """The registry's tags on published rounds (fedtune.registry.tags), written in this database's transactions."""
-        return AdapterTags(self._tx)
+        return AdapterTags(self._tx, self._lock, self._db)
 
     def published_count(self, job_id: str) -> int:
         """How many of a job's rounds are published."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from fedtune.errors import InvalidInput, NotFound
 
@@ -79,8 +80,11 @@ def tags_by_round(db: sqlite3.Connection, job_id: str | None = None) -> dict[tup
 class AdapterTags:
     """The tags table of one coordinator database, written in its transactions."""
 
-    def __init__(self, tx: Transaction) -> None:
+    def __init__(self, tx: Transaction, lock: AbstractContextManager[Any], db: sqlite3.Connection) -> None:
+        """``tx`` opens a write transaction; reads run on ``db`` holding ``lock`` (the state's own)."""
         self._tx = tx
+        self._lock = lock
+        self._db = db
 
     def set(self, job_id: str, rnd: int, tag: str) -> TagMove:
         """Points ``tag`` of ``job_id`` at published round ``rnd`` (creating or moving it).
@@ -105,8 +109,8 @@ class AdapterTags:
 
     def by_round(self, job_id: str | None = None) -> dict[tuple[str, int], tuple[str, ...]]:
         """{(job, round): its tags} of one job, or of all."""
-        with self._tx() as db:
-            return tags_by_round(db, job_id)
+        with self._lock:
+            return tags_by_round(self._db, job_id)
 
     def remove(self, job_id: str, tag: str) -> TagMove:
         """Removes ``tag`` from ``job_id``.
