@@ -341,3 +341,38 @@ def test_card_of_a_private_job_states_its_epsilon_round_by_round() -> None:
     assert "| round | contributors | examples | train loss | eval loss | epsilon |" in text
     assert "| 1 | 4 | 512 | 2.5 | 2 | 1.5 |" in text and "| 2 | 4 | 512 | 1.25 | 1 | 2.25 |" in text
     assert "vllm serve" not in text  # not claimed unless the directory passed the vLLM check
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_merge_unties_embeddings_the_adapter_changes(tmp_path: Path, target: str) -> None:
+    """A base that ties lm_head to embed_tokens (as most small Llamas do): merging a LoRA on one of them
+    in place would change both; the merged model gets its own copy and equals base + adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from fedtune.models import TINY_PRESET, load_tokenizer, materialize_preset
+    from fedtune.registry.merge import merge_adapter
+
+    tok_dir = materialize_preset(TINY_PRESET, tmp_path / "preset")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(load_tokenizer(tok_dir)), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+    base_dir = tmp_path / "tied"
+    LlamaForCausalLM(cfg).save_pretrained(base_dir)
+    load_tokenizer(tok_dir).save_pretrained(base_dir)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", target]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tmp_path / "adapter", base_dir, tmp_path / "merged", {"peft": {"method": "lora"}})
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "adapter"))
+        expected = want.eval()(ids).logits
+    assert not merged.config.tie_word_embeddings
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "merged" / "fedtune-merge.json").read_text())["untied_embeddings"] is True

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import ADAPTER_CONFIG_NAME
+from fedtune.adapters import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from fedtune.errors import InvalidInput
 from fedtune.hashing import model_dir_hash
 
@@ -51,6 +51,34 @@ def check_base(base_dir: Path, manifest: dict[str, Any]) -> None:
                            "pass --base with that model")
 
 
+def untie_if_adapted(base: Any, adapter_dir: Path) -> bool:
+    """Gives the output embeddings their own copy of the weight when the base ties them to the input
+    embeddings and the adapter changes either: merged in place, the change would reach both, while
+    base + adapter changes one. Returns whether it untied them (the merged config then says so).
+    """
+    from safetensors import safe_open
+
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return False
+    out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
+    if out_emb is None or in_emb is None or out_emb.weight is not in_emb.weight:
+        return False
+    with safe_open(str(adapter_dir / SAFETENSORS_WEIGHTS_NAME), framework="pt") as f:
+        touched = any(f".{name}." in key for key in f.keys()  # noqa: SIM118 - safe_open has no __iter__
+                      for name in _module_names(base, out_emb) | _module_names(base, in_emb))
+    if not touched:
+        return False
+    import torch
+
+    out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().clone())
+    base.config.tie_word_embeddings = False
+    return True
+
+
+def _module_names(model: Any, module: Any) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module}
+
+
 def merge_adapter(adapter_dir: Path, base_dir: Path, out: Path, manifest: dict[str, Any]) -> Path:
     """Writes base + adapter, merged, as a full model directory at ``out`` (atomically, fp32 on the CPU).
 
@@ -67,6 +95,7 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out: Path, manifest: dict[s
     check_mergeable(adapter_dir)
     check_base(base_dir, manifest)
     base = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
+    untied = untie_if_adapted(base, adapter_dir)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     try:
         merged = model.merge_and_unload()
@@ -79,7 +108,7 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out: Path, manifest: dict[s
     load_tokenizer(base_dir).save_pretrained(tmp)
     record = {"job": manifest.get("job"), "round": manifest.get("round"), "base_model": manifest.get("base_model"),
               "base_model_hash": manifest.get("base_model_hash"), "adapter_files": manifest.get("files"),
-              "method": (manifest.get("peft") or {}).get("method")}
+              "method": (manifest.get("peft") or {}).get("method"), "untied_embeddings": untied}
     (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
     if out.exists():
         out.rmdir()
