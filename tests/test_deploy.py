@@ -212,7 +212,7 @@ def compose_commands(text: str) -> list[CommandLine]:
             continue
         # Compose interpolates ${VAR} and turns $$ into the literal $ the container's shell sees.
         env = {k: str(v).replace("$$", "$") for k, v in (service.get("environment") or {}).items()}
-        unescape = lambda words: [str(w).replace("$$", "$") for w in words]  # noqa: E731
+        unescape = lambda words: [str(w).replace("$$", "$") for w in words]
         entrypoint = service.get("entrypoint", ["fedtune"])
         command = service.get("command", [])
         entrypoint = shlex.split(entrypoint) if isinstance(entrypoint, str) else entrypoint
@@ -373,7 +373,7 @@ def click_problems(group: Any, name: str, words: list[str], env: dict[str, str])
     with environment(env):
         try:
             command.make_context(" ".join(path), rest)
-        except Exception as e:  # noqa: BLE001 - click's (or typer's vendored click's) UsageError and friends
+        except Exception as e:  # click's (or typer's vendored click's) UsageError and friends
             if not hasattr(e, "format_message"):
                 raise
             return [f"{' '.join(path)}: {e.format_message()}"]

@@ -133,10 +133,11 @@ def health_check(
 
     tls = ClientTls(ca_cert, client_cert, client_key, insecure)
     info = state_dir / "coordinator.json" if state_dir is not None else None
-    if address is None and info is not None and info.is_file():
-        # A local coordinator: over TLS its certificate lists localhost and 127.0.0.1 (fedtune certs init).
-        if not insecure and ca_cert is None and json.loads(info.read_text()).get("tls") is False:
-            tls = ClientTls(insecure=True)
+    # A local coordinator started with --insecure is probed in plaintext (over TLS, its certificate
+    # lists localhost and 127.0.0.1: fedtune certs init).
+    if (address is None and info is not None and info.is_file() and not insecure and ca_cert is None
+            and json.loads(info.read_text()).get("tls") is False):
+        tls = ClientTls(insecure=True)
     result = probe(resolve_address(address, state_dir), tls, service, timeout)
     typer.echo(result.message, err=not result.serving)
     if not result.serving:
