@@ -8,6 +8,7 @@ row's tokens are what it would get alone.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -35,6 +36,8 @@ class RunningBatch:
         self.route = route
         self._num_layers = num_layers
         self._pad_id = pad_id
+        # transformers 5 renamed the cache argument; older 5.x releases know only the old name.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.routes: list[str | None] = []  # each row's adapter, as `route` names it
         self.cache: RowCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns], 1 where a row has a token
@@ -71,8 +74,8 @@ class RunningBatch:
         cache = RowCache(self._num_layers)
         with self.route(routes):
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
+                             position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: cache})
         mask = mask.to(device)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         if self.cache is None or self.mask is None or self.positions is None:
@@ -102,7 +105,7 @@ class RunningBatch:
         ids = torch.tensor(self.last, dtype=torch.long, device=device)[:, None]
         with self.route(self.routes):
             out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions[:, None],
-                             past_key_values=self.cache, use_cache=True)
+                             use_cache=True, **{self._cache_arg: self.cache})
         self.positions = self.positions + 1
         return out.logits[:, -1]
 

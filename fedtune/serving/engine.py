@@ -251,20 +251,23 @@ class GenerationEngine:
             config = PeftConfig.from_pretrained(str(adapter_dir))
         except (OSError, ValueError, TypeError) as e:
             raise InvalidInput(f"cannot read a peft adapter config in {adapter_dir}: {e}") from e
+        weights = Path(adapter_dir) / "adapter_model.safetensors"
+        try:
+            state = load_file(str(weights))
+        except (OSError, ValueError) as e:
+            raise InvalidInput(f"cannot read the adapter weights {weights}: {e}") from e
+        # Base tensors saved beside the adapter (peft saves the output layer when LoRA targets it).
+        changed = self._changed_base_tensors(state)
         adapter: _Adapter | None = None
-        if isinstance(config, LoraConfig) and not config.modules_to_save:
-            weights = Path(adapter_dir) / "adapter_model.safetensors"
+        if isinstance(config, LoraConfig) and not config.modules_to_save and not changed:
             try:
-                state = load_file(str(weights))
-            except (OSError, ValueError) as e:
-                raise InvalidInput(f"cannot read the adapter weights {weights}: {e}") from e
-            try:
-                adapter = self._add_shared(name, config, state)
+                own = {key: value for key, value in state.items() if key not in self._base_keys(state)}
+                adapter = self._add_shared(name, config, own)
             except InvalidInput as e:
                 # A LoRA the routing cannot take (DoRA, an Embedding target...) runs in its own batch.
                 logger.info("adapter %s cannot share the base's batch (%s); it gets its own", name, e)
         if adapter is None:
-            adapter = self._add_own(name, config, Path(adapter_dir))
+            adapter = self._add_own(name, config, Path(adapter_dir), changed)
         with self._cond:
             old = self._adapters.get(name)
             self._adapters[name] = adapter
@@ -287,13 +290,36 @@ class GenerationEngine:
                 route = self._multi.add_adapter(spec)
         return _Adapter(name, SHARED, route)
 
-    def _add_own(self, name: str, config: Any, adapter_dir: Path) -> _Adapter:
+    def _base_keys(self, state: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Saved keys that name a tensor of the base itself -> that tensor's name in the base."""
+        params = dict(self._pristine.named_parameters())
+        found = {}
+        for key in state:
+            name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            if name in params:
+                found[key] = name
+        return found
+
+    def _changed_base_tensors(self, state: dict[str, torch.Tensor]) -> set[str]:
+        """Names of base tensors that the adapter's file holds with other values than the base."""
+        params = dict(self._pristine.named_parameters())
+        return {name for key, name in self._base_keys(state).items()
+                if params[name].shape != state[key].shape
+                or not torch.equal(params[name].detach().cpu(), state[key].to(params[name].dtype))}
+
+    def _add_own(self, name: str, config: Any, adapter_dir: Path, changed: set[str]) -> _Adapter:
         from peft import PeftModel
 
         if config.is_prompt_learning:
             raise InvalidInput(f"adapter {name}: prompt-learning adapters ({config.peft_type}) cannot be served yet")
+        model = _weight_sharing_copy(self._pristine)
+        for param_name in changed:
+            # peft writes these into the base's tensors: this copy gets its own, the shared base stays as it is.
+            module_name, _, attr = param_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attr, torch.nn.Parameter(getattr(module, attr).detach().clone(), requires_grad=False))
         try:
-            peft_model = PeftModel.from_pretrained(_weight_sharing_copy(self._pristine), str(adapter_dir))
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise InvalidInput(f"cannot load adapter {name} from {adapter_dir} onto the base: {e}") from e
         peft_model.eval()
@@ -370,7 +396,9 @@ class GenerationEngine:
     def stats(self) -> dict[str, Any]:
         """Counters for metrics: ``batch_sizes`` (rows of a forward pass -> passes), ``forward_passes``,
         ``tokens_generated``, ``requests_finished``, ``ttft_seconds`` (recent samples),
-        ``requests_waiting``, ``requests_running``, ``adapters``."""
+        ``requests_waiting``, ``requests_running``, ``adapters`` (servable), ``adapters_resident``
+        (in memory: servable plus removed ones still finishing requests) and ``batches`` (the shared
+        batch plus one per adapter that cannot share it)."""
         with self._cond:
             return {"batch_sizes": dict(self._stats["batch_sizes"]),
                     "forward_passes": self._stats["forward_passes"],
@@ -379,7 +407,9 @@ class GenerationEngine:
                     "ttft_seconds": list(self._stats["ttft_seconds"]),
                     "requests_waiting": sum(len(lane.waiting) for lane in self._lanes.values()),
                     "requests_running": sum(len(lane.running) for lane in self._lanes.values()),
-                    "adapters": len(self._adapters)}
+                    "adapters": len(self._adapters),
+                    "adapters_resident": len(self._adapters) + len(self._retired),
+                    "batches": len(self._lanes)}
 
     # -- the decode loop ------------------------------------------------------------------------
 
@@ -435,7 +465,7 @@ class GenerationEngine:
         """One iteration of a lane: drop cancelled rows, let waiting requests join, one decode step."""
         self._leave(lane, [i for i, r in enumerate(lane.running) if not r.stream.cancelled])
         with self._cond:
-            joiners = []
+            joiners: list[_Request] = []
             while lane.waiting and len(lane.running) + len(joiners) < self.max_batch:
                 request = lane.waiting.popleft()
                 if request.stream.cancelled:

@@ -45,15 +45,20 @@ class _GrowingLayer(DynamicLayer):
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if self._k is None or self._v is None:
             self.set(key_states, value_states)
-            return self.keys, self.values
+            return self.kv()
         new = key_states.shape[-2]
         if self._len + new > self._k.shape[-2]:
-            self.set(self.keys, self.values, spare=new + max(_GROWTH, self._len))
+            self.set(*self.kv(), spare=new + max(_GROWTH, self._len))
             assert self._k is not None and self._v is not None
         self._k[:, :, self._len:self._len + new] = key_states
         self._v[:, :, self._len:self._len + new] = value_states
         self._len += new
         self._expose()
+        return self.kv()
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values in use, [rows, heads, length, head_dim] each."""
+        assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
     def _expose(self) -> None:
@@ -79,7 +84,7 @@ class RowCache(Cache):
     def rows(self) -> int:
         """Number of rows."""
         first = self._layer(0)
-        return 0 if first._k is None else first._k.shape[0]
+        return 0 if first._k is None else int(first._k.shape[0])
 
     @property
     def length(self) -> int:
@@ -95,8 +100,8 @@ class RowCache(Cache):
         """Keeps only `rows` (indices into the current rows, in that order) and drops the first
         `skip` columns (padding that none of them uses)."""
         for i in range(len(self.layers)):
-            layer = self._layer(i)
-            layer.set(layer.keys[:, :, skip:].index_select(0, rows), layer.values[:, :, skip:].index_select(0, rows))
+            keys, values = self._layer(i).kv()
+            self._layer(i).set(keys[:, :, skip:].index_select(0, rows), values[:, :, skip:].index_select(0, rows))
 
     @staticmethod
     def concat(first: RowCache, second: RowCache) -> RowCache:
@@ -111,9 +116,9 @@ class RowCache(Cache):
         length = max(first.length, second.length)
         out = RowCache(len(first.layers))
         for i in range(len(first.layers)):
-            a, b = first._layer(i), second._layer(i)
-            keys = torch.cat([_pad_columns(a.keys, length), _pad_columns(b.keys, length)])
-            values = torch.cat([_pad_columns(a.values, length), _pad_columns(b.values, length)])
+            (ka, va), (kb, vb) = first._layer(i).kv(), second._layer(i).kv()
+            keys = torch.cat([_pad_columns(ka, length), _pad_columns(kb, length)])
+            values = torch.cat([_pad_columns(va, length), _pad_columns(vb, length)])
             out._layer(i).set(keys, values)
         return out
 

@@ -127,7 +127,7 @@ class CompletionText:
             ends just before it).
         """
         self.token_ids.append(token_id)
-        text = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = str(self._tokenizer.decode(self.token_ids, skip_special_tokens=True))
         cut = min((i for i in (text.find(s, max(0, self._sent - len(s))) for s in self._stop) if i >= 0),
                   default=-1)
         if cut >= 0:

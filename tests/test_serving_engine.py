@@ -1,0 +1,276 @@
+"""The serving engine against plain peft: batched multi-adapter greedy decoding is token for token
+what `PeftModel.generate` gives each request alone (fp32, CPU, the tiny Llama preset)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+
+from fedtune.errors import InvalidInput, LimitExceeded, NotFound
+from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
+from fedtune.serving.engine import GenerationEngine, RequestStream, SamplingParams, TokenEvent
+
+CPU = torch.device("cpu")
+# Eight LoRA adapters of different ranks, scales and targets (the output layer included).
+LORAS = [
+    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "o_proj", "down_proj"]},
+    {"r": 2, "lora_alpha": 3, "target_modules": ["k_proj", "up_proj", "lm_head"]},
+    {"r": 16, "lora_alpha": 16, "target_modules": ["gate_proj", "v_proj"]},
+    {"r": 1, "lora_alpha": 4, "target_modules": ["o_proj"]},
+    {"r": 6, "lora_alpha": 12, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    {"r": 3, "lora_alpha": 9, "target_modules": ["up_proj", "down_proj"], "use_rslora": True},
+    {"r": 5, "lora_alpha": 5, "target_modules": ["q_proj"], "layers_to_transform": [1]},
+]
+PROMPTS = ["Hello world", "The quick brown fox jumps over", "a", "Federated learning is", "Once upon a time, ",
+           "xyz", "Serving many adapters over one frozen base model", "42"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):  # type: ignore[no-untyped-def]
+    """Every test here runs on one torch thread (see conftest.one_thread)."""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(preset dir, tokenizer, LoRA adapter dirs, an IA3 adapter dir), weights random and non-zero."""
+    out = tmp_path_factory.mktemp("serving")
+    preset = materialize_preset(TINY_PRESET, out / "preset")
+    dirs = []
+    for k, config in enumerate([*LORAS, None]):
+        peft_config = LoraConfig(**config) if config else IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                                    feedforward_modules=["down_proj"])
+        torch.manual_seed(k)
+        model = get_peft_model(load_causal_lm(preset, CPU), peft_config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: the adapter would change nothing
+                    p.normal_(0, 0.3)
+                elif "ia3_l" in name:
+                    p.uniform_(0.2, 2.0)
+        model.save_pretrained(out / f"adapter{k}")
+        dirs.append(out / f"adapter{k}")
+    return preset, load_tokenizer(preset), dirs[:-1], dirs[-1]
+
+
+def _reference(preset: Path, tokenizer, adapter_dir: Path | None, prompt: str,  # type: ignore[no-untyped-def]
+               max_new_tokens: int = MAX_TOKENS) -> list[int]:
+    """Plain peft greedy generation of one request alone."""
+    base = load_causal_lm(preset, CPU)
+    model = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _engine(setup, n_adapters: int = 0, **kwargs) -> GenerationEngine:  # type: ignore[no-untyped-def]
+    preset, tokenizer, loras, _ = setup
+    engine = GenerationEngine(load_causal_lm(preset, CPU), tokenizer, **kwargs)
+    for k in range(n_adapters):
+        engine.add_adapter(f"job@{k}", loras[k])
+    return engine
+
+
+def _collect(stream: RequestStream) -> tuple[list[int], str, str | None]:
+    events = list(stream)
+    return [t for e in events for t in e.token_ids], "".join(e.text for e in events), events[-1].finish_reason
+
+
+def _greedy(max_tokens: int = MAX_TOKENS, **kwargs) -> SamplingParams:  # type: ignore[no-untyped-def]
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kwargs)
+
+
+def test_mixed_batch_equals_plain_peft_token_for_token(setup) -> None:  # type: ignore[no-untyped-def]
+    """8 adapters and the base in flight at once, prompts of different lengths, half of them joining
+    a batch that is already decoding: each request gets exactly what peft gives it alone."""
+    preset, tokenizer, loras, _ = setup
+    engine = _engine(setup, len(LORAS), max_batch=16)
+    names: list[str | None] = [f"job@{k}" for k in range(len(LORAS))] + [None]
+    jobs = [(PROMPTS[i % len(PROMPTS)], names[i]) for i in range(len(names))]
+    first, later = jobs[:5], jobs[5:]
+    engine.start()
+    try:
+        streams = [engine.submit(tokenizer(p)["input_ids"], a, _greedy(24)) for p, a in first]
+        # Join mid-decode: once the first request has streamed two tokens.
+        it = iter(streams[0])
+        head = [next(it), next(it)]
+        streams += [engine.submit(tokenizer(p)["input_ids"], a, _greedy()) for p, a in later]
+        results = [[t for e in [*head, *it] for t in e.token_ids]] + [_collect(s)[0] for s in streams[1:]]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    for (prompt, adapter), got, n in zip(jobs, results, [24] * 5 + [MAX_TOKENS] * 4, strict=True):
+        adapter_dir = loras[int(adapter.split("@")[1])] if adapter else None
+        assert got == _reference(preset, tokenizer, adapter_dir, prompt, n), f"{adapter} on {prompt!r}"
+    # Requests shared passes, and the later ones joined rows that were still running.
+    assert max(stats["batch_sizes"]) > len(first)
+    assert stats["batches"] == 1  # every LoRA, the one on the output layer too, shared the base's passes
+    assert stats["tokens_generated"] == sum(len(r) for r in results)
+    assert len(stats["ttft_seconds"]) == len(jobs)
+
+
+def test_adapters_change_the_text(setup) -> None:  # type: ignore[no-untyped-def]
+    """The test adapters matter: they do not all generate what the base generates."""
+    preset, tokenizer, loras, _ = setup
+    prompt = PROMPTS[1]
+    outputs = {tuple(_reference(preset, tokenizer, d, prompt)) for d in [None, *loras[:4]]}
+    assert len(outputs) >= 4
+
+
+def test_ia3_adapter_runs_in_its_own_batch(setup) -> None:  # type: ignore[no-untyped-def]
+    """A method that cannot share the LoRA pass is served through the same API, beside LoRA requests."""
+    preset, tokenizer, loras, ia3 = setup
+    engine = _engine(setup, 1)
+    engine.add_adapter("ia3-job@1", ia3)
+    engine.start()
+    try:
+        a = engine.submit(tokenizer(PROMPTS[0])["input_ids"], "ia3-job@1", _greedy())
+        b = engine.submit(tokenizer(PROMPTS[3])["input_ids"], "job@0", _greedy())
+        c = engine.submit(tokenizer(PROMPTS[4])["input_ids"], "ia3-job@1", _greedy())
+        d = engine.submit(tokenizer(PROMPTS[5])["input_ids"], None, _greedy())
+        got = [_collect(s)[0] for s in (a, b, c, d)]
+    finally:
+        engine.stop()
+    assert got[0] == _reference(preset, tokenizer, ia3, PROMPTS[0])
+    assert got[1] == _reference(preset, tokenizer, loras[0], PROMPTS[3])
+    assert got[2] == _reference(preset, tokenizer, ia3, PROMPTS[4])
+    # Its batch runs on the base's own tensors, which it leaves as they were.
+    assert got[3] == _reference(preset, tokenizer, None, PROMPTS[5])
+    assert sorted(engine.adapters()) == ["ia3-job@1", "job@0"]
+    assert engine.stats["batches"] == 2
+
+
+def test_seed_reproduces_sampled_text_in_any_batch(setup) -> None:  # type: ignore[no-untyped-def]
+    _, tokenizer, _, _ = setup
+    engine = _engine(setup, 2)
+    prompt = tokenizer(PROMPTS[3])["input_ids"]
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    engine.start()
+    try:
+        alone = _collect(engine.submit(prompt, "job@1", params))[1]
+        # The same request again, now among others with other adapters, seeds and lengths.
+        crowd = [engine.submit(tokenizer(p)["input_ids"], "job@0", SamplingParams(max_tokens=20, seed=i))
+                 for i, p in enumerate(PROMPTS[:4])]
+        again = engine.submit(prompt, "job@1", params)
+        other = engine.submit(prompt, "job@1", SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99))
+        texts = [_collect(s)[1] for s in [again, other, *crowd]]
+    finally:
+        engine.stop()
+    assert texts[0] == alone
+    assert texts[1] != alone
+
+
+def test_stop_strings_and_length(setup) -> None:  # type: ignore[no-untyped-def]
+    """Text ends before the first stop string (never streamed in part); max_tokens ends with "length"."""
+    preset, tokenizer, loras, _ = setup
+    full = tokenizer.decode(_reference(preset, tokenizer, loras[1], PROMPTS[0], 20), skip_special_tokens=True)
+    stop = full[5:7]
+    expected = full[: full.find(stop)]
+    engine = _engine(setup, 2)
+    engine.start()
+    try:
+        prompt = tokenizer(PROMPTS[0])["input_ids"]
+        stopped = engine.submit(prompt, "job@1", _greedy(20, stop=("never there", stop)))
+        events = list(stopped)
+        limited = engine.submit(prompt, "job@1", _greedy(7, stop=("never there",)))
+        ids, text, reason = _collect(limited)
+    finally:
+        engine.stop()
+    assert "".join(e.text for e in events) == expected
+    assert events[-1].finish_reason == "stop"
+    assert all(e.finish_reason is None for e in events[:-1])
+    assert (len(ids), reason, limited.completion_tokens, limited.prompt_tokens) == (7, "length", 7, len(prompt))
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_cancel_frees_the_row(setup) -> None:  # type: ignore[no-untyped-def]
+    _, tokenizer, _, _ = setup
+    engine = _engine(setup, 1)
+    engine.start()
+    try:
+        long = engine.submit(tokenizer(PROMPTS[1])["input_ids"], "job@0", _greedy(200))
+        it = iter(long)
+        next(it)
+        long.cancel()
+        assert len(list(it)) < 200  # the stream ends without running to max_tokens
+        deadline = time.time() + 30
+        while engine.stats["requests_running"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats["requests_running"] == 0
+        ids, _, reason = _collect(engine.submit(tokenizer(PROMPTS[0])["input_ids"], None, _greedy(3)))
+    finally:
+        engine.stop()
+    assert long.completion_tokens < 200
+    assert (len(ids), reason) == (3, "length")
+
+
+def test_async_events(setup) -> None:  # type: ignore[no-untyped-def]
+    preset, tokenizer, loras, _ = setup
+    engine = _engine(setup, 1)
+
+    async def consume() -> list[TokenEvent]:
+        stream = engine.submit(tokenizer(PROMPTS[2])["input_ids"], "job@0", _greedy())
+        return [e async for e in stream.events()]
+
+    engine.start()
+    try:
+        events = asyncio.run(consume())
+    finally:
+        engine.stop()
+    assert [t for e in events for t in e.token_ids] == _reference(preset, tokenizer, loras[0], PROMPTS[2])
+
+
+def test_refusals_change_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    _, tokenizer, loras, _ = setup
+    engine = _engine(setup, 1, max_queue=2, max_context=32)
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    with pytest.raises(InvalidInput, match=r"40 tokens.*context holds 32"):
+        engine.submit(list(range(5, 45)), None, _greedy())
+    with pytest.raises(NotFound, match="no adapter named 'job@9'.*job@0"):
+        engine.submit(prompt, "job@9", _greedy())
+    with pytest.raises(InvalidInput, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidInput, match="cannot read a peft adapter config"):
+        engine.add_adapter("broken", loras[0].parent)
+    first = [engine.submit(prompt, "job@0", _greedy(3)) for _ in range(2)]
+    with pytest.raises(LimitExceeded, match="2 requests are already waiting"):
+        engine.submit(prompt, "job@0", _greedy(3))
+    assert engine.stats["requests_waiting"] == 2 and engine.adapters() == ["job@0"]
+    engine.start()
+    try:
+        assert [_collect(s)[2] for s in first] == ["length", "length"]
+        # A row that reaches the context ends with "length" there.
+        ids, _, reason = _collect(engine.submit(list(range(5, 30)), None, _greedy(50)))
+    finally:
+        engine.stop()
+    assert (len(ids), reason) == (32 - 25, "length")
+
+
+def test_remove_and_replace_adapters(setup) -> None:  # type: ignore[no-untyped-def]
+    """A request accepted before a removal finishes on its adapter; a replaced name serves the new weights."""
+    preset, tokenizer, loras, _ = setup
+    engine = _engine(setup, 2)
+    prompt = tokenizer(PROMPTS[4])["input_ids"]
+    early = engine.submit(prompt, "job@1", _greedy())
+    engine.remove_adapter("job@1")
+    with pytest.raises(NotFound):
+        engine.submit(prompt, "job@1", _greedy())
+    engine.add_adapter("job@0", loras[3])  # the name now serves other weights
+    engine.start()
+    try:
+        before = _collect(early)[0]
+        after = _collect(engine.submit(prompt, "job@0", _greedy()))[0]
+        deadline = time.time() + 30
+        while engine.stats["adapters_resident"] > 1 and time.time() < deadline:  # freed once idle
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert before == _reference(preset, tokenizer, loras[1], PROMPTS[4])
+    assert after == _reference(preset, tokenizer, loras[3], PROMPTS[4])
+    assert engine.adapters() == ["job@0"] and engine.stats["adapters_resident"] == 1
