@@ -65,6 +65,7 @@ def read_ed25519_private(path: Path) -> Ed25519PrivateKey:
         data = path.read_bytes()
     except OSError as e:
         raise InvalidInput(f"cannot read key file {path}: {e.strerror}") from e
+    key: object
     try:
         if b"OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, password=None)
@@ -90,6 +91,7 @@ def read_ed25519_public(path: Path) -> bytes:
         raise InvalidInput(f"cannot read public key file {path}: {e.strerror}") from e
     if b"PRIVATE KEY" in data:
         raise InvalidInput(f"{path} is a private key: pass its public half (openssl pkey -in KEY -pubout)")
+    key: object
     try:
         if data.startswith(b"-----BEGIN"):
             key = serialization.load_pem_public_key(data)
