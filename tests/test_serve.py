@@ -147,7 +147,6 @@ class World:
     tampered: str
     forged: str
     server: Server
-    pulled_server: Server
     pulled: Path
     public_key: str
 
@@ -164,11 +163,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     state_dir = root / "coord"
     plain_base = materialize_preset(TINY_PRESET, state_dir / "models" / "presets" / TINY_PRESET)
     # The same weights with a chat template: another base (its hash differs).
-    chat_base = materialize_preset(TINY_PRESET, root / "chat-base")
+    chat_base = root / "chat-base"
+    shutil.copytree(plain_base, chat_base)
     tok = load_tokenizer(chat_base)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(chat_base)
     pub = Publisher(state_dir)
+    public_key = coordinator_public_key(state_dir)
+    pulled = root / "pulled"
+    pulled.mkdir()
+    (root / "keys.txt").write_text(f"# API keys\n{KEY}\n")
+    (root / "coordinator.pub").write_text(public_key + "\n")
+
+    # The server starts now (importing torch and loading the base take it seconds) while the
+    # adapters are published: it finds them on the first request.
+    server = Server(["--state-dir", str(state_dir), "--base", str(chat_base), "--api-key", "other-key",
+                     "--api-key", KEY, "--max-adapters", "8", "--max-concurrent", "8", "--max-body-bytes", "65536"],
+                    root / "serve.log")
     a, b, e = pub.job(chat_base, "alpha"), pub.job(chat_base, "beta"), pub.job(chat_base, "epsilon")
     c = pub.job(plain_base, "gamma")
     tampered, forged = pub.job(chat_base, "tampered"), pub.job(chat_base, "forged")
@@ -184,32 +195,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     data[-3] ^= 0x55  # one bit pattern in the last tensor's bytes: still loads, no longer what was signed
     bad.write_bytes(bytes(data))
     pub.publish(forged, 1, seed=42, signer=Ed25519PrivateKey.generate())
-    public_key = coordinator_public_key(state_dir)
-
-    pulled = root / "pulled"
-    shutil.copytree(state_dir / "adapters" / c / "round-1", pulled / "gamma")
-    (root / "keys.txt").write_text(f"# API keys\n{KEY}\n")
-    (root / "coordinator.pub").write_text(public_key + "\n")
-
-    # Both start at once (each takes seconds to import torch and load the base).
-    server = Server(["--state-dir", str(state_dir), "--base", str(chat_base), "--api-key", "other-key",
-                     "--api-key", KEY, "--max-adapters", "8", "--max-body-bytes", "65536"], root / "serve.log")
-    pulled_server = Server(["--adapters", str(pulled), "--base", TINY_PRESET, "--cache-dir", str(root / "cache"),
-                            "--public-key", str(root / "coordinator.pub"), "--api-key-file", str(root / "keys.txt"),
-                            "--max-concurrent", "1"], root / "pulled.log")
+    shutil.copytree(state_dir / "adapters" / c / "round-1", pulled / "gamma")  # as `adapters pull` leaves it
     try:
         server.wait_ready()
-        pulled_server.wait_ready()
     except BaseException:
         server.stop()
-        pulled_server.stop()
         raise
-    yield World(pub, chat_base, plain_base, a, b, c, e, tampered, forged, server, pulled_server, pulled, public_key)
-    server.proc.terminate()
-    pulled_server.proc.terminate()
-    codes = (server.wait(), pulled_server.wait())
+    yield World(pub, chat_base, plain_base, a, b, c, e, tampered, forged, server, pulled, public_key)
+    code = server.stop()
     pub.state.close()
-    assert codes == (0, 0), (root / "serve.log").read_text()[-3000:]
+    assert code == 0, (root / "serve.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def pulled_server(world: World) -> Iterator[Server]:
+    """`fedtune serve --adapters` over pulled adapter dirs, on the plain preset (no chat template)."""
+    from fedtune.models import TINY_PRESET
+
+    root = world.pulled.parent
+    server = Server(["--adapters", str(world.pulled), "--base", TINY_PRESET, "--cache-dir", str(root / "cache"),
+                     "--public-key", str(root / "coordinator.pub"), "--api-key-file", str(root / "keys.txt")],
+                    root / "pulled.log")
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    assert server.stop() == 0, server.log.read_text()[-3000:]
 
 
 # ---------------------------------------------------------------------- plain peft, the reference
@@ -261,8 +274,6 @@ def test_models_lists_every_servable_adapter_by_round_and_tag_and_the_base(world
     w = world
     assert {"base", f"{w.a}@1", f"{w.a}@2", f"{w.a}@production", f"{w.b}@1", f"{w.e}@5"} <= ids
     assert f"{w.c}@1" not in ids  # trained on another base than this server's
-    pulled_ids = {m.id for m in world.pulled_server.client().models.list().data}
-    assert pulled_ids == {"base", f"{w.c}@1"}
 
 
 def test_greedy_completions_equal_plain_peft_for_two_rounds_another_job_and_the_base(world: World) -> None:
@@ -281,11 +292,6 @@ def test_greedy_completions_equal_plain_peft_for_two_rounds_another_job_and_the_
     # The tag and the bare job resolve, and the reply names the round served.
     tagged = client.completions.create(model=f"{w.a}@production", prompt=PROMPT, max_tokens=TOKENS, temperature=0)
     assert (tagged.model, tagged.choices[0].text) == (f"{w.a}@1", texts[f"{w.a}@1"])
-    # A pulled adapter on another server, over the plain preset base.
-    pulled = world.pulled_server.client().completions.create(model=w.c, prompt=PROMPT, max_tokens=TOKENS,
-                                                             temperature=0)
-    assert pulled.model == f"{w.c}@1"
-    assert pulled.choices[0].text == peft_greedy(w.plain_base, w.pulled / "gamma", PROMPT)
 
 
 def test_streaming_and_chat_give_the_same_text_as_plain_peft(world: World) -> None:
@@ -440,34 +446,52 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(world: World) ->
     assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2).choices[0].text
 
 
-def test_chat_without_a_template_and_too_many_requests_on_the_pulled_server(world: World) -> None:
-    w = world
-    client = w.pulled_server.client()
-    with pytest.raises(openai.BadRequestError) as info:
+def test_too_many_requests_get_429_with_retry_after_and_abandoned_requests_free_their_slot(world: World) -> None:
+    w, client = world, world.server.client()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    health = f"{w.server.url}/health"
+    host, port = w.server.url.removeprefix("http://").split(":")
+    # --max-concurrent 8: eight clients still sending their bodies hold every slot.
+    slow = [socket.create_connection((host, int(port)), timeout=30) for _ in range(8)]
+    try:
+        for conn in slow:
+            conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\": ".encode())
+        wait_until(lambda: httpx.get(health).json()["requests_in_flight"] == 8, 30, what="eight slow requests")
+        busy = httpx.post(f"{w.server.url}/v1/completions", headers=auth,
+                          json={"model": "base", "prompt": PROMPT, "max_tokens": 2})
+    finally:
+        for conn in slow:
+            conn.close()
+    assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
+    assert busy.json()["error"]["type"] == "rate_limit_error"
+    # Gone (hung up), they free their slots; so does a client that leaves a stream half read.
+    wait_until(lambda: httpx.get(health).json()["requests_in_flight"] == 0, 30, what="the slots")
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{w.server.url}/v1/completions", json=body, headers=auth, timeout=60) as r:
+        next(r.iter_lines())
+    wait_until(lambda: httpx.get(health).json()["requests_in_flight"] == 0, 30, what="the abandoned stream's slot")
+    assert client.completions.create(model="base", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+@pytest.mark.slow
+def test_pulled_adapters_are_served_over_a_preset_base_with_a_key_file(world: World, pulled_server: Server) -> None:
+    w, client = world, pulled_server.client()
+    assert {m.id for m in client.models.list().data} == {"base", f"{w.c}@1"}
+    reply = client.completions.create(model=w.c, prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+    assert reply.model == f"{w.c}@1"
+    assert reply.choices[0].text == peft_greedy(w.plain_base, w.pulled / "gamma", PROMPT)
+    with pytest.raises(openai.BadRequestError) as info:  # the preset's tokenizer has no chat template
         client.chat.completions.create(model=w.c, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert error_of(info.value)["code"] == "chat_template_missing"
     with pytest.raises(openai.AuthenticationError):
-        w.pulled_server.client("not-in-the-file").completions.create(model=w.c, prompt=PROMPT)
-    # --max-concurrent 1: a client still sending its body holds the only slot.
-    auth = {"Authorization": f"Bearer {KEY}"}
-    health = f"{w.pulled_server.url}/health"
-    host, port = w.pulled_server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as slow:
-        slow.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-                     "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\": ".encode())
-        wait_until(lambda: httpx.get(health).json()["requests_in_flight"] == 1, 30, what="the slow request")
-        busy = httpx.post(f"{w.pulled_server.url}/v1/completions", headers=auth,
-                          json={"model": w.c, "prompt": PROMPT, "max_tokens": 2})
-    assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
-    assert busy.json()["error"]["type"] == "rate_limit_error"
-    # Gone (hung up), it frees the slot; so does a client that leaves a stream half read.
-    wait_until(lambda: httpx.get(health).json()["requests_in_flight"] == 0, 30, what="the slot")
-    body = {"model": w.c, "prompt": PROMPT, "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", f"{w.pulled_server.url}/v1/completions", json=body, headers=auth, timeout=60) as r:
-        next(r.iter_lines())
-    wait_until(lambda: httpx.get(f"{w.pulled_server.url}/health").json()["requests_in_flight"] == 0, 30,
-               what="the abandoned stream's slot")
-    assert client.completions.create(model=w.c, prompt=PROMPT, max_tokens=2).choices[0].text
+        pulled_server.client("not-in-the-file").completions.create(model=w.c, prompt=PROMPT)
+    # An adapter pulled into the folder while the server runs is served without a restart.
+    shutil.copytree(w.pub.publish(w.c, 2, seed=32), w.pulled / "gamma-2")
+    assert f"{w.c}@2" in {m.id for m in client.models.list().data}
+    latest = client.completions.create(model=w.c, prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+    assert latest.model == f"{w.c}@2"
+    assert latest.choices[0].text == peft_greedy(w.plain_base, w.pulled / "gamma-2", PROMPT)
 
 
 def test_metrics_count_requests_tokens_and_time_to_first_token(world: World) -> None:
@@ -491,21 +515,28 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(world: World) -> 
     assert 1 <= after[("fedtune_serve_adapters_resident", ())] <= 8
 
 
-def test_cli_refuses_bad_setups_with_one_line(world: World) -> None:
+def test_cli_refuses_bad_setups_naming_the_fix(world: World) -> None:
+    from fedtune.cli.main import app
+    from fedtune.errors import FedtuneError
     from tests.conftest import fedtune_cmd
 
     state_dir, pulled = str(world.pub.state_dir), str(world.pulled)
     _host, port = world.server.url.removeprefix("http://").split(":")
+    empty = world.pulled.parent / "no-keys.txt"
+    empty.write_text("# nobody yet\n")
+    # As a process: a taken port is one line on stderr and the conflict exit code, before any model loads.
+    taken = fedtune_cmd("serve", "--state-dir", state_dir, "--base", str(world.chat_base), "--port", port)
+    assert taken.returncode == 6 and "pick another --port" in taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1, taken.stderr
     cases = {
         "either --state-dir": ("--state-dir", state_dir, "--adapters", pulled),
         "pick one with --base": ("--state-dir", state_dir),  # two bases are published there
         "--public-key is needed": ("--adapters", pulled, "--base", "tiny-llama"),
         "neither a file nor a base64 key": ("--adapters", pulled, "--base", "tiny-llama", "--public-key", "nope!"),
-        "pick another --port": ("--state-dir", state_dir, "--base", str(world.chat_base), "--port", port),
+        "holds no key": ("--state-dir", state_dir, "--api-key-file", str(empty)),
     }
-    with ThreadPoolExecutor(len(cases)) as pool:
-        runs = dict(zip(cases, pool.map(lambda args: fedtune_cmd("serve", *args), cases.values()), strict=True))
-    for message, run in runs.items():
-        assert run.returncode == (6 if "port" in message else 3), run.stderr
-        assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    for message, args in cases.items():
+        with pytest.raises(FedtuneError, match=message) as info:
+            app(args=["serve", *args], standalone_mode=False)
+        assert info.value.exit_code == 3
     assert httpx.get(f"{world.server.url}/health").status_code == 200
