@@ -30,6 +30,19 @@ def round_row(rnd: int, metrics: dict[str, Any]) -> str:
             f"{metrics.get('seconds', 0.0):>7.1f}")
 
 
+def history_lines(status: Any) -> list[str]:
+    """The table of a JobStatus's rounds, header first; a round not yet published shows its state."""
+    lines = [HEADER]
+    for r in status.history:
+        metrics = json.loads(r.metrics_json or "{}")
+        if r.state != "published":
+            metrics = {"contributors": r.contributors, "cohort": r.cohort, "bytes_down": r.bytes_down}
+            lines.append(round_row(r.round, metrics) + f"  ({r.state})")
+        else:
+            lines.append(round_row(r.round, metrics))
+    return lines
+
+
 def status_dict(status: Any) -> dict[str, Any]:
     """A JobStatus message as plain data (what `--format json` prints)."""
     return {
@@ -49,7 +62,10 @@ def status_dict(status: Any) -> dict[str, Any]:
             {"round": r.round, "state": r.state, "cohort": r.cohort, "contributors": r.contributors,
              "metrics": json.loads(r.metrics_json or "{}"),
              "client_evals": [{"client_id": e.client_id, "num_examples": e.num_examples,
-                               "metrics": json.loads(e.metrics_json or "{}")} for e in r.client_evals]}
+                               "metrics": json.loads(e.metrics_json or "{}")} for e in r.client_evals],
+             "cohort_client_ids": list(r.cohort_client_ids),
+             "client_updates": [{"client_id": u.client_id, "num_examples": u.num_examples, "bytes": u.bytes,
+                                 "metrics": json.loads(u.metrics_json or "{}")} for u in r.client_updates]}
             for r in status.history
         ],
     }

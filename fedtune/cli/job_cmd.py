@@ -13,9 +13,9 @@ from fedtune.cli.options import (
     Format,
     FormatOpt,
 )
-from fedtune.errors import InvalidInput
+from fedtune.errors import InvalidInput, PreconditionFailed
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.report import HEADER, client_eval_lines, round_row, status_dict
+from fedtune.report import client_eval_lines, history_lines, status_dict
 from fedtune.spec import example_spec, method_list, parse_spec, spec_to_yaml
 
 app = typer.Typer(help="Create and follow tuning jobs.", no_args_is_help=True)
@@ -80,14 +80,8 @@ def _print_status(status: pb.JobStatus, signing_key: str) -> None:
     if "eval_loss" in base:
         typer.echo(f"base eval loss: {base['eval_loss']:.4f}")
     if status.history:
-        typer.echo(HEADER)
-        for r in status.history:
-            metrics = json.loads(r.metrics_json or "{}")
-            if r.state != "published":
-                metrics = {"contributors": r.contributors, "cohort": r.cohort, "bytes_down": r.bytes_down}
-                typer.echo(round_row(r.round, metrics) + f"  ({r.state})")
-            else:
-                typer.echo(round_row(r.round, metrics))
+        for line in history_lines(status):
+            typer.echo(line)
     for line in client_eval_lines(status):
         typer.echo(line)
 
@@ -99,14 +93,49 @@ def status(
     *,
     client: AdminClient,
     fmt: FormatOpt = Format.text,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="A live view (round, phase, cohort, each client's progress and losses) redrawn until the "
+        "job ends; exits 0 when it finishes, 6 when it fails or is cancelled.")] = False,
+    interval: Annotated[float, typer.Option(
+        "--interval", min=0.1, help="Seconds between two looks at the job, with --watch.")] = 2.0,
 ) -> None:
     """State, current round, clients and metrics of a job."""
+    if watch:
+        _watch(client, job_id, fmt, interval)
+        return
     st = client.call("GetJob", pb.GetJobRequest(job_id=job_id))
     key = client.signing_key()
     if fmt == Format.json:
         typer.echo(json.dumps(status_dict(st) | {"signing_public_key": key}, indent=2))
     else:
         _print_status(st, key)  # type: ignore[arg-type]
+
+
+def _watch(client: AdminClient, job_id: str, fmt: Format, interval: float) -> None:
+    from fedtune.reporting.live import watch
+
+    if fmt == Format.json:
+        raise InvalidInput("--watch draws a view for people; for scripts, poll `job status --format json`")
+    st = watch(lambda: client.call("GetJob", pb.GetJobRequest(job_id=job_id), timeout=max(10.0, 2 * interval)),
+               interval)
+    if st.state != "finished":
+        raise PreconditionFailed(f"job {job_id} {st.state}" + (f": {st.message}" if st.message else ""))
+
+
+@app.command("report")
+@admin_command
+def report(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    *,
+    client: AdminClient,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write index.html and its plots into.")],
+) -> None:
+    """Write an HTML report of a job with plots (eval loss, each client's train loss, bytes, participation,
+    DP epsilon) for a browser; prints the path of its index.html alone."""
+    st = client.call("GetJob", pb.GetJobRequest(job_id=job_id))
+    from fedtune.reporting.html import write_report
+
+    typer.echo(write_report(st, out))  # type: ignore[arg-type]
 
 
 @app.command("list")
