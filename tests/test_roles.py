@@ -217,6 +217,13 @@ def test_a_key_identity_signs_its_calls_and_a_bad_or_stale_signature_is_refused(
     assert [r["who"] for r in refused] == ["kim"] * 5 + ["unknown key"]
     assert all(r["method"] == "CancelJob" and r["outcome"] == "denied" and r["auth"] == "key" for r in refused)
     assert "signature does not verify" in refused[0]["message"] and "off the coordinator's clock" in refused[1]["message"]
+    # Signed metadata lifted off the wire cannot be sent again, with another body, within its window.
+    lifted = sign_admin_request(key, SVC + "CancelJob")
+    other_job = kim("CreateJob", pb.CreateJobRequest(spec_yaml=make_spec())).job_id
+    kim.stub.CancelJob(pb.GetJobRequest(job_id=other_job), metadata=lifted)
+    code, message = As(stub, lambda _m: lifted).refused("CancelJob", pb.GetJobRequest(job_id=job))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "already made once" in message
+    assert running.coordinator.state.job(job).state != "cancelled"
     # A key can belong to one identity only.
     dup = root.refused("AddAdmin", pb.AddAdminRequest(name="kim2", role="admin", public_key=raw_public_bytes(key)))
     assert dup[0] == grpc.StatusCode.FAILED_PRECONDITION and "kim" in dup[1]

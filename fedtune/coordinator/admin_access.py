@@ -17,6 +17,8 @@ import base64
 import binascii
 import hmac
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from fedtune.coordinator.audit import AuditLog, AuditRecord, describe, result_of
 from fedtune.coordinator.identities import LEGACY_NAME, IdentityStore
 from fedtune.coordinator.roles import ADMIN_RPC_ROLES, Role, allows, method_name, required_role
 from fedtune.crypto.keys import ed25519_public
-from fedtune.crypto.requests import ADMIN_ID_KEY, SIG_KEY, TIME_KEY, verify_request
+from fedtune.crypto.requests import ADMIN_ID_KEY, MAX_SKEW_SECONDS, SIG_KEY, TIME_KEY, verify_request
 from fedtune.errors import AuthError, FedtuneError, InvalidInput, PermissionDenied
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,27 @@ def _roles_from(required: Role) -> str:
     return " or ".join(str(r) for r in Role if r >= required)
 
 
+class SeenSignatures:
+    """Key signatures accepted within the clock window: one signed call's metadata, lifted off the
+    wire, cannot be sent again (with another request body) while its time is still accepted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}
+
+    def first_use(self, signature: str) -> bool:
+        """Records ``signature``; False when it was seen within the window."""
+        now = time.time()
+        with self._lock:
+            if len(self._until) > 4096:
+                self._until = {s: t for s, t in self._until.items() if t > now}
+            if signature in self._until:
+                return False
+            # Its time is within MAX_SKEW_SECONDS of now, so it expires at the latest 2x that from now.
+            self._until[signature] = now + 2 * MAX_SKEW_SECONDS
+            return True
+
+
 class AdminAccess:
     """Identities, roles and the audit log of one coordinator's admin API."""
 
@@ -75,6 +98,7 @@ class AdminAccess:
         self.legacy_token = legacy_token
         self.identities = IdentityStore(state_dir)
         self.audit = AuditLog(state_dir)
+        self.seen = SeenSignatures()
 
     # ------------------------------------------------------------------ the checks
     def authenticate(self, metadata: Any, method: str) -> Caller:
@@ -97,6 +121,9 @@ class AdminAccess:
                 why = ("the signature does not verify against its registered public key" if "does not verify" in str(e)
                        else str(e))
                 raise _claimed(AuthError(f"admin key of {ident.name!r}: {why}"), ident.name, "key") from e
+            if not self.seen.first_use(_value(metadata, SIG_KEY)):
+                raise _claimed(AuthError(f"admin key of {ident.name!r}: this signed call was already made once "
+                                         "(a replay): every call is signed afresh"), ident.name, "key")
             return Caller(ident.name, "key", ident.level)
         token = _value(metadata, ADMIN_KEY)
         if token and hmac.compare_digest(token.encode(), self.legacy_token.encode()):
