@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model
 
 from fedtune.errors import InvalidInput, LimitExceeded, NotFound
 from fedtune.models import TINY_PRESET, load_causal_lm, load_tokenizer, materialize_preset
@@ -144,6 +144,51 @@ def test_ia3_adapter_runs_in_its_own_batch(setup) -> None:  # type: ignore[no-un
     assert got[3] == _reference(preset, tokenizer, None, PROMPTS[5])
     assert sorted(engine.adapters()) == ["ia3-job@1", "job@0"]
     assert engine.stats["batches"] == 2
+
+
+def _greedy_without_cache(model: PeftModel, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full forward passes of peft's own model, no KV cache: the definition."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.tensor([prompt + out])
+            out.append(int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()))
+    return out
+
+
+def test_prompt_tuning_and_loha_run_in_their_own_batches(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Virtual tokens go before each prompt of a padded batch; LoHa layers run on a weight-sharing copy.
+
+    Prompt tuning is checked against peft's full forward pass rather than its `generate`, which
+    with peft 0.21 and transformers 5.25 drifts from that forward pass after the first token.
+    """
+    preset, tokenizer, _, _ = setup
+    configs = {"pt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
+               "loha": LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)}
+    engine = _engine(setup)
+    for name, config in configs.items():
+        torch.manual_seed(3)
+        model = get_peft_model(load_causal_lm(preset, CPU), config)
+        if name == "pt":
+            with torch.no_grad():
+                model.prompt_encoder["default"].embedding.weight.normal_(0, 1)
+        model.save_pretrained(tmp_path / name)
+        engine.add_adapter(name, tmp_path / name)
+    jobs = [(name, prompt) for name in configs for prompt in (PROMPTS[0], PROMPTS[6])]
+    engine.start()
+    try:
+        streams = [engine.submit(tokenizer(p)["input_ids"], name, _greedy()) for name, p in jobs]
+        got = [_collect(s)[0] for s in streams]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert stats["batches"] == 3
+    for (name, prompt), tokens in zip(jobs, got, strict=True):
+        if name == "loha":
+            assert tokens == _reference(preset, tokenizer, tmp_path / name, prompt)
+        else:
+            model = PeftModel.from_pretrained(load_causal_lm(preset, CPU), tmp_path / name).eval()
+            assert tokens == _greedy_without_cache(model, tokenizer(prompt)["input_ids"], MAX_TOKENS)
 
 
 def test_seed_reproduces_sampled_text_in_any_batch(setup) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,8 @@
 New rows join between decode steps: their prompts are prefilled together (left-padded) and their
 cache is right-aligned onto the batch's (`RowCache.concat`). A decode step feeds every row its last
 token. Finished rows leave with `keep`. Each row has its own attention mask and position ids, so a
-row's tokens are what it would get alone.
+row's tokens are what it would get alone. A prompt-tuning adapter's virtual tokens are embeddings
+put before each prompt at prefill, as peft's `generate` puts them.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ class RunningBatch:
         route: Sets per-row adapters for the forward passes inside its block.
         num_layers: The model's attention layers.
         pad_id: Token id put in padding positions (they are masked out).
+        prefix: Embeddings put before every prompt, [virtual tokens, hidden] (prompt tuning).
     """
 
-    def __init__(self, model: Any, route: Router, num_layers: int, pad_id: int) -> None:
+    def __init__(self, model: Any, route: Router, num_layers: int, pad_id: int,
+                 prefix: torch.Tensor | None = None) -> None:
         self.model = model
+        self.prefix = prefix
+        self.virtual_tokens = 0 if prefix is None else int(prefix.shape[0])
         self.route = route
         self._num_layers = num_layers
         self._pad_id = pad_id
@@ -64,20 +69,27 @@ class RunningBatch:
             Next-token logits of the new rows, [new rows, vocab]; `set_last` must follow.
         """
         device = self.device
-        longest = max(len(p) for p in prompts)
+        virtual = self.virtual_tokens
+        longest = max(len(p) for p in prompts) + virtual
         ids = torch.full((len(prompts), longest), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, longest - len(prompt):] = 1
+            mask[i, longest - len(prompt) - virtual:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids.to(device)}
+        if self.prefix is not None:
+            embeds = self.model.get_input_embeddings()(ids.to(device))
+            for i, prompt in enumerate(prompts):
+                start = longest - len(prompt) - virtual
+                embeds[i, start:start + virtual] = self.prefix.to(embeds.dtype)
+            inputs = {"inputs_embeds": embeds}
         cache = RowCache(self._num_layers)
         with self.route(routes):
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
-                             **{self._cache_arg: cache})
+            out = self.model(**inputs, attention_mask=mask.to(device), position_ids=positions.to(device),
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         mask = mask.to(device)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        lengths = torch.tensor([len(p) + virtual for p in prompts], device=device)
         if self.cache is None or self.mask is None or self.positions is None:
             self.cache, self.mask, self.positions = cache, mask, lengths
         else:

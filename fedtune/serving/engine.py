@@ -308,10 +308,11 @@ class GenerationEngine:
                 or not torch.equal(params[name].detach().cpu(), state[key].to(params[name].dtype))}
 
     def _add_own(self, name: str, config: Any, adapter_dir: Path, changed: set[str]) -> _Adapter:
-        from peft import PeftModel
+        from peft import PeftModel, PeftType
 
-        if config.is_prompt_learning:
-            raise InvalidInput(f"adapter {name}: prompt-learning adapters ({config.peft_type}) cannot be served yet")
+        if config.is_prompt_learning and config.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+            raise InvalidInput(f"adapter {name}: {config.peft_type} adapters cannot be served; prompt tuning, "
+                               "P-tuning and the non-prompt methods can")
         model = _weight_sharing_copy(self._pristine)
         for param_name in changed:
             # peft writes these into the base's tensors: this copy gets its own, the shared base stays as it is.
@@ -323,10 +324,22 @@ class GenerationEngine:
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise InvalidInput(f"cannot load adapter {name} from {adapter_dir} onto the base: {e}") from e
         peft_model.eval()
+        prefix = None
+        if config.is_prompt_learning:
+            # Virtual tokens: the same embeddings before every prompt; the model itself is the base.
+            with torch.no_grad():
+                prefix = peft_model.get_prompt(batch_size=1)[0].detach()
+            if prefix.shape[0] + 1 >= self.max_context:
+                raise InvalidInput(f"adapter {name}: its {prefix.shape[0]} virtual tokens fill the context "
+                                   f"of {self.max_context}")
+            forward = peft_model.base_model
+        else:
+            forward = peft_model.base_model.model  # the transformers model with peft's layers injected
         lane = f"own-{next(self._lane_ids)}"
         with self._cond:
-            # Its own batch: the injected transformers model, every row through this adapter.
-            self._lanes[lane] = _Lane(self._new_batch(peft_model.base_model.model, lambda routes: nullcontext()))
+            # Its own batch: every row through this adapter.
+            self._lanes[lane] = _Lane(RunningBatch(forward, lambda routes: nullcontext(), self._num_layers,
+                                                   self._pad_id, prefix))
         return _Adapter(name, lane, None)
 
     def remove_adapter(self, name: str) -> None:
@@ -384,11 +397,16 @@ class GenerationEngine:
             waiting = sum(len(lane.waiting) for lane in self._lanes.values())
             if waiting >= self.max_queue:
                 raise LimitExceeded(f"{waiting} requests are already waiting (max_queue {self.max_queue}); retry later")
+            lane = self._lanes[entry.lane if entry else SHARED]
+            if len(prompt) + lane.batch.virtual_tokens >= self.max_context:
+                raise InvalidInput(f"the prompt has {len(prompt)} tokens and adapter {adapter!r} puts "
+                                   f"{lane.batch.virtual_tokens} virtual tokens before it, but the context holds "
+                                   f"{self.max_context}; shorten the prompt")
             request = _Request(prompt, entry, params, stream, CompletionText(self._tokenizer, params.stop),
                                make_generator(params))
             if entry is not None:
                 entry.users += 1
-            self._lanes[entry.lane if entry else SHARED].waiting.append(request)
+            lane.waiting.append(request)
             self._cond.notify_all()
         return stream
 
@@ -497,7 +515,7 @@ class GenerationEngine:
             if token in self._eos:
                 reason = "stop"
             elif (request.generated >= request.params.max_tokens
-                  or len(request.prompt_ids) + request.generated >= self.max_context):
+                  or len(request.prompt_ids) + lane.batch.virtual_tokens + request.generated >= self.max_context):
                 reason = "length"
             text, stopped = request.text.add(token, final=reason is not None)
             if stopped:
