@@ -332,3 +332,50 @@ def test_ctrl_c_stops_watching_not_the_job(live_job: LiveJob) -> None:
     assert log.read_text().rstrip().endswith("fedtune: interrupted")
     status = live_job.admin("GetJob", pb.GetJobRequest(job_id=job))
     assert status.state == "running"  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_ray_mode_metrics_cover_engines_in_actors_and_the_queue(tmp_path: Path, fed_data) -> None:  # type: ignore[no-untyped-def]
+    """Engines run in Ray actors: their rounds, durations and epsilon still reach the endpoint (read
+    from the shared state), and the scheduler's queue is exported."""
+    pytest.importorskip("ray")
+    clients, eval_file = fed_data
+    state_dir = tmp_path / "coord"
+    port = _free_port()
+    coord = spawn("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", "--insecure",
+                  "--metrics-port", str(port), log=tmp_path / "coordinator.log",
+                  env={"RAY_USAGE_STATS_ENABLED": "0"})
+    agent = None
+    try:
+        address = wait_for_coordinator(state_dir, coord, INSECURE, timeout=240)
+        live = LiveJob(state_dir, tmp_path, address, "", f"http://127.0.0.1:{port}/metrics")
+        resources = "resources: {cpus: %s}\n"
+        big = live.create_job(make_spec(eval_file, rounds=1, clients=1) + resources % 64)
+        small = live.create_job(make_spec(eval_file, rounds=1, clients=1, steps=2)
+                                + resources % 0.25 + "privacy: {clip_norm: 1.0, noise_multiplier: 0.8}\n")
+        queued = scrape(live.metrics_url)
+        assert value(queued, "fedtune_queue_length") == 1
+        assert value(queued, "fedtune_queue_position", job=big) == 1
+        assert value(queued, "fedtune_queue_position", job=small) == 0
+        agent = spawn("client", "run", "--coordinator", address, "--token", live.token(small, uses=1), "--data",
+                      str(clients[0]), "--state-dir", str(tmp_path / "agent"), "--no-progress", "--insecure",
+                      log=tmp_path / "agent.log")
+        assert agent.wait(timeout=300) == 0, (tmp_path / "agent.log").read_text()[-3000:]
+        done = scrape(live.metrics_url)
+        assert value(done, "fedtune_rounds_opened_total", job=small) == 1
+        assert value(done, "fedtune_rounds_published_total", job=small) == 1
+        assert value(done, "fedtune_round_duration_seconds_count", job=small) == 1
+        assert value(done, "fedtune_phase_duration_seconds_count", job=small, phase="evaluate") == 1
+        assert value(done, "fedtune_updates_accepted_total", job=small) == 1
+        assert value(done, "fedtune_clients_enrolled", job=small) == 1
+        assert (value(done, "fedtune_dp_epsilon", job=small) or 0) > 0
+        assert value(done, "fedtune_queue_length") == 1
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+        # SIGTERM: the coordinator stops the local Ray it started (other Rays on the machine are left alone).
+        coord.terminate()
+        try:
+            coord.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            coord.kill()
