@@ -303,7 +303,6 @@ def test_the_cli_manages_identities_and_a_viewer_cannot_create_a_job(coordinator
     assert token.startswith("fto_") and "\n" not in token and "shown this once" in added.stderr
     spec = tmp_path / "job.yaml"
     spec.write_text(make_spec())
-    assert fedtune_cmd("job", "list", *state, "--admin-token", token, check=True).returncode == 0
     refused = fedtune_cmd("job", "create", str(spec), *state, env={"FEDTUNE_ADMIN_TOKEN": token})
     assert refused.returncode == ExitCode.AUTH, refused.stderr
     assert refused.stderr.strip().splitlines() == [
@@ -325,13 +324,11 @@ def test_the_cli_manages_identities_and_a_viewer_cannot_create_a_job(coordinator
     assert [(i["name"], i["role"], i["kind"]) for i in listed] == [
         ("admin.token", "admin", "admin-token"), ("kim", "operator", "key"), ("vera", "viewer", "token")]
     assert "removed vera" in fedtune_cmd("admin", "remove", "vera", *state, check=True).stdout
-    gone = fedtune_cmd("job", "list", *state, "--admin-token", token)
-    assert gone.returncode == ExitCode.AUTH and "admin token missing or wrong" in gone.stderr
-    audit = fedtune_cmd("admin", "audit", *state, "--last", "50", check=True).stdout
-    assert "CreateJob      denied" in audit and "needs role operator" in audit
-    rows = [json.loads(line) for line in
-            fedtune_cmd("admin", "audit", *state, "--who", "kim", "--format", "json", check=True).stdout.splitlines()]
-    assert [(r["method"], r["outcome"], r["result"]) for r in rows] == [("CreateJob", "ok", {"job_id": job})]
+    audit = fedtune_cmd("admin", "audit", *state, "--last", "50", check=True).stdout.splitlines()
+    rows = [line.split(maxsplit=5)[1:] for line in audit[1:]]  # WHO ROLE METHOD OUTCOME DETAIL
+    assert ["vera", "viewer", "CreateJob", "denied", refused.stderr.strip().removeprefix("fedtune: error: ")] in rows
+    assert ["kim", "operator", "CreateJob", "ok", json.dumps({"job_id": job}, separators=(",", ":"))] in rows
+    assert rows[-1][:4] == ["admin.token", "admin", "RemoveAdmin", "ok"]
 
 
 def test_reading_the_audit_log_returns_the_latest_matching_lines(tmp_path: Path) -> None:
