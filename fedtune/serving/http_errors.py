@@ -91,7 +91,7 @@ def from_validation(e: ValidationError) -> ApiError:
     # A union reports each alternative it tried (``prompt.str``); the field is what a user wrote.
     param = loc[0] if loc else None
     where = ".".join(p for p in loc if not p.startswith(("str", "list[", "int", "float", "bool"))) or param
-    message = first.get("msg", "invalid value")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         return ApiError(400, f"missing required parameter '{where}'", param=param, code="missing_required_parameter")
     return ApiError(400, f"invalid '{where}': {message}", param=param, code="invalid_value")
