@@ -379,3 +379,15 @@ def test_ray_mode_metrics_cover_engines_in_actors_and_the_queue(tmp_path: Path, 
             coord.wait(timeout=90)
         except subprocess.TimeoutExpired:
             coord.kill()
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_served(live_job: LiveJob) -> None:
+    dashboard = REPO / "deploy" / "grafana" / "fedtune.json"
+    if not dashboard.exists():
+        pytest.skip("no deploy/grafana/fedtune.json in this tree")
+    queried = set(re.findall(r"\bfedtune_[a-z_]+", dashboard.read_text()))
+    with urllib.request.urlopen(live_job.metrics_url, timeout=10) as reply:
+        # Every family is declared, also those with no sample yet (SecAgg dropouts of a job without SecAgg).
+        families = set(re.findall(r"(?m)^# TYPE (fedtune_\w+) ", reply.read().decode()))
+    missing = {q for q in queried if q not in families and re.sub(r"_(bucket|sum|count)$", "", q) not in families}
+    assert queried and not missing, f"the dashboard queries metrics nobody serves: {sorted(missing)}"
