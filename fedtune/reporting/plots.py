@@ -98,11 +98,13 @@ def _participation(ax: Axes, status: Any) -> bool:
     rows = participation(status)
     if not rows:
         return False
+    from matplotlib.ticker import MaxNLocator
+
     rounds = [r for r, _, _ in rows]
     ax.bar(rounds, [cohort for _, cohort, _ in rows], width=0.6, color="#c6dbef", label="cohort (asked)")
     ax.bar(rounds, [done for _, _, done in rows], width=0.35, color="#2171b5", label="contributors")
     _rounds_axis(ax, "clients")
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, max(cohort for _, cohort, _ in rows) * 1.3)  # room for the legend
     ax.legend(fontsize="small")
     return True
