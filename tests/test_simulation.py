@@ -146,3 +146,30 @@ def test_a_simulation_of_another_peft_method_and_batching_that_falls_back(tmp_pa
     assert "batched training: 0 shared passes trained 0 client updates" in proc.stdout
     (adapter,) = (tmp_path / "sim" / "coordinator" / "adapters").glob("*/round-2")
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LOHA"
+
+
+def test_a_coordinator_host_this_machine_cannot_listen_on_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    # 192.0.2.123 (TEST-NET-1): not an address of this machine.
+    proc = fedtune_cmd("simulate", "--config", str(_sim_spec(tmp_path, 2)), "--clients", "2",
+                       "--coordinator-host", "192.0.2.123", timeout=120)
+    assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--coordinator-host 192.0.2.123: cannot listen there (Cannot assign requested address); pass an address "
+        "of this machine that the Ray cluster's workers can reach")
+
+
+def test_the_simulation_coordinator_listens_where_the_cluster_reaches_it() -> None:
+    from fedtune.simulation.runner import _coordinator_host
+
+    class FakeRay:  # what Ray reports: this driver's node and its IP
+        def get_runtime_context(self):  # type: ignore[no-untyped-def]
+            return type("Ctx", (), {"get_node_id": lambda _self: "n1"})()
+
+        def nodes(self) -> list[dict[str, str]]:
+            return [{"NodeID": "n0", "NodeManagerAddress": "10.0.0.4"}, {"NodeID": "n1", "NodeManagerAddress": "10.0.0.5"}]
+
+    ray = FakeRay()
+    assert _coordinator_host(ray, None, None) == ("127.0.0.1", "127.0.0.1")
+    assert _coordinator_host(ray, "10.0.0.4:6379", None) == ("10.0.0.5", "10.0.0.5")
+    assert _coordinator_host(ray, "10.0.0.4:6379", "0.0.0.0") == ("0.0.0.0", "10.0.0.5")
+    assert _coordinator_host(ray, "10.0.0.4:6379", "10.1.2.3") == ("10.1.2.3", "10.1.2.3")

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +66,17 @@ def _coordinator_host(ray: Any, ray_address: str | None, coordinator_host: str |
     return coordinator_host, coordinator_host
 
 
+def _check_listenable(host: str) -> None:
+    """Refuses a ``--coordinator-host`` this machine cannot listen on, before Ray or torch start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.bind((host.strip("[]"), 0))
+    except OSError as e:
+        raise InvalidInput(f"--coordinator-host {host}: cannot listen there ({e.strerror or e}); pass an address "
+                           "of this machine that the Ray cluster's workers can reach") from None
+
+
 def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | None = None,
              resources: ClientResources | None = None, out: Path | None = None,
              ray_address: str | None = None, batch_clients: int = 1,
@@ -91,6 +103,8 @@ def simulate(config: Path, n_clients: int, scheme: str = "iid", data: Path | Non
         raise InvalidInput(f"--batch-clients must be at least 1, got {batch_clients}")
     if workers is not None and workers < 1:
         raise InvalidInput(f"--workers must be at least 1, got {workers}")
+    if coordinator_host is not None:
+        _check_listenable(coordinator_host)
     resources = resources or ClientResources()
     # The per-round table is the output; per-client and per-update log lines would bury it.
     debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
