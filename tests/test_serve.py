@@ -261,6 +261,12 @@ def adapter_dir(w: World, job: str, rnd: int) -> Path:
     return w.pub.state_dir / "adapters" / job / f"round-{rnd}"
 
 
+def assert_served(reply: Any, model: str) -> None:
+    """A completion came back from ``model`` (sampled: its text may be empty when it drew the end token)."""
+    assert reply.model == model and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1
+
+
 def error_of(e: Any) -> dict[str, Any]:
     """The ``error`` object of an API error response (OpenAI's shape, checked)."""
     body = e.response.json()
@@ -325,8 +331,9 @@ def test_streaming_and_chat_give_the_same_text_as_plain_peft(world: World) -> No
 def test_sampling_parameters_are_honoured(world: World) -> None:
     client, model = world.server.client(), f"{world.a}@2"
     kwargs = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 1.0, "top_p": 0.9}
-    first = client.completions.create(seed=7, **kwargs).choices[0].text
-    assert client.completions.create(seed=7, **kwargs).choices[0].text == first
+    sampled = [client.completions.create(seed=seed, **kwargs).choices[0].text for seed in (7, 8, 9)]
+    assert [client.completions.create(seed=seed, **kwargs).choices[0].text for seed in (7, 8, 9)] == sampled
+    assert len(set(sampled)) > 1  # it samples: other seeds, other texts
     greedy = client.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0)
     stop = greedy.choices[0].text[3:5]
     stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0, stop=[stop])
@@ -404,7 +411,7 @@ def test_adapters_that_do_not_verify_are_refused_with_the_reason_and_the_rest_is
     log = w.server.log.read_text()
     assert all(reason in log for _, reason in refusals)
     assert not {f"{w.tampered}@1", f"{w.forged}@1"} & {m.id for m in client.models.list().data}
-    assert client.completions.create(model=f"{w.b}@1", prompt=PROMPT, max_tokens=2).choices[0].text
+    assert_served(client.completions.create(model=f"{w.b}@1", prompt=PROMPT, max_tokens=2), f"{w.b}@1")
 
 
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(world: World) -> None:
@@ -443,7 +450,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(world: World) ->
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     # Still serving.
     assert httpx.get(f"{w.server.url}/health").json()["status"] == "ok"
-    assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2).choices[0].text
+    assert_served(client.completions.create(model=model, prompt=PROMPT, max_tokens=2), model)
 
 
 def test_too_many_requests_get_429_with_retry_after_and_abandoned_requests_free_their_slot(world: World) -> None:
@@ -471,7 +478,7 @@ def test_too_many_requests_get_429_with_retry_after_and_abandoned_requests_free_
     with httpx.stream("POST", f"{w.server.url}/v1/completions", json=body, headers=auth, timeout=60) as r:
         next(r.iter_lines())
     wait_until(lambda: httpx.get(health).json()["requests_in_flight"] == 0, 30, what="the abandoned stream's slot")
-    assert client.completions.create(model="base", prompt=PROMPT, max_tokens=2).choices[0].text
+    assert_served(client.completions.create(model="base", prompt=PROMPT, max_tokens=2), "base")
 
 
 @pytest.mark.slow
