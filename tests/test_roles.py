@@ -246,6 +246,16 @@ def test_no_credential_and_an_unlisted_rpc_are_refused_for_everyone(api, monkeyp
     assert audit_lines(running)[-1]["who"] == "admin.token" and audit_lines(running)[-1]["outcome"] == "denied"
 
 
+def test_a_damaged_identities_file_locks_out_identities_but_not_the_built_in_token(api) -> None:  # type: ignore[no-untyped-def]
+    running, root, stub = api
+    tess = add_token_identity(root, stub, "tess", "operator")
+    (running.coordinator.state_dir / "admins.json").write_text("{not json")
+    code, message = tess.refused("ListJobs", pb.ListJobsRequest())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "admins.json is not a fedtune identities file" in message
+    assert root("ListJobs", pb.ListJobsRequest()).jobs == []
+    assert audit_lines(running)[-2]["code"] == "FAILED_PRECONDITION"
+
+
 def test_every_admin_rpc_has_a_role() -> None:
     """A new AdminService RPC needs its line in ADMIN_RPC_ROLES (fedtune/coordinator/roles.py)."""
     methods = set(pb.DESCRIPTOR.services_by_name["AdminService"].methods_by_name)

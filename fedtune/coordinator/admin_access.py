@@ -70,6 +70,15 @@ def _roles_from(required: Role) -> str:
     return " or ".join(str(r) for r in Role if r >= required)
 
 
+class Unverified(AuthError):
+    """An admin credential that does not check out, with who the caller claimed to be."""
+
+    def __init__(self, message: str, who: str, auth: str) -> None:
+        super().__init__(message)
+        self.who = who
+        self.auth = auth
+
+
 class SeenSignatures:
     """Key signatures accepted within the clock window: one signed call's metadata, lifted off the
     wire, cannot be sent again (with another request body) while its time is still accepted."""
@@ -105,32 +114,32 @@ class AdminAccess:
         """The caller a call's metadata proves.
 
         Raises:
-            AuthError: no credential, an unknown one, or a bad or stale signature; ``claimed`` on
-                the error names the identity the caller claimed to be, when it named one.
+            Unverified: no credential, an unknown one, or a bad, stale or replayed signature; the
+                error names who the caller claimed to be, when it named anyone.
         """
         kid = _value(metadata, ADMIN_ID_KEY)
         if kid:
             ident = self.identities.by_key_id(kid)
             if ident is None:
-                raise _claimed(AuthError("admin key is not registered with this coordinator: an admin adds it with "
-                                         "`fedtune admin add NAME --role ROLE --public-key FILE`"), "unknown key", "key")
+                raise Unverified("admin key is not registered with this coordinator: an admin adds it with "
+                                 "`fedtune admin add NAME --role ROLE --public-key FILE`", "unknown key", "key")
             try:
                 public = ed25519_public(base64.b64decode(kid, validate=True))
                 verify_request(public, method, kid, _value(metadata, TIME_KEY), _value(metadata, SIG_KEY))
             except (AuthError, InvalidInput, binascii.Error) as e:
                 why = ("the signature does not verify against its registered public key" if "does not verify" in str(e)
                        else str(e))
-                raise _claimed(AuthError(f"admin key of {ident.name!r}: {why}"), ident.name, "key") from e
+                raise Unverified(f"admin key of {ident.name!r}: {why}", ident.name, "key") from e
             if not self.seen.first_use(_value(metadata, SIG_KEY)):
-                raise _claimed(AuthError(f"admin key of {ident.name!r}: this signed call was already made once "
-                                         "(a replay): every call is signed afresh"), ident.name, "key")
+                raise Unverified(f"admin key of {ident.name!r}: this signed call was already made once (a replay): "
+                                 "every call is signed afresh", ident.name, "key")
             return Caller(ident.name, "key", ident.level)
         token = _value(metadata, ADMIN_KEY)
         if token and hmac.compare_digest(token.encode(), self.legacy_token.encode()):
             return Caller(LEGACY_NAME, "admin-token", Role.ADMIN)
         ident = self.identities.by_token(token) if token else None
         if ident is None:
-            raise _claimed(AuthError(NO_CREDENTIAL), "unknown", "token" if token else "none")
+            raise Unverified(NO_CREDENTIAL, "unknown", "token" if token else "none")
         return Caller(ident.name, "token", ident.level)
 
     @staticmethod
@@ -159,9 +168,10 @@ class AdminAccess:
                                 f"unknown method {details.method}")
         try:
             caller = self.authenticate(details.invocation_metadata, details.method)
-        except FedtuneError as e:
-            claimed = getattr(e, "claimed", ("unknown", "none"))
-            return self._refuse(handler, name, Caller(claimed[0], claimed[1], None), e.status, str(e))
+        except Unverified as e:
+            return self._refuse(handler, name, Caller(e.who, e.auth, None), e.status, str(e))
+        except FedtuneError as e:  # e.g. an unreadable identities file: refused, and said why
+            return self._refuse(handler, name, Caller("unknown", "none", None), e.status, str(e))
         try:
             self.authorize(caller, details.method)
         except PermissionDenied as e:
@@ -228,11 +238,6 @@ class AdminAccess:
             return reply
 
         return _with_behavior(handler, run_unary)
-
-
-def _claimed(err: AuthError, who: str, auth: str) -> AuthError:
-    err.claimed = (who, auth)  # type: ignore[attr-defined]
-    return err
 
 
 def _streams_in(handler: grpc.RpcMethodHandler | None) -> bool:
