@@ -18,7 +18,9 @@ itself attaches a ``job`` label (the scrape job's name) to each target: scrape t
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -50,22 +52,19 @@ AGGREGATED = ("aggregated", "published")
 
 @dataclass
 class _Histogram:
-    """Observations folded into cumulative buckets, as HistogramMetricFamily takes them."""
+    """Observations counted per bucket, handed out cumulative, as HistogramMetricFamily takes them."""
 
-    counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
-    total: int = 0
+    # One slot per bound, and a last one for values above every bound (+Inf).
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     sum: float = 0.0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += 1
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        return [(str(b), float(c)) for b, c in zip(DURATION_BUCKETS, self.counts, strict=True)] + [
-            ("+Inf", float(self.total))]
+        bounds = [str(b) for b in DURATION_BUCKETS] + ["+Inf"]
+        return list(zip(bounds, map(float, itertools.accumulate(self.counts)), strict=True))
 
 
 def round_phases(metrics: dict[str, float]) -> Iterator[tuple[str, float]]:

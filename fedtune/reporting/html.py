@@ -15,7 +15,7 @@ from typing import Any
 from fedtune import __version__
 from fedtune.errors import InvalidInput
 from fedtune.report import client_eval_lines, history_lines, human_bytes, status_dict
-from fedtune.reporting.job_view import base_eval_loss, client_progress, phase, round_series
+from fedtune.reporting.job_view import TERMINAL, base_eval_loss, client_progress, phase, round_series
 from fedtune.reporting.plots import Plot, render_plots
 
 INSTALL = "pip install 'fedtune[report]'"
@@ -49,7 +49,7 @@ def _summary(status: Any, generated: datetime) -> str:
     epsilon = round_series(status, "epsilon")
     rows = [
         ("job", f"{status.job_id} ({status.name})"),
-        ("state", f"{status.state}: {phase(status)}" if status.state not in ("finished",) else status.state),
+        ("state", status.state if status.state in TERMINAL else f"{status.state}: {phase(status)}"),
         ("rounds", f"{status.current_round} of {status.rounds}"),
         ("base model", status.base_model),
         ("clients enrolled", str(len(status.clients))),
