@@ -799,6 +799,21 @@ def test_systemd_coordinator_command_line_starts_and_answers_the_dockerfile_heal
     assert down.returncode == 1 and "connection refused" in down.stderr, down.stderr
 
 
+def test_a_taken_health_port_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """Found before the service loads anything: exit 6 (conflict), the port and the flag named."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDTUNE_", "GRPC_"))}
+        proc = subprocess.run([str(FEDTUNE), "coordinator", "start", "--state-dir", str(tmp_path / "state"), "--port",
+                               "0", "--insecure", "--in-process", "--health-port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fedtune: error: cannot listen on 127.0.0.1:{port} for --health-port: address in use or not available")
+
+
 # ------------------------------------------------------------------------------ the image, where an engine runs
 
 BASE_IMAGE = os.environ.get("FEDTUNE_TEST_BASE_IMAGE", "fedtune-base:bookworm")

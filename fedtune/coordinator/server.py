@@ -153,23 +153,10 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
         state.close()
         lock.close()
         raise StateConflict(f"cannot listen on {host}:{port}: address in use or not available")
-    try:
-        from fedtune.coordinator.admin_api import AdminServicer
-        from fedtune.coordinator.client_api import ClientServicer
-        from fedtune.coordinator.service import Coordinator
-
-        coordinator = Coordinator(state_dir, state=state)
-    except BaseException:
-        server.stop(0)
-        state.close()
-        lock.close()
-        raise
-    # Held heartbeats (long-polls) each take a server thread: keep some for every other call.
-    coordinator.set_long_poll_slots(workers - RESERVED_WORKERS)
-    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
-    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator, access), server)
+    # NOT_SERVING until the service runs (set below): a probe of a starting coordinator says so.
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", "fedtune.v1.ClientService", "fedtune.v1.AdminService"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_server = None
     if health_port is not None:
         from fedtune.coordinator.health_port import start_health_server
@@ -178,9 +165,27 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
             health_server, health_port = start_health_server(host, health_port, health_servicer)
         except BaseException:
             server.stop(0)
-            coordinator.stop()
+            state.close()
             lock.close()
             raise
+    try:
+        from fedtune.coordinator.admin_api import AdminServicer
+        from fedtune.coordinator.client_api import ClientServicer
+        from fedtune.coordinator.service import Coordinator
+
+        coordinator = Coordinator(state_dir, state=state)
+    except BaseException:
+        server.stop(0)
+        if health_server is not None:
+            health_server.stop(0)
+        state.close()
+        lock.close()
+        raise
+    # Held heartbeats (long-polls) each take a server thread: keep some for every other call.
+    coordinator.set_long_poll_slots(workers - RESERVED_WORKERS)
+    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator, access), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if ray or ray_address:
         try:
             coordinator.use_ray(ray_address)
