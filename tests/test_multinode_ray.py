@@ -55,6 +55,7 @@ class Cluster:
     head_temp: Path
     node2_temp: Path
     node2_files: Path  # where the second node's workers write files sent from the coordinator's node
+    procs: list[subprocess.Popen[bytes]]  # `ray start --block` of the head and of the second node
 
 
 def _ray_start(args: list[str], temp: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -130,7 +131,7 @@ def cluster() -> Iterator[Cluster]:
                                 {**env, "FEDTUNE_NODE_FILES_DIR": str(node2_files)}))
         wait_until(lambda: started(node2_temp, procs[1]), timeout=120, interval=0.5, what="the second Ray node")
         yield Cluster(f"{ip}:{port}", ip, {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}, head_temp,
-                      node2_temp, node2_files)
+                      node2_temp, node2_files, procs)
     finally:
         _stop(procs, [head_temp, node2_temp])
 
@@ -280,3 +281,20 @@ def test_simulate_on_the_cluster_runs_clients_on_the_second_node_against_a_coord
     assert sum(len(r["clients"]) for r in runs) == 2
     rows = [line.split()[:2] for line in proc.stdout.splitlines() if line.strip().startswith("1 ")]
     assert rows == [["1", "2/2"]], proc.stdout
+
+
+def test_a_job_whose_node_leaves_goes_back_to_the_queue(
+        cluster: Cluster, coordinator: Coordinator, fed_data: tuple[list[Path], Path], tmp_path: Path) -> None:
+    admin = coordinator.admin
+    job = admin.call("CreateJob", pb.CreateJobRequest(spec_yaml=_spec(fed_data[1], "orphan", 2))).job_id  # type: ignore[attr-defined]
+    wait_until(lambda: admin.call("GetJob", pb.GetJobRequest(job_id=job)).state == "running",  # type: ignore[attr-defined]
+               timeout=60, what="the job to be placed on the second node")
+    # The second node stops (the last test: the others need it).
+    cluster.procs[1].send_signal(signal.SIGTERM)
+    cluster.procs[1].wait(60)
+    status = wait_until(lambda: (s := admin.call("GetJob", pb.GetJobRequest(job_id=job))).state == "queued" and s,
+                        timeout=120, what="the job to be queued again")
+    # Only the head is left, and it cannot hold 2 CPUs: the job waits, saying so.
+    assert status.scheduling.reason.startswith(f"needs 2 CPUs; {cluster.ip} (node "), status.scheduling.reason  # type: ignore[attr-defined]
+    assert "head) has 1 CPU" in status.scheduling.reason  # type: ignore[attr-defined]
+    admin.call("CancelJob", pb.GetJobRequest(job_id=job))

@@ -371,8 +371,24 @@ class RayBackend:
             return e
         return None
 
+    def _requeue_from_lost_nodes(self) -> None:
+        """Jobs whose node left the cluster go back to the queue, to be placed again (their engines
+        resume from the checkpoint in SQLite); that node's compute actors are forgotten."""
+        alive = {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")}
+        for job_id, run in list(self._running.items()):
+            if run.node_id in alive:
+                continue
+            self._release(job_id)
+            if self.co.state.job(job_id).state not in TERMINAL:
+                self.co.state.set_job_state(job_id, "queued", f"its node {run.node_id[:8]} left the Ray cluster")
+                log.warning("job %s: its node %s left the Ray cluster; queued to be placed again", job_id,
+                            run.node_id[:8])
+        for key in [k for k in self._computes if k[1] not in alive]:
+            del self._computes[key]
+
     def _reap(self) -> None:
         with self._lock:
+            self._requeue_from_lost_nodes()
             for job_id, run in list(self._running.items()):
                 job = self.co.state.job(job_id)
                 if job.state in TERMINAL:

@@ -308,7 +308,7 @@ class SharedCompute:
         import ray
 
         node_id = ray.get_runtime_context().get_node_id()
-        resources = next((n.get("Resources", {}) for n in ray.nodes() if n["NodeID"] == node_id), {})
+        resources: dict[str, float] = next((n.get("Resources", {}) for n in ray.nodes() if n["NodeID"] == node_id), {})
         return {"node_id": node_id, "pid": os.getpid(), "resources": resources}
 
     def release(self, job_id: str) -> None:
