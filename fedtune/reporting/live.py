@@ -25,6 +25,10 @@ from fedtune.reporting.job_view import TERMINAL, client_progress, phase
 SHOWN_ROUNDS = 8
 # Width of frames printed to a file or a pipe (a terminal's own width is used on a terminal).
 LOG_WIDTH = 120
+# Client rows shown (this round's cohort first); `job status --format json` and `job report` list all.
+SHOWN_CLIENTS = 20
+# Who is shown first when not every client fits.
+_ACTIVITY_ORDER = {"training": 0, "uploaded": 1, "idle": 2, "": 3}
 
 
 def _loss(value: float | None) -> str:
@@ -39,10 +43,14 @@ def _ago(seconds: float) -> str:
 
 def clients_table(status: Any, now: float) -> Table:
     """One row per enrolled client: connection, what it does this round, its losses and traffic."""
-    clients = client_progress(status)
+    everyone = client_progress(status)
+    clients = sorted(everyone, key=lambda c: _ACTIVITY_ORDER.get(c.activity, 3))[:SHOWN_CLIENTS]
     # Held-out losses exist only where clients run federated evaluation.
     held_out = any(c.last_eval_loss is not None for c in clients)
-    table = Table(title="clients", title_justify="left", expand=False)
+    hidden = len(everyone) - len(clients)
+    table = Table(title="clients", title_justify="left", expand=False,
+                  caption=f"and {hidden} more (job status --format json lists them all)" if hidden else None,
+                  caption_justify="left")
     for name in ("client", "name", "connection", "this round"):
         table.add_column(name, no_wrap=True)
     for name in ("rounds", "examples", "train loss", *(("held-out loss",) if held_out else ()), "sent"):
