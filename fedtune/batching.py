@@ -331,6 +331,7 @@ class MultiLoraModel:
             # peft's own order of operations: (x A) B, then the scale.
             delta = (h @ a[uniform]) @ b[uniform] * scale_values[uniform]
         else:
+            slots = slots.to(a.device)
             delta = torch.bmm(torch.bmm(h, a[slots]), b[slots]) * scale[slots].view(-1, 1, 1)
         output += delta.view(output.shape).to(output.dtype)
         return output

@@ -4,6 +4,7 @@ what `PeftModel.generate` gives each request alone (fp32, CPU, the tiny Llama pr
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from pathlib import Path
 
@@ -59,14 +60,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     return preset, load_tokenizer(preset), dirs[:-1], dirs[-1]
 
 
+@functools.cache
 def _reference(preset: Path, tokenizer, adapter_dir: Path | None, prompt: str,  # type: ignore[no-untyped-def]
                max_new_tokens: int = MAX_TOKENS) -> list[int]:
-    """Plain peft greedy generation of one request alone."""
+    """Plain peft greedy generation of one request alone (cached: several tests ask for the same)."""
     base = load_causal_lm(preset, CPU)
     model = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base
     inputs = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return list(out[0, inputs["input_ids"].shape[1]:].tolist())
 
 
 def _engine(setup, n_adapters: int = 0, **kwargs) -> GenerationEngine:  # type: ignore[no-untyped-def]
@@ -113,6 +115,23 @@ def test_mixed_batch_equals_plain_peft_token_for_token(setup) -> None:  # type: 
     assert stats["batches"] == 1  # every LoRA, the one on the output layer too, shared the base's passes
     assert stats["tokens_generated"] == sum(len(r) for r in results)
     assert len(stats["ttft_seconds"]) == len(jobs)
+
+
+def test_prefill_budget_splits_a_burst(setup) -> None:  # type: ignore[no-untyped-def]
+    """With a small prefill budget, a burst joins over several passes and still decodes exactly."""
+    preset, tokenizer, loras, _ = setup
+    engine = _engine(setup, 3, max_prefill_tokens=40)
+    jobs = [(PROMPTS[i], f"job@{i % 3}") for i in (1, 6, 3, 0)]
+    streams = [engine.submit(tokenizer(p)["input_ids"], a, _greedy()) for p, a in jobs]
+    engine.start()
+    try:
+        got = [_collect(s)[0] for s in streams]
+        passes = engine.stats["forward_passes"]
+    finally:
+        engine.stop()
+    for (prompt, adapter), tokens in zip(jobs, got, strict=True):
+        assert tokens == _reference(preset, tokenizer, loras[int(adapter[-1])], prompt)
+    assert passes > MAX_TOKENS + 1  # the four did not all prefill in one pass
 
 
 def test_adapters_change_the_text(setup) -> None:  # type: ignore[no-untyped-def]
