@@ -188,7 +188,7 @@ class RayBackend:
         with self._lock:
             now = time.time()
             jobs = self.co.state.jobs()
-            self._poll_placing(jobs, now)
+            self._poll_placing(jobs)
             # Running before a coordinator restart: their quotas went with the old process; they are
             # placed again first, and wait in the queue if the cluster no longer has room.
             resumed = [j for j in jobs if j.state == "running" and j.job_id not in self._running
@@ -241,7 +241,7 @@ class RayBackend:
             self.co.state.set_job_state(job_id, "running")
         self._start(self.co.state.job(job_id), reservation)
 
-    def _poll_placing(self, jobs: list[Job], now: float) -> None:
+    def _poll_placing(self, jobs: list[Job]) -> None:
         """Starts the jobs whose reservation Ray has placed since; gives up on one that takes too long."""
         states = {j.job_id: j.state for j in jobs}
         for job_id, (reservation, since) in list(self._placing.items()):
