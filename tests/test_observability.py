@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -113,9 +116,9 @@ class Uploader:
 
         return wait_until(poll, timeout=60, what="a task")
 
-    def upload(self, task: pb.Task, payload: bytes, **header: object) -> grpc.StatusCode:
+    def upload(self, task: pb.Task, payload: bytes, **header: Any) -> grpc.StatusCode:
         """Uploads ``payload`` under a header the test may spoil; the status it was refused with."""
-        fields: dict[str, object] = {
+        fields: dict[str, Any] = {
             "job_id": task.job_id, "round": task.round, "task_id": task.task_id, "update_id": os.urandom(8).hex(),
             "num_examples": 10, "codec": "fp32", "envelope": SCHEME, "total_size": len(payload),
             "sha256": hashlib.sha256(payload).hexdigest(), **header}
@@ -293,6 +296,9 @@ def test_a_metrics_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> 
                      "--metrics-port (0 picks a free one)".replace("  ", " ")]
     # Nothing started: no address written, no state dir locked.
     assert not (tmp_path / "s" / "coordinator.json").exists()
+    alone = fedtune_cmd("coordinator", "start", "--state-dir", str(tmp_path / "s"), "--insecure", "--in-process",
+                        "--metrics-host", "0.0.0.0", timeout=120)
+    assert alone.returncode == 3 and alone.stderr == "fedtune: error: --metrics-host needs --metrics-port\n"
 
 
 def test_refused_uploads_are_counted_by_reason(live_job: LiveJob) -> None:
@@ -392,3 +398,27 @@ def test_every_metric_the_grafana_dashboard_queries_is_served(live_job: LiveJob)
         families = set(re.findall(r"(?m)^# TYPE (fedtune_\w+) ", reply.read().decode()))
     missing = {q for q in queried if q not in families and re.sub(r"_(bucket|sum|count)$", "", q) not in families}
     assert queried and not missing, f"the dashboard queries metrics nobody serves: {sorted(missing)}"
+
+
+def test_a_restarted_coordinator_reports_the_rounds_and_clients_at_once(live_job: LiveJob, tmp_path: Path) -> None:
+    # A restart is a new process on the same durable state: here, on a copy of it (the module's
+    # coordinator keeps running for the other tests), taken with SQLite's backup API.
+    state_dir = tmp_path / "coord"
+    shutil.copytree(live_job.state_dir, state_dir, ignore=shutil.ignore_patterns("state.db*", "coordinator.*"))
+    with sqlite3.connect(live_job.state_dir / "state.db") as src, sqlite3.connect(state_dir / "state.db") as dst:
+        src.backup(dst)
+    port = _free_port()
+    again = spawn("coordinator", "start", "--state-dir", str(state_dir), "--port", "0", "--insecure",
+                  "--in-process", "--metrics-port", str(port), log=tmp_path / "coordinator.log")
+    try:
+        wait_for_coordinator(state_dir, again, INSECURE, timeout=120)
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        again.terminate()
+        again.wait(timeout=60)
+    job, before = live_job.job, live_job.final
+    for name in ("fedtune_rounds_opened_total", "fedtune_rounds_published_total", "fedtune_clients_enrolled",
+                 "fedtune_round_duration_seconds_count", "fedtune_round_duration_seconds_sum", "fedtune_dp_epsilon"):
+        assert value(samples, name, job=job) == value(before, name, job=job), name
+    # Traffic is counted by the process as it passes: a new process starts from zero.
+    assert value(samples, "fedtune_updates_accepted_total", job=job) == 0
