@@ -422,3 +422,28 @@ def test_a_restarted_coordinator_reports_the_rounds_and_clients_at_once(live_job
         assert value(samples, name, job=job) == value(before, name, job=job), name
     # Traffic is counted by the process as it passes: a new process starts from zero.
     assert value(samples, "fedtune_updates_accepted_total", job=job) == 0
+
+
+def test_secagg_dropouts_and_phase_timings_are_read_from_stored_rounds() -> None:
+    from fedtune.coordinator.metrics_export import _Histogram, round_phases, secagg_dropouts
+    from fedtune.coordinator.state import Round
+
+    def stored(rnd: int, state: str, metrics: dict[str, float]) -> Round:
+        return Round("job-x", rnd, state, 0.0, 0.0, ("a", "b", "c", "d"), "g", None, metrics, None)
+
+    rounds = [stored(1, "published", {"cohort": 4, "contributors": 3}),
+              stored(2, "aggregated", {"cohort": 4, "contributors": 2}),
+              stored(3, "open", {})]  # no aggregate yet: its missing inputs are not dropouts (yet)
+    assert secagg_dropouts(rounds) == 3
+    timings = {"aggregated_seconds": 7.0, "aggregate_seconds": 1.5, "eval_seconds": 2.0, "publish_seconds": 0.25}
+    assert dict(round_phases(timings)) == {"collect": 5.5, "aggregate": 1.5, "evaluate": 2.0, "publish": 0.25}
+    assert dict(round_phases({"aggregated_seconds": 3.0, "aggregate_seconds": 1.0})) == {"collect": 2.0,
+                                                                                         "aggregate": 1.0}
+    hist = _Histogram()
+    for seconds in (0.1, 0.2, 7.0, 9000.0):
+        hist.observe(seconds)
+    buckets = dict(hist.buckets())
+    # Cumulative, upper bounds inclusive, the last one everything.
+    assert (buckets["0.1"], buckets["0.25"], buckets["5.0"], buckets["10.0"], buckets["7200.0"], buckets["+Inf"]) == (
+        1, 2, 2, 3, 3, 4)
+    assert hist.sum == pytest.approx(9007.3)
