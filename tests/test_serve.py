@@ -214,8 +214,8 @@ def pulled_server(world: World) -> Iterator[Server]:
 
     root = world.pulled.parent
     server = Server(["--adapters", str(world.pulled), "--base", TINY_PRESET, "--cache-dir", str(root / "cache"),
-                     "--public-key", str(root / "coordinator.pub"), "--api-key-file", str(root / "keys.txt")],
-                    root / "pulled.log")
+                     "--public-key", str(root / "coordinator.pub"), "--api-key-file", str(root / "keys.txt"),
+                     "--request-timeout", "5"], root / "pulled.log")
     try:
         server.wait_ready()
     except BaseException:
@@ -495,6 +495,15 @@ def test_pulled_adapters_are_served_over_a_preset_base_with_a_key_file(world: Wo
     assert error_of(info.value)["code"] == "chat_template_missing"
     with pytest.raises(openai.AuthenticationError):
         pulled_server.client("not-in-the-file").completions.create(model=w.c, prompt=PROMPT)
+    # --request-timeout 5: a body that never completes is answered 408 (and the slot freed).
+    host, port = pulled_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\": ".encode())
+        answer = b""
+        while b"}}" not in answer and (chunk := conn.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"timeout"' in answer, answer
     # An adapter pulled into the folder while the server runs is served without a restart.
     shutil.copytree(w.pub.publish(w.c, 2, seed=32), w.pulled / "gamma-2")
     assert f"{w.c}@2" in {m.id for m in client.models.list().data}
