@@ -338,3 +338,51 @@ def test_remove_and_replace_adapters(setup) -> None:  # type: ignore[no-untyped-
     assert before == _reference(preset, tokenizer, loras[1], PROMPTS[4])
     assert after == _reference(preset, tokenizer, loras[3], PROMPTS[4])
     assert engine.adapters() == ["job@0"] and engine.stats["adapters_resident"] == 1
+    # Down to no adapter at all (an LRU evicting everything), then one again.
+    engine.remove_adapter("job@0")
+    engine.start()
+    try:
+        deadline = time.time() + 30
+        while engine.stats["adapters_resident"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats["adapters_resident"] == 0
+        engine.add_adapter("job@2", loras[2])
+        again = _collect(engine.submit(prompt, "job@2", _greedy()))[0]
+        base = _collect(engine.submit(prompt, None, _greedy()))[0]
+    finally:
+        engine.stop()
+    assert again == _reference(preset, tokenizer, loras[2], PROMPTS[4])
+    assert base == _reference(preset, tokenizer, None, PROMPTS[4])
+
+
+def test_incremental_text_never_splits_a_character_or_leaks_a_stop_string() -> None:
+    """With a byte-level BPE (characters spread over several tokens), the streamed pieces join up
+    to the full decode, no piece holds half a character, and text ends before the first stop string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fedtune.serving.sampling import CompletionText
+
+    texts = ["héllo wörld, naïve café ☕ 日本語のテキスト 🎉🎉 done", "ünïcödé ✓✓ ∑∫ 中文 plain ascii"] * 10
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # A small vocabulary: most non-ASCII characters stay split into their bytes.
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    for text in texts[:2]:
+        ids = tokenizer(text)["input_ids"]
+        full = tokenizer.decode(ids)
+        for stop in [(), ("☕",), ("∑∫", "zzz"), ("zzz",)]:
+            completion = CompletionText(tokenizer, stop)
+            pieces, stopped = [], False
+            for i, token in enumerate(ids):
+                piece, stopped = completion.add(token, final=i == len(ids) - 1)
+                pieces.append(piece)
+                if stopped:
+                    break
+            cut = min((full.find(s) for s in stop if s in full), default=len(full))
+            assert "".join(pieces) == full[:cut]
+            assert stopped == (cut < len(full))
+            assert not any("\ufffd" in p for p in pieces)

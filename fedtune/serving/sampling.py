@@ -1,9 +1,10 @@
 """What a request asks of generation: sampling settings, choosing the next token, and its text so far.
 
 Every request samples with its own `torch.Generator`, so a seeded request draws the same tokens
-whichever other requests share its batch. Text is detokenized incrementally from the whole
-completion (a token can change how the one before it decodes) and held back while it could be the
-start of a stop string, so a stop string is never partly streamed.
+whichever other requests share its batch. Text is detokenized incrementally over a short window of
+recent tokens (a token can change how the ones before it decode; a multi-byte character can span
+tokens), and held back while it could be the start of a stop string, so a stop string is never
+partly streamed.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        # On the CPU: each request's generator is a CPU generator.
+        probs = torch.softmax(logits[i].cpu() / p.temperature, dim=-1)
         if p.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
             # Keep a token when the mass before it is under top_p: the most likely one always stays.
@@ -113,7 +115,11 @@ class CompletionText:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
         self.token_ids: list[int] = []
-        self._sent = 0  # characters of the decoded text handed out so far
+        self._text = ""  # text of token_ids[:self._read]
+        # token_ids[self._prefix:self._read] is decoded again with each new token, as context.
+        self._prefix = 0
+        self._read = 0
+        self._sent = 0  # characters of the text handed out so far
 
     def add(self, token_id: int, final: bool = False) -> tuple[str, bool]:
         """Adds a generated token.
@@ -127,7 +133,7 @@ class CompletionText:
             ends just before it).
         """
         self.token_ids.append(token_id)
-        text = str(self._tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        text = self._decode(final)
         cut = min((i for i in (text.find(s, max(0, self._sent - len(s))) for s in self._stop) if i >= 0),
                   default=-1)
         if cut >= 0:
@@ -135,12 +141,21 @@ class CompletionText:
         if final:
             return self._take(text, len(text)), False
         end = len(text)
-        if text.endswith(_REPLACEMENT):
-            end = len(text.rstrip(_REPLACEMENT))
         # Hold back a tail that could still grow into a stop string.
         hold = max((n for s in self._stop for n in range(1, min(len(s) - 1, end - self._sent) + 1)
                     if text[end - n:end] == s[:n]), default=0)
         return self._take(text, end - hold), False
+
+    def _decode(self, final: bool) -> str:
+        """The completion's text, decoding only the tokens since the last complete piece."""
+        decode = self._tokenizer.decode
+        before = str(decode(self.token_ids[self._prefix:self._read], skip_special_tokens=True))
+        window = str(decode(self.token_ids[self._prefix:], skip_special_tokens=True))
+        # An incomplete character (a partial UTF-8 sequence) waits for the tokens that complete it.
+        if len(window) > len(before) and (final or not window.endswith(_REPLACEMENT)):
+            self._text += window[len(before):]
+            self._prefix, self._read = self._read, len(self.token_ids)
+        return self._text
 
     def _take(self, text: str, end: int) -> str:
         if end <= self._sent:
