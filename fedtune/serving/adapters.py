@@ -138,6 +138,25 @@ class _Resident:
     retired: bool = False
 
 
+def _copy_listed(src: Path, dst: Path) -> None:
+    """Copies the manifest and the files it lists (only those: nothing unlisted reaches the engine).
+
+    Names that are not plain file names are not copied; verification then refuses the adapter.
+    """
+    dst.mkdir(parents=True)
+    if not (src / MANIFEST).is_file():
+        return  # verification names what is missing
+    shutil.copyfile(src / MANIFEST, dst / MANIFEST)
+    try:
+        files = json.loads((dst / MANIFEST).read_text()).get("files")
+    except (ValueError, AttributeError):
+        return  # verification names the broken manifest
+    for name in files if isinstance(files, dict) else ():
+        safe = isinstance(name, str) and name and "/" not in name and "\\" not in name and not name.startswith(".")
+        if safe and (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
 def _fingerprint(path: Path) -> tuple[Any, ...]:
     """Cheap identity of a directory's content: each file's name, size, mtime and inode."""
     try:
@@ -251,8 +270,10 @@ class AdapterPool:
             log.info("adapter %s changed on disk; loading it again", canonical)
             self._retire(stale)
         self._make_room()
-        engine_name = f"{canonical}#{next(self._generation)}"
-        copy_dir = self.work_dir / engine_name.replace("@", "-r").replace("#", "-g")
+        generation = next(self._generation)
+        engine_name = f"{canonical}#{generation}"
+        # Named by number only: a job id read from an unverified manifest never becomes a path.
+        copy_dir = self.work_dir / f"adapter-{generation}"
         try:
             await asyncio.to_thread(self._verify_and_add, adapter, canonical, engine_name, copy_dir)
         except AdapterRejected as e:
@@ -270,7 +291,7 @@ class AdapterPool:
         """Copies, verifies and loads (in a worker thread)."""
         shutil.rmtree(copy_dir, ignore_errors=True)
         try:
-            shutil.copytree(adapter.path, copy_dir)
+            _copy_listed(adapter.path, copy_dir)
         except OSError as e:  # a round being republished (renamed into place) as we copy
             shutil.rmtree(copy_dir, ignore_errors=True)
             raise Unavailable(f"adapter {canonical} could not be read ({e}); try again") from e
