@@ -552,6 +552,7 @@ def test_cli_refuses_bad_setups_naming_the_fix(world: World) -> None:
         "--public-key is needed": ("--adapters", pulled, "--base", "tiny-llama"),
         "neither a file nor a base64 key": ("--adapters", pulled, "--base", "tiny-llama", "--public-key", "nope!"),
         "holds no key": ("--state-dir", state_dir, "--api-key-file", str(empty)),
+        "not a coordinator's state dir": ("--state-dir", pulled),
     }
     for message, args in cases.items():
         with pytest.raises(FedtuneError, match=message) as info:

@@ -68,8 +68,9 @@ def serve(
 
     if (state_dir is None) == (not adapters):
         raise InvalidInput("pass either --state-dir (a coordinator's) or --adapters DIR (pulled adapters)")
-    if state_dir is not None and not (state_dir / "adapters").is_dir() and not (state_dir / "keys").is_dir():
-        raise InvalidInput(f"--state-dir {state_dir} is not a coordinator's state dir (no adapters/ or keys/)")
+    if state_dir is not None and not (state_dir / "state.db").is_file():
+        raise InvalidInput(f"--state-dir {state_dir} is not a coordinator's state dir (no state.db): pass the "
+                           "directory `fedtune coordinator start --state-dir` was given")
     run_server(ServeOptions(
         state_dir=state_dir.resolve() if state_dir is not None else None,
         adapter_dirs=tuple(p.resolve() for p in adapters or ()),

@@ -130,6 +130,17 @@ def create_app(rt: Runtime) -> FastAPI:
     async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(FedtuneError)
+    async def _domain_error(_request: Request, e: FedtuneError) -> JSONResponse:
+        error = from_domain(e)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error")
+        error = ApiError(500, f"internal error ({type(e).__name__}); see the server log", "server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if e.status_code == 404 else None
