@@ -12,9 +12,8 @@ import asyncio
 import hmac
 import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,9 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fedtune.errors import FedtuneError, InvalidInput
 from fedtune.serving.adapters import BASE_MODEL_ID, AdapterPool, Lease, model_ids
 from fedtune.serving.api_models import ChatCompletionRequest, CompletionRequest
-from fedtune.serving.engine import SamplingParams, TokenEvent
+from fedtune.serving.engine import SamplingParams
 from fedtune.serving.http_errors import AdapterRejected, ApiError, from_domain, from_validation, too_many
 from fedtune.serving.metrics import CONTENT_TYPE, UNKNOWN_MODEL, ServeMetrics
+from fedtune.serving.responses import Reply
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,8 @@ async def _generate(rt: Runtime, request: Request, model_cls: type[BaseModel], p
                 rt.inflight -= 1
 
     done = _once(lambda: _finish(rt, lease, stream))
-    reply = _Reply(rt, body, lease, stream, arrived, chat=isinstance(body, ChatCompletionRequest))
+    reply = Reply(body, lease.canonical, stream, arrived, rt.settings.request_timeout, rt.metrics,
+                  chat=isinstance(body, ChatCompletionRequest))
     if body.stream:
         rt.metrics.request(label, 200)
         return StreamingResponse(reply.sse(done), media_type="text/event-stream",
@@ -357,99 +358,3 @@ def _finish(rt: Runtime, lease: Lease | None, stream: Any) -> None:
     if lease is not None:
         rt.pool.release(lease)
     rt.inflight -= 1
-
-
-class _Reply:
-    """Turns one request's token events into OpenAI's response body or its SSE chunks."""
-
-    def __init__(self, rt: Runtime, body: Any, lease: Lease, stream: Any, arrived: float, *, chat: bool) -> None:
-        self.rt = rt
-        self.body = body
-        self.stream = stream
-        self.arrived = arrived
-        self.chat = chat
-        self.model = lease.canonical
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-        self._first = True
-
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        """The stream's events, within the request's deadline; counts tokens and time to first token."""
-        deadline = self.arrived + self.rt.settings.request_timeout
-        events = self.stream.events().__aiter__()
-        try:
-            while True:
-                remaining = deadline - time.perf_counter()
-                try:
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
-                    event = await asyncio.wait_for(events.__anext__(), remaining)
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError as e:  # the builtin TimeoutError only from Python 3.11
-                    raise ApiError(504, f"the request took over {self.rt.settings.request_timeout:g}s (the server's "
-                                   "--request-timeout); ask for fewer max_tokens", "timeout_error",
-                                   code="timeout") from e
-                if self._first and (event.token_ids or event.text):
-                    self._first = False
-                    self.rt.metrics.time_to_first_token.observe(time.perf_counter() - self.arrived)
-                if event.finish_reason == "error":
-                    raise ApiError(500, f"generation failed: {event.text or 'see the server log'}", "server_error")
-                yield event
-        finally:
-            self.rt.metrics.usage(self.stream.prompt_tokens, self.stream.completion_tokens)
-
-    def _usage(self) -> dict[str, int]:
-        prompt, completion = self.stream.prompt_tokens, self.stream.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    async def collect(self) -> dict[str, Any]:
-        """The whole answer (a non-streamed request)."""
-        parts, finish = [], None
-        async for event in self._events():
-            parts.append(event.text)
-            finish = event.finish_reason or finish
-        text = "".join(parts)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
-                "usage": self._usage()}
-
-    def _chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
-
-    async def sse(self, done: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per token event, usage when asked for, then ``[DONE]``."""
-        try:
-            if self.chat:
-                yield _sse(self._chunk(None, None, role=True))
-            async for event in self._events():
-                if event.text or event.finish_reason:
-                    yield _sse(self._chunk(event.text, event.finish_reason))
-            if self.body.wants_usage_chunk():
-                yield _sse({**self._chunk(None, None), "choices": [], "usage": self._usage()})
-            yield "data: [DONE]\n\n"
-        except ApiError as e:
-            # Headers are sent: the error travels as an event, the way OpenAI's streams carry one.
-            log.warning("streamed request %s ended with an error: %s", self.id, e.message)
-            yield _sse(e.body())
-        finally:
-            await done()
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
