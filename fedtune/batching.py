@@ -174,8 +174,11 @@ class MultiLoraModel:
         self._segments: list[_Segment] | None = None
         # Row routing (serving): each row's slot (0 = base only, k + 1 = adapter k) and, when all
         # rows share one slot, that slot; per layer, every adapter's weights stacked by slot.
-        self._rows: tuple[torch.Tensor, int | None] | None = None
+        self._rows: tuple[torch.Tensor, int | None, tuple[int, ...]] | None = None
         self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]] | None] = {}
+        # Per layer, the stacks gathered for the last row assignment: decode steps reuse them until
+        # rows join or leave (gathering costs several times the products themselves on a CPU).
+        self._gathered: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for k, spec in enumerate(adapters):
             if spec.state is not None:
                 self.load_state(k, spec.state)
@@ -251,6 +254,7 @@ class MultiLoraModel:
             self.remove_adapter(name)
             raise
         self._stacks.clear()
+        self._gathered.clear()
         return name
 
     def remove_adapter(self, name: str) -> None:
@@ -268,6 +272,7 @@ class MultiLoraModel:
             del self._params[k]
         self._attach_layers()
         self._stacks.clear()
+        self._gathered.clear()
 
     @contextmanager
     def route_rows(self, names: Sequence[str | None]) -> Iterator[None]:
@@ -288,7 +293,7 @@ class MultiLoraModel:
         except KeyError as e:
             raise InvalidInput(f"no adapter named {e.args[0]!r} in this model") from e
         uniform = slots[0] if slots and all(s == slots[0] for s in slots) else None
-        self._rows = (torch.tensor(slots), uniform)
+        self._rows = (torch.tensor(slots), uniform, tuple(slots))
         try:
             yield
         finally:
@@ -323,7 +328,7 @@ class MultiLoraModel:
         if stack is None:
             return output
         a, b, scale, scale_values = stack
-        slots, uniform = self._rows
+        slots, uniform, key = self._rows
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
         if uniform is not None:
             if scale_values[uniform] == 0.0:
@@ -331,8 +336,14 @@ class MultiLoraModel:
             # peft's own order of operations: (x A) B, then the scale.
             delta = (h @ a[uniform]) @ b[uniform] * scale_values[uniform]
         else:
-            slots = slots.to(a.device)
-            delta = torch.bmm(torch.bmm(h, a[slots]), b[slots]) * scale[slots].view(-1, 1, 1)
+            gathered = self._gathered.get(id(layer))
+            if gathered is None or gathered[0] != key:
+                index = slots.to(a.device)
+                gathered = (key, a.index_select(0, index), b.index_select(0, index),
+                            scale.index_select(0, index).view(-1, 1, 1))
+                self._gathered[id(layer)] = gathered
+            _, a_rows, b_rows, scale_rows = gathered
+            delta = torch.bmm(torch.bmm(h, a_rows), b_rows) * scale_rows
         output += delta.view(output.shape).to(output.dtype)
         return output
 
@@ -408,6 +419,7 @@ class MultiLoraModel:
                 raise InvalidInput(f"adapter {k}: tensor {key} holds NaN or infinite values")
         set_peft_model_state_dict(self.peft_model, dict(state), adapter_name=self.names[k])
         self._stacks.clear()
+        self._gathered.clear()
 
     def train(self, mode: bool = True) -> None:
         """Sets train (dropout on) or eval mode."""
