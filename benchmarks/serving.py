@@ -13,9 +13,9 @@ from the common submit time, so queueing counts (a peft request waits for those 
 engine's decode loop starts once all 64 are queued, as when they arrive together). Adapter loading
 is excluded on both sides. The base is a randomly initialised Llama (default hidden 512, 8 layers,
 MLP 1536, 8 heads, the tiny preset's 100-token character vocabulary), which is fine for speed; the
-two sides' token ids are compared (greedy, fp32: they must be equal). Per adapter count, peft runs
-once between ``--engine-repeats`` engine runs (the engine is cheap to repeat; figures are medians),
-so drift in the machine's load hits both alike.
+two sides' token ids are compared (greedy, fp32: they must be equal). The engine runs
+``--engine-repeats`` rounds over all adapter counts (it is cheap to repeat; figures are medians) and
+peft runs once per count in the middle round, so drift in the machine's load hits all alike.
 
     .venv/bin/python benchmarks/serving.py --out benchmarks/out/serving.json
 
@@ -194,18 +194,20 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in load_causal_lm(base, CPU).parameters())
     started = time.time()
     runs: list[dict[str, Any]] = []
-    for n in args.adapters:
-        modes = ["fedtune", "peft"] + ["fedtune"] * (args.engine_repeats - 1)
-        for rep, mode in enumerate(modes):
-            if mode == "peft":
-                run = run_peft(base, dirs[:n], batch, args)
-            else:
-                run = run_engine(base, tokenizer, dirs[:n], batch, args)
-            run["repeat"] = rep
-            runs.append(run)
-            print(f"adapters={n:2d} {mode:7s} {run['tokens_per_second']:8.1f} tok/s "
-                  f"({run['tokens_per_cpu_second']:.1f} per CPU-s) TTFT p50 {run['ttft_p50']:.2f}s "
-                  f"p99 {run['ttft_p99']:.2f}s ({run['seconds']:.1f}s)", file=sys.stderr)
+    # Rounds over every adapter count, peft in the middle one: drift in the machine's load then
+    # hits every count and both sides alike.
+    plan = [(rep, n, mode) for rep in range(args.engine_repeats) for n in args.adapters
+            for mode in (["fedtune", "peft"] if rep == args.engine_repeats // 2 else ["fedtune"])]
+    for rep, n, mode in plan:
+        if mode == "peft":
+            run = run_peft(base, dirs[:n], batch, args)
+        else:
+            run = run_engine(base, tokenizer, dirs[:n], batch, args)
+        run["repeat"] = rep
+        runs.append(run)
+        print(f"round {rep} adapters={n:2d} {mode:7s} {run['tokens_per_second']:8.1f} tok/s "
+              f"({run['tokens_per_cpu_second']:.1f} per CPU-s) TTFT p50 {run['ttft_p50']:.2f}s "
+              f"p99 {run['ttft_p99']:.2f}s ({run['seconds']:.1f}s)", file=sys.stderr)
     rows = []
     for n in args.adapters:
         ours = [r for r in runs if r["adapters"] == n and r["mode"] == "fedtune"]

@@ -11,6 +11,8 @@ The adapters live in one peft model as named adapters (``fedtune_batch_000``, ..
 carry peft's own keys and move with peft's state-dict functions; what is ours is the routing:
 peft's layers run with no active adapter (base output only) and a forward hook on each adds the
 segments' deltas. peft's own mixed-batch path (``adapter_names=``) is refused in training mode.
+Serving (`fedtune.serving.engine`) routes the same way row by row (`MultiLoraModel.route_rows`),
+adding and removing adapters while it runs.
 """
 
 from __future__ import annotations
