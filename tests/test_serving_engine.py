@@ -386,3 +386,34 @@ def test_incremental_text_never_splits_a_character_or_leaks_a_stop_string() -> N
             assert "".join(pieces) == full[:cut]
             assert stopped == (cut < len(full))
             assert not any("\ufffd" in p for p in pieces)
+
+
+def test_gpt2_conv1d_lora_shares_the_pass(tmp_path: Path) -> None:
+    """Another family: GPT-2's fused Conv1D projections (fan_in_fan_out LoRA) and learned positions."""
+    preset = materialize_preset("tiny-gpt2", tmp_path / "preset")
+    tokenizer = load_tokenizer(preset)
+    configs = [{"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]},
+               {"r": 2, "lora_alpha": 4, "target_modules": ["c_fc", "c_proj"]}]
+    engine = GenerationEngine(load_causal_lm(preset, CPU), tokenizer)
+    dirs = []
+    for k, config in enumerate(configs):
+        torch.manual_seed(k)
+        model = get_peft_model(load_causal_lm(preset, CPU), LoraConfig(fan_in_fan_out=True, **config))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+        model.save_pretrained(tmp_path / f"a{k}")
+        dirs.append(tmp_path / f"a{k}")
+        engine.add_adapter(f"a{k}", dirs[-1])
+    jobs = [(PROMPTS[i], k) for i, k in ((0, 0), (1, 1), (3, None), (6, 0))]
+    engine.start()
+    try:
+        streams = [engine.submit(tokenizer(p)["input_ids"], None if k is None else f"a{k}", _greedy()) for p, k in jobs]
+        got = [_collect(s)[0] for s in streams]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert stats["batches"] == 1
+    for (prompt, k), tokens in zip(jobs, got, strict=True):
+        assert tokens == _reference(preset, tokenizer, None if k is None else dirs[k], prompt)
