@@ -417,3 +417,33 @@ def test_gpt2_conv1d_lora_shares_the_pass(tmp_path: Path) -> None:
     assert stats["batches"] == 1
     for (prompt, k), tokens in zip(jobs, got, strict=True):
         assert tokens == _reference(preset, tokenizer, None if k is None else dirs[k], prompt)
+
+
+def test_adapter_with_changed_base_weights_gets_its_own_copy(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A LoRA file that carries a changed output layer (peft saves it when LoRA targets it) cannot
+    share the base's pass and must not write into the shared base: it runs on a private copy of that layer."""
+    from safetensors.torch import load_file, save_file
+
+    preset, tokenizer, loras, _ = setup
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "adapter_config.json").write_bytes((loras[2] / "adapter_config.json").read_bytes())
+    state = load_file(str(loras[2] / "adapter_model.safetensors"))
+    key = "base_model.model.lm_head.base_layer.weight"
+    state[key] = state[key] + 0.5 * torch.randn_like(state[key])
+    save_file(state, str(changed / "adapter_model.safetensors"))
+    engine = _engine(setup, 1)
+    engine.add_adapter("changed", changed)
+    engine.start()
+    try:
+        streams = [engine.submit(tokenizer(p)["input_ids"], a, _greedy())
+                   for p, a in ((PROMPTS[0], "changed"), (PROMPTS[0], None), (PROMPTS[3], "job@0"))]
+        got = [_collect(s)[0] for s in streams]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert stats["batches"] == 2
+    assert got[0] == _reference(preset, tokenizer, changed, PROMPTS[0])
+    assert got[0] != _reference(preset, tokenizer, loras[2], PROMPTS[0])
+    assert got[1] == _reference(preset, tokenizer, None, PROMPTS[0])
+    assert got[2] == _reference(preset, tokenizer, loras[0], PROMPTS[3])
