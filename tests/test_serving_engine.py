@@ -447,3 +447,32 @@ def test_adapter_with_changed_base_weights_gets_its_own_copy(setup, tmp_path: Pa
     assert got[0] != _reference(preset, tokenizer, loras[2], PROMPTS[0])
     assert got[1] == _reference(preset, tokenizer, None, PROMPTS[0])
     assert got[2] == _reference(preset, tokenizer, loras[0], PROMPTS[3])
+
+
+def test_a_failed_pass_ends_its_requests_with_error_and_the_engine_goes_on(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.serving.batch import RunningBatch
+
+    preset, tokenizer, loras, _ = setup
+    join = RunningBatch.join
+    calls = []
+
+    def failing_once(self, prompts, routes):  # type: ignore[no-untyped-def]
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return join(self, prompts, routes)
+
+    monkeypatch.setattr(RunningBatch, "join", failing_once)
+    engine = _engine(setup, 1)
+    # Two lengths far apart: two prefill groups, the second never reaches the batch.
+    failed = [engine.submit(tokenizer(p)["input_ids"], "job@0", _greedy()) for p in (PROMPTS[2], PROMPTS[6])]
+    engine.start()
+    try:
+        reasons = [_collect(s)[2] for s in failed]
+        tokens = _collect(engine.submit(tokenizer(PROMPTS[3])["input_ids"], "job@0", _greedy()))[0]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    assert reasons == ["error", "error"]
+    assert tokens == _reference(preset, tokenizer, loras[0], PROMPTS[3])
+    assert stats["requests_running"] == stats["requests_waiting"] == 0

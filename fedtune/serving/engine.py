@@ -405,12 +405,21 @@ class GenerationEngine:
                     break
                 joiners.append(lane.waiting.popleft())
                 longest = longer
-        for group in _similar_lengths(joiners):
-            first = lane.batch.size
-            lane.running.extend(group)
-            logits = lane.batch.join([r.prompt_ids for r in group], [self._route_of(r) for r in group])
-            self._count_pass(len(group))
-            self._emit(lane, logits, first)
+        groups = _similar_lengths(joiners)
+        joined = 0
+        try:
+            for group in groups:
+                first = lane.batch.size
+                lane.running.extend(group)  # from here on a failed pass ends them with the batch
+                joined += 1
+                logits = lane.batch.join([r.prompt_ids for r in group], [self._route_of(r) for r in group])
+                self._count_pass(len(group))
+                self._emit(lane, logits, first)
+        except Exception:
+            with self._cond:  # groups not yet in the batch end here
+                for request in [r for later in groups[joined:] for r in later]:
+                    self._finish(request, TokenEvent("", (), "error"))
+            raise
         if lane.running:
             self._count_pass(lane.batch.size)
             self._emit(lane, lane.batch.step(), 0)
@@ -444,8 +453,7 @@ class GenerationEngine:
                     self._finish(request, event)
         with self._cond:
             self._stats["tokens_generated"] += len(rows)
-        if self._hook:
-            self._hook("tokens", float(len(rows)))
+        self._call_hook("tokens", float(len(rows)))
         if done:
             self._leave(lane, [i for i in range(len(lane.running)) if i not in done])
 
@@ -500,14 +508,20 @@ class GenerationEngine:
         with self._cond:
             self._stats["batch_sizes"][rows] += 1
             self._stats["forward_passes"] += 1
-        if self._hook:
-            self._hook("batch_size", float(rows))
+        self._call_hook("batch_size", float(rows))
 
     def _observe(self, name: str, value: float) -> None:
         with self._cond:
             self._stats[name].append(value)
-        if self._hook:
+        self._call_hook(name, value)
+
+    def _call_hook(self, name: str, value: float) -> None:
+        if self._hook is None:
+            return
+        try:
             self._hook(name, value)
+        except Exception:  # a metrics exporter's bug must not fail the requests being decoded
+            logger.exception("the metrics hook failed on %s", name)
 
 
 def _similar_lengths(requests: list[_Request], waste: float = 0.25) -> list[list[_Request]]:
