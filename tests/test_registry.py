@@ -220,7 +220,7 @@ def test_card_is_written_into_a_pulled_adapter_and_keeps_it_verifiable(reg: Publ
     assert f"# test: job {reg.job}, round 2" in text
     assert "| data owners | 1 enrolled; 1 contributed to round 2 |" in text
     assert "| differential privacy | none" in text
-    assert re.search(r"^\| 1 \| 1 \| 10 \| 1 \|$", text, re.M) and re.search(r"^\| 2 \| 1 \| 10 \| 1 \|$", text, re.M)
+    assert re.search(r"^\| 1 \| 1 \| 10 \| 1 \|$", text, re.MULTILINE) and re.search(r"^\| 2 \| 1 \| 10 \| 1 \|$", text, re.MULTILINE)
     assert "| 3 |" not in text  # rounds after the one carded are not its history
     assert "PeftModel.from_pretrained(base" in text and "vllm serve" in text and "--enable-lora" in text
     # README.md is not a signed file: the adapter verifies as pulled, by the CLI as a user runs it.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.errors import InvalidInput, NotFound
+from fedtune.registry.lineage import section
 from fedtune.registry.tags import LATEST, tags_by_round
 
 STATE_DB = "state.db"
@@ -155,7 +156,7 @@ def adapter_from_row(job: str, rnd: int, path: str, manifest_json: str, tags: It
         manifest = json.loads(manifest_json) if manifest_json else {}
     except json.JSONDecodeError:
         manifest = {}
-    peft = manifest.get("peft") if isinstance(manifest.get("peft"), dict) else {}
+    peft = section(manifest, "peft")
     return PublishedAdapter(job, rnd, Path(path), tuple(sorted(tags)), str(manifest.get("base_model", "")),
                             str(peft.get("method", "lora")) if manifest else "")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fedtune.registry.lineage import lineage_of
+from fedtune.registry.lineage import lineage_of, section
 
 CARD_NAME = "README.md"
 # Metrics the card's per-round table shows, when rounds have them (eval_* ones join after).
@@ -58,7 +58,7 @@ def render_card(manifest: dict[str, Any], history: list[dict[str, Any]], *, data
     """
     lin = lineage_of(manifest)
     base = _hub_base(lin.base_model)
-    peft = manifest.get("peft") if isinstance(manifest.get("peft"), dict) else {}
+    peft = section(manifest, "peft")
     privacy = manifest.get("privacy") if isinstance(manifest.get("privacy"), dict) else None
     tags = ["peft", lin.method, "fedtune", "federated-learning"]
     if privacy:

@@ -63,13 +63,19 @@ class Lineage:
                 "epsilon": self.epsilon}
 
 
+def section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    """A manifest's ``key`` block, or ``{}`` when it is missing or not an object (older manifests)."""
+    value = manifest.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def lineage_of(manifest: dict[str, Any]) -> Lineage:
     """The lineage a parsed ``fedtune.json`` records."""
-    block = manifest.get("lineage") if isinstance(manifest.get("lineage"), dict) else {}
-    aggregation = manifest.get("aggregation") if isinstance(manifest.get("aggregation"), dict) else {}
-    peft = manifest.get("peft") if isinstance(manifest.get("peft"), dict) else {}
-    privacy = manifest.get("privacy") if isinstance(manifest.get("privacy"), dict) else {}
-    metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+    block = section(manifest, "lineage")
+    aggregation = section(manifest, "aggregation")
+    peft = section(manifest, "peft")
+    privacy = section(manifest, "privacy")
+    metrics = section(manifest, "metrics")
     eps = privacy.get("epsilon", metrics.get("epsilon"))
     parent = block.get("parent_round")
     return Lineage(
