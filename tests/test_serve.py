@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import shutil
 import socket
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, wait_until
+from tests.publishing import Publisher
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -40,55 +40,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 PROMPT = "The federation said"
 KEY = "sk-serve-test-1"
 TOKENS = 12
-
-
-class Publisher:
-    """Publishes signed LoRA adapters into a coordinator state dir, as its round engine does."""
-
-    def __init__(self, state_dir: Path) -> None:
-        from fedtune.coordinator.keyring import KeyRing
-        from fedtune.coordinator.state import CoordinatorState
-        from fedtune.methods import get_method
-        from fedtune.spec import default_peft
-
-        self.state_dir = state_dir
-        self.state = CoordinatorState(state_dir / "state.db")
-        self.keys = KeyRing(state_dir / "keys")
-        self.peft = get_method("lora").with_defaults(default_peft(), "llama")
-        self._models: dict[Path, Any] = {}
-
-    def job(self, base_dir: Path, name: str) -> str:
-        from fedtune.hashing import model_dir_hash
-
-        return self.state.add_job(name=name, spec_json="{}", base_model=str(base_dir),
-                                  base_hash=model_dir_hash(base_dir), files=[], initial_adapter="",
-                                  peft_config_json=json.dumps(self.peft.model_dump(mode="json"))).job_id
-
-    def publish(self, job_id: str, rnd: int, seed: int, signer: Any = None) -> Path:
-        from fedtune.coordinator.publish import publish_adapter, published_adapter_config
-        from fedtune.methods import config_for
-        from fedtune.models import load_causal_lm
-        from fedtune.peft_io import adapter_state, build_peft_model, tensors_to_bytes
-
-        job = self.state.job(job_id)
-        base_dir = Path(job.base_model)
-        if base_dir not in self._models:
-            base = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
-            self._models[base_dir] = build_peft_model(base, config=config_for(self.peft.model_dump(mode="json")))
-        model = self._models[base_dir]
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        path, manifest = publish_adapter(
-            self.state_dir / "adapters", job_id=job_id, job_name=job.name, rnd=rnd,
-            state=tensors_to_bytes(adapter_state(model)), peft=self.peft, base_model=job.base_model,
-            base_hash=job.base_hash, metrics={"eval_loss": 1.0}, contributors=2,
-            adapter_config=published_adapter_config(self.peft.model_dump(mode="json"), job.base_model),
-            signer=signer or self.keys.signing_key)
-        self.state.publish_round(job_id, rnd, {"eval_loss": 1.0}, str(path), json.dumps(manifest))
-        return path
 
 
 class Server:
