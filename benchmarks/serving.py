@@ -17,9 +17,19 @@ two sides' token ids are compared (greedy, fp32: they must be equal). The engine
 ``--engine-repeats`` rounds over all adapter counts (it is cheap to repeat; figures are medians) and
 peft runs once per count in the middle round, so drift in the machine's load hits all alike.
 
+*serve* (on unless ``--no-through-http``) is the same through the HTTP API: the adapters are published
+into a temporary coordinator state dir as the round engine publishes them (signed with its key,
+recorded in its SQLite state, as rounds 1..N of one job), a real ``fedtune serve --state-dir DIR
+--port 0`` process serves them, each adapter is requested once before any timing (verified and
+loaded), then 64 streamed completions start at once from 64 threads with the official ``openai``
+client (prompts as token ids, request i for round i mod N + 1), in every round beside the engine.
+Throughput counts the completion tokens the server reports per wall second and per CPU second of
+the server process; TTFT is the first streamed chunk; each reply's text is compared with peft's
+tokens for the same request, decoded.
+
     .venv/bin/python benchmarks/serving.py --out benchmarks/out/serving.json
 
-Prints a markdown table and writes every figure, the machine and the settings as JSON.
+Prints markdown tables and writes every figure, the machine and the settings as JSON.
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -85,7 +98,7 @@ def build_adapters(base: Path, out: Path, n: int) -> list[Path]:
                 for name, p in model.named_parameters():
                     if "lora_" in name:
                         p.normal_(0, 0.02 if "lora_A" in name else 0.2)
-            model.save_pretrained(dirs[k])
+            model.save_pretrained(str(dirs[k]))
     return dirs
 
 
@@ -172,6 +185,102 @@ def run_peft(base: Path, dirs: list[Path], batch: list[list[int]], args: argpars
     return _figures("peft", len(dirs), outputs, first, seconds, cpu)
 
 
+
+class Served:
+    """The N adapters published into a temporary coordinator state dir and a real `fedtune serve` on it.
+
+    One job, round k+1 holding adapter k's weights (published as the coordinator's round engine
+    does: signed with the state dir's key, recorded with ``publish_round``); the server runs in a
+    process of its own with ``--max-adapters`` and ``--max-concurrent`` at the largest count, so
+    no adapter is evicted and no request refused.
+    """
+
+    def __init__(self, base: Path, dirs: list[Path], args: argparse.Namespace, stack: ExitStack) -> None:
+        from safetensors.torch import load_file
+
+        from tests.publishing import Publisher
+
+        state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedtune-serving-")))
+        pub = Publisher(state_dir)
+        stack.callback(pub.state.close)
+        job = pub.job(base, "bench")
+        for k, d in enumerate(dirs):
+            pub.publish_tensors(job, k + 1, load_file(d / "adapter_model.safetensors"))
+        self.models = [f"{job}@{k + 1}" for k in range(len(dirs))]
+        threads = str(args.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        self.log = Path(args.out).parent / "serving" / "serve.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtune", "serve", "--state-dir", str(state_dir), "--port", "0",
+             "--max-adapters", str(len(dirs)), "--max-concurrent", str(REQUESTS), "--max-batch", str(args.max_batch)],
+            stdout=subprocess.PIPE, stderr=self.log.open("wb"), env=env, cwd=REPO, text=True)
+        stack.callback(self.stop)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("http://"):
+            raise SystemExit(f"fedtune serve did not start:\n{self.log.read_text()[-3000:]}")
+        import openai
+
+        self.client = openai.OpenAI(base_url=f"{line.strip()}/v1", api_key="none", max_retries=0, timeout=600)
+        for model in self.models:  # each adapter verified and loaded once, outside the timings
+            self.client.completions.create(model=model, prompt="warm up", max_tokens=1, temperature=0)
+
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_http(served: Served, n: int, batch: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    """64 streamed completions at once over HTTP, request i for adapter i mod n, each on its own thread."""
+    errors: list[BaseException] = []
+    texts = [""] * len(batch)
+    tokens = [0] * len(batch)
+    first = [0.0] * len(batch)
+    gate = threading.Barrier(len(batch) + 1)
+    start = 0.0
+
+    def request(i: int) -> None:
+        gate.wait()
+        try:
+            chunks = served.client.completions.create(
+                model=served.models[i % n], prompt=batch[i], max_tokens=args.max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+            for chunk in chunks:  # time to first token: the first chunk that carries a choice
+                if chunk.choices and not first[i]:
+                    first[i] = time.perf_counter() - start
+                texts[i] += "".join(c.text for c in chunk.choices)
+                if chunk.usage is not None:
+                    tokens[i] = chunk.usage.completion_tokens
+        except BaseException as e:  # noqa: BLE001 - raised on the main thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(len(batch))]
+    for t in threads:
+        t.start()
+    cpu, client_cpu = served.cpu_seconds(), time.process_time()
+    start = time.perf_counter()
+    gate.wait()
+    for t in threads:
+        t.join()
+    seconds, cpu = time.perf_counter() - start, served.cpu_seconds() - cpu
+    client_cpu = time.process_time() - client_cpu
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(batch)} requests failed (see {served.log})") from errors[0]
+    ttft = sorted(first)
+    total = sum(tokens)
+    return {"mode": "http", "adapters": n, "tokens": total, "seconds": seconds, "tokens_per_second": total / seconds,
+            "cpu_seconds": cpu, "tokens_per_cpu_second": total / cpu, "ttft_p50": statistics.median(ttft),
+            "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "client_cpu_seconds": client_cpu,
+            "texts": texts}
+
+
 def _figures(mode: str, n: int, outputs: list[list[int]], first: list[float], seconds: float,
              cpu: float) -> dict[str, Any]:
     tokens = sum(len(o) for o in outputs)
@@ -195,19 +304,25 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     runs: list[dict[str, Any]] = []
     # Rounds over every adapter count, peft in the middle one: drift in the machine's load then
-    # hits every count and both sides alike.
+    # hits every count and all sides alike.
+    http = ["http"] if args.through_http else []
     plan = [(rep, n, mode) for rep in range(args.engine_repeats) for n in args.adapters
-            for mode in (["fedtune", "peft"] if rep == args.engine_repeats // 2 else ["fedtune"])]
-    for rep, n, mode in plan:
-        if mode == "peft":
-            run = run_peft(base, dirs[:n], batch, args)
-        else:
-            run = run_engine(base, tokenizer, dirs[:n], batch, args)
-        run["repeat"] = rep
-        runs.append(run)
-        print(f"round {rep} adapters={n:2d} {mode:7s} {run['tokens_per_second']:8.1f} tok/s "
-              f"({run['tokens_per_cpu_second']:.1f} per CPU-s) TTFT p50 {run['ttft_p50']:.2f}s "
-              f"p99 {run['ttft_p99']:.2f}s ({run['seconds']:.1f}s)", file=sys.stderr)
+            for mode in (["fedtune", "peft"] if rep == args.engine_repeats // 2 else ["fedtune"]) + http]
+    with ExitStack() as stack:
+        served = Served(base, dirs, args, stack) if http else None
+        for rep, n, mode in plan:
+            if mode == "peft":
+                run = run_peft(base, dirs[:n], batch, args)
+            elif mode == "http":
+                assert served is not None
+                run = run_http(served, n, batch, args)
+            else:
+                run = run_engine(base, tokenizer, dirs[:n], batch, args)
+            run["repeat"] = rep
+            runs.append(run)
+            print(f"round {rep} adapters={n:2d} {mode:7s} {run['tokens_per_second']:8.1f} tok/s "
+                  f"({run['tokens_per_cpu_second']:.1f} per CPU-s) TTFT p50 {run['ttft_p50']:.2f}s "
+                  f"p99 {run['ttft_p99']:.2f}s ({run['seconds']:.1f}s)", file=sys.stderr)
     rows = []
     for n in args.adapters:
         ours = [r for r in runs if r["adapters"] == n and r["mode"] == "fedtune"]
@@ -222,25 +337,48 @@ def main(argv: list[str] | None = None) -> None:
         row["same_tokens"] = sum(a == b for r1 in ours for a, b in zip(r1["outputs"], theirs[0]["outputs"],
                                                                        strict=True))
         row["requests_compared"] = REQUESTS * len(ours)
+        served_runs = [r for r in runs if r["adapters"] == n and r["mode"] == "http"]
+        if served_runs:
+            for key in ("tokens_per_second", "tokens_per_cpu_second", "ttft_p50", "ttft_p99"):
+                row[f"http_{key}"] = statistics.median(r[key] for r in served_runs)
+            row["http_speedup"] = row["http_tokens_per_second"] / row["peft_tokens_per_second"]
+            row["http_cpu_speedup"] = row["http_tokens_per_cpu_second"] / row["peft_tokens_per_cpu_second"]
+            # The served text, greedy, against peft's tokens decoded as the server decodes them.
+            peft_texts = [tokenizer.decode(o, skip_special_tokens=True) for o in theirs[0]["outputs"]]
+            row["http_same_text"] = sum(a == b for r1 in served_runs for a, b in zip(r1["texts"], peft_texts,
+                                                                                    strict=True))
+            row["http_requests_compared"] = REQUESTS * len(served_runs)
         rows.append(row)
     one = next((r for r in rows if r["adapters"] == 1), None)
     for row in rows:
         row["vs_one_adapter"] = row["fedtune_tokens_per_second"] / one["fedtune_tokens_per_second"] if one else None
         row["cpu_vs_one_adapter"] = (row["fedtune_tokens_per_cpu_second"] / one["fedtune_tokens_per_cpu_second"]
                                      if one else None)
+        if "http_tokens_per_second" in row:
+            row["http_vs_one_adapter"] = row["http_tokens_per_second"] / one["http_tokens_per_second"] if one else None
+            row["http_cpu_vs_one_adapter"] = (row["http_tokens_per_cpu_second"] / one["http_tokens_per_cpu_second"]
+                                              if one else None)
     for run in runs:
-        del run["outputs"]
+        run.pop("outputs", None)
+        run.pop("texts", None)
     result = {
         "date": datetime.now().isoformat(timespec="seconds"), "seconds": time.time() - started,
         "settings": {"hidden": args.hidden, "layers": args.layers, "base_parameters": n_params, "rank": RANK,
                      "targets": TARGETS, "requests": REQUESTS, "max_tokens": args.max_tokens,
-                     "max_batch": args.max_batch, "engine_repeats": args.engine_repeats, "threads": args.threads},
+                     "max_batch": args.max_batch, "engine_repeats": args.engine_repeats, "threads": args.threads,
+                     "through_http": args.through_http},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "goals": {"speedup_at_16": next((r["speedup"] for r in rows if r["adapters"] == 16), None),
                   "64_vs_1": next((r["vs_one_adapter"] for r in rows if r["adapters"] == 64), None),
                   "cpu_speedup_at_16": next((r["cpu_speedup"] for r in rows if r["adapters"] == 16), None),
-                  "cpu_64_vs_1": next((r["cpu_vs_one_adapter"] for r in rows if r["adapters"] == 64), None)},
+                  "cpu_64_vs_1": next((r["cpu_vs_one_adapter"] for r in rows if r["adapters"] == 64), None),
+                  "http_speedup_at_16": next((r.get("http_speedup") for r in rows if r["adapters"] == 16), None),
+                  "http_64_vs_1": next((r.get("http_vs_one_adapter") for r in rows if r["adapters"] == 64), None),
+                  "http_cpu_speedup_at_16": next((r.get("http_cpu_speedup") for r in rows if r["adapters"] == 16),
+                                                 None),
+                  "http_cpu_64_vs_1": next((r.get("http_cpu_vs_one_adapter") for r in rows if r["adapters"] == 64),
+                                           None)},
         "rows": rows, "runs": runs,
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
@@ -275,6 +413,30 @@ def _md(result: dict[str, Any]) -> str:
     if g["64_vs_1"] is not None:
         lines.append(f"Goal 64 adapters within 20% of 1: {g['64_vs_1']:.2f} wall, {g['cpu_64_vs_1']:.2f} CPU "
                      f"({'met' if min(g['64_vs_1'], g['cpu_64_vs_1']) >= 0.8 else 'not met'}).")
+    if any("http_tokens_per_second" in r for r in result["rows"]):
+        lines += ["", ("Through HTTP: a `fedtune serve` process (the same adapters published into a coordinator "
+                       "state dir, each loaded once beforehand), 64 streamed requests at once from threads with "
+                       "the `openai` client; CPU is the server process's; TTFT is the first streamed chunk."), "",
+                  ("| distinct adapters | serve tok/s | peft tok/s | speedup | serve tok/CPU-s | speedup (CPU) | "
+                   "serve TTFT p50 / p99 | peft TTFT p50 / p99 | serve vs 1 adapter (wall / CPU) | same text as peft |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["rows"]:
+            vs = (f"{r['http_vs_one_adapter']:.2f} / {r['http_cpu_vs_one_adapter']:.2f}"
+                  if r.get("http_vs_one_adapter") is not None else "-")
+            lines.append(f"| {r['adapters']} | {r['http_tokens_per_second']:.0f} | {r['peft_tokens_per_second']:.0f} | "
+                         f"{r['http_speedup']:.1f}x | {r['http_tokens_per_cpu_second']:.0f} | "
+                         f"{r['http_cpu_speedup']:.1f}x | "
+                         f"{r['http_ttft_p50']:.2f} s / {r['http_ttft_p99']:.2f} s | "
+                         f"{r['peft_ttft_p50']:.2f} s / {r['peft_ttft_p99']:.2f} s | {vs} | "
+                         f"{r['http_same_text']}/{r['http_requests_compared']} |")
+        if g["http_speedup_at_16"] is not None:
+            ok = min(g["http_speedup_at_16"], g["http_cpu_speedup_at_16"]) >= 4
+            lines.append(f"\nThrough HTTP, goal >= 4x peft at 16 adapters: {g['http_speedup_at_16']:.1f}x wall, "
+                         f"{g['http_cpu_speedup_at_16']:.1f}x CPU ({'met' if ok else 'not met'}).")
+        if g["http_64_vs_1"] is not None:
+            ok = min(g["http_64_vs_1"], g["http_cpu_64_vs_1"]) >= 0.8
+            lines.append(f"Through HTTP, goal 64 adapters within 20% of 1: {g['http_64_vs_1']:.2f} wall, "
+                         f"{g['http_cpu_64_vs_1']:.2f} CPU ({'met' if ok else 'not met'}).")
     return "\n".join(lines)
 
 
@@ -287,7 +449,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     p.add_argument("--max-batch", type=int, default=64, help="rows in one batch of the engine")
     p.add_argument("--engine-repeats", type=int, default=3, help="engine runs per adapter count (peft runs once)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server's too)")
+    p.add_argument("--through-http", action=argparse.BooleanOptionalAction, default=True,
+                   help="also serve the adapters with a real `fedtune serve` process and measure it over HTTP")
     return p.parse_args(argv)
 
 
