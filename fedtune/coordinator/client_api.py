@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedtune.coordinator.auth import metadata_value
+from fedtune.coordinator.chunk_wire import encode_chunk
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator, IncomingUpdate, TaskInfo
 from fedtune.coordinator.state import Client
@@ -120,13 +121,14 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         return pb.EvalAck(duplicate=not fresh)
 
     @streaming
-    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Streams a blob as ``Chunk`` messages, each encoded by hand (see fedtune.coordinator.chunk_wire)."""
         client = self._client(context)
         size = self.co.check_download(client, request.sha256, request.offset)
         offset = request.offset
         try:
             for data in self.co.store.iter_chunks(request.sha256, request.offset):
-                yield pb.Chunk(offset=offset, data=data, total_size=size)
+                yield encode_chunk(offset, data, size)
                 offset += len(data)
         finally:
             self.co.count_download(client, offset - request.offset)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.coordinator.admin_access import AdminAccess
 from fedtune.coordinator.auth import AuthInterceptor
+from fedtune.coordinator.chunk_wire import add_client_service
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.coordinator.tls import ServerTls, is_loopback
 from fedtune.errors import InvalidInput, StateConflict
@@ -183,7 +184,7 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
         raise
     # Held heartbeats (long-polls) each take a server thread: keep some for every other call.
     coordinator.set_long_poll_slots(workers - RESERVED_WORKERS)
-    pb_grpc.add_ClientServiceServicer_to_server(ClientServicer(coordinator), server)
+    add_client_service(ClientServicer(coordinator), server)  # Download's chunks are encoded by hand
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator, access), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if ray or ray_address:
