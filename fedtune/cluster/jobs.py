@@ -168,12 +168,6 @@ class RayBackend:
         with self._lock:
             return self._running[job_id].node_id
 
-    def compute_of(self, job_id: str) -> Any:
-        """The compute actor handle of a running job (its base's, on its node)."""
-        with self._lock:
-            run = self._running[job_id]
-            return self._computes[(run.base_hash, run.node_id)].actor
-
     def queue_place(self, job_id: str) -> tuple[int, str]:
         """(place in line, reason) while queued; (0, '') otherwise."""
         with self._lock:

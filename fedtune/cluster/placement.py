@@ -72,12 +72,6 @@ class Reservation:
         done, _ = ray.wait([self._ready], timeout=timeout)
         return bool(done)
 
-    def strategy(self) -> Any:
-        """A scheduling strategy that runs a task inside the reservation (its GPUs and memory)."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0)
-
     def release(self, ray: Any) -> None:
         """Gives the quota back to the cluster."""
         from ray.util.placement_group import remove_placement_group
@@ -93,11 +87,3 @@ def reserve(ray: Any, demand: Demand, node_id: str, name: str) -> Reservation:
                             bundle_label_selector=[{NODE_ID_LABEL: node_id}])
     return Reservation(node_id, demand, group)
 
-
-def held_on(ray: Any, reservation: Reservation) -> str | None:
-    """The node Ray placed the reservation on, as Ray reports it (None while unplaced)."""
-    from ray.util.placement_group import placement_group_table
-
-    nodes = placement_group_table(reservation.group).get("bundles_to_node_id", {})
-    node = nodes.get(0)
-    return str(node) if node else None
