@@ -36,7 +36,7 @@ from fedtune.cluster.connect import connect
 from fedtune.cluster.job_compute import Placement, RayCompute, compute_actor_name
 from fedtune.cluster.node_files import NodeFiles, share
 from fedtune.cluster.placement import PLACE_WAIT_SECONDS, Reservation, cluster_nodes, on_node, reserve
-from fedtune.cluster.scheduler import Demand, Node, Waiting, place
+from fedtune.cluster.scheduler import Demand, Node, Plan, Waiting, place
 from fedtune.coordinator.engine import TERMINAL
 from fedtune.coordinator.state import Job
 from fedtune.errors import FedtuneError
@@ -196,7 +196,8 @@ class RayBackend:
                         self.co.state.set_job_state(job.job_id, "queued")
                 jobs = self.co.state.jobs()
             waiting = [self._waiting(j) for j in jobs if j.state == "queued" and j.job_id not in self._placing]
-            decided = place(waiting, self.nodes(), now)
+            # Asking Ray for its nodes is a GCS call: only when a job waits (this runs every tick).
+            decided = place(waiting, self.nodes(), now) if waiting else Plan([], {})
             for job_id in decided.start:
                 self._admit(self.co.state.job(job_id), decided.nodes[job_id])
             placing = [j for j in self._placing if j not in self._running]
