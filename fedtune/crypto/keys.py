@@ -106,9 +106,4 @@ def read_ed25519_public(path: Path) -> bytes:
         raise InvalidInput(f"{path} is not an Ed25519 public key (PEM, OpenSSH or base64): {e}") from e
     if not isinstance(key, Ed25519PublicKey):
         raise InvalidInput(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
-    return raw_public_bytes_of(key)
-
-
-def raw_public_bytes_of(key: Ed25519PublicKey) -> bytes:
-    """32 raw bytes of an Ed25519 public key."""
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -12,9 +12,9 @@ import base64
 import time
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedtune.crypto.keys import raw_public_bytes
 from fedtune.errors import AuthError
 
 CLIENT_KEY = "x-fedtune-client"
@@ -40,8 +40,7 @@ def sign_request(key: Ed25519PrivateKey, method: str, client_id: str, now: float
 def sign_admin_request(key: Ed25519PrivateKey, method: str, now: float | None = None) -> list[tuple[str, str]]:
     """gRPC metadata authenticating one admin call by a key identity: :func:`sign_request` with the
     raw public key (base64) as the id, sent under ``x-fedtune-admin-key``."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    kid = base64.b64encode(raw).decode()
+    kid = base64.b64encode(raw_public_bytes(key)).decode()
     return [(ADMIN_ID_KEY if k == CLIENT_KEY else k, v) for k, v in sign_request(key, method, kid, now)]
 
 
