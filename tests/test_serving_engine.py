@@ -7,6 +7,7 @@ import asyncio
 import functools
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def _collect(stream: RequestStream) -> tuple[list[int], str, str | None]:
 
 def _greedy(max_tokens: int = MAX_TOKENS, **kwargs) -> SamplingParams:  # type: ignore[no-untyped-def]
     return SamplingParams(max_tokens=max_tokens, temperature=0, **kwargs)
+
+
+def _run_greedy(engine: GenerationEngine, tokenizer, jobs) -> tuple[list[list[int]], dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Starts the engine, submits every (prompt, adapter) greedily at once and collects each one's
+    tokens; returns them with the engine's stats, the engine stopped."""
+    engine.start()
+    try:
+        streams = [engine.submit(tokenizer(p)["input_ids"], a, _greedy()) for p, a in jobs]
+        got = [_collect(s)[0] for s in streams]
+        stats = engine.stats
+    finally:
+        engine.stop()
+    return got, stats
 
 
 def test_mixed_batch_equals_plain_peft_token_for_token(setup) -> None:  # type: ignore[no-untyped-def]
@@ -194,13 +208,7 @@ def test_prompt_tuning_and_loha_run_in_their_own_batches(setup, tmp_path: Path) 
         model.save_pretrained(tmp_path / name)
         engine.add_adapter(name, tmp_path / name)
     jobs = [(name, prompt) for name in configs for prompt in (PROMPTS[0], PROMPTS[6])]
-    engine.start()
-    try:
-        streams = [engine.submit(tokenizer(p)["input_ids"], name, _greedy()) for name, p in jobs]
-        got = [_collect(s)[0] for s in streams]
-        stats = engine.stats
-    finally:
-        engine.stop()
+    got, stats = _run_greedy(engine, tokenizer, [(p, name) for name, p in jobs])
     assert stats["batches"] == 3
     for (name, prompt), tokens in zip(jobs, got, strict=True):
         if name == "loha":
@@ -407,13 +415,7 @@ def test_gpt2_conv1d_lora_shares_the_pass(tmp_path: Path) -> None:
         dirs.append(tmp_path / f"a{k}")
         engine.add_adapter(f"a{k}", dirs[-1])
     jobs = [(PROMPTS[i], k) for i, k in ((0, 0), (1, 1), (3, None), (6, 0))]
-    engine.start()
-    try:
-        streams = [engine.submit(tokenizer(p)["input_ids"], None if k is None else f"a{k}", _greedy()) for p, k in jobs]
-        got = [_collect(s)[0] for s in streams]
-        stats = engine.stats
-    finally:
-        engine.stop()
+    got, stats = _run_greedy(engine, tokenizer, [(p, None if k is None else f"a{k}") for p, k in jobs])
     assert stats["batches"] == 1
     for (prompt, k), tokens in zip(jobs, got, strict=True):
         assert tokens == _reference(preset, tokenizer, None if k is None else dirs[k], prompt)
@@ -434,14 +436,7 @@ def test_adapter_with_changed_base_weights_gets_its_own_copy(setup, tmp_path: Pa
     save_file(state, str(changed / "adapter_model.safetensors"))
     engine = _engine(setup, 1)
     engine.add_adapter("changed", changed)
-    engine.start()
-    try:
-        streams = [engine.submit(tokenizer(p)["input_ids"], a, _greedy())
-                   for p, a in ((PROMPTS[0], "changed"), (PROMPTS[0], None), (PROMPTS[3], "job@0"))]
-        got = [_collect(s)[0] for s in streams]
-        stats = engine.stats
-    finally:
-        engine.stop()
+    got, stats = _run_greedy(engine, tokenizer, ((PROMPTS[0], "changed"), (PROMPTS[0], None), (PROMPTS[3], "job@0")))
     assert stats["batches"] == 2
     assert got[0] == _reference(preset, tokenizer, changed, PROMPTS[0])
     assert got[0] != _reference(preset, tokenizer, loras[2], PROMPTS[0])
