@@ -44,9 +44,10 @@ class AdminServicer(IdentityRpcs, pb_grpc.AdminServiceServicer):
             if r.round in evals:
                 # Federated evaluation lands after publication: its example-weighted means join the round's metrics.
                 m |= aggregate_client_evals(evals[r.round])
+            updates = co.state.updates(job_id, r.round)
             history.append(pb.RoundSummary(
                 round=r.round, state=r.state, cohort=len(r.cohort),
-                contributors=int(m.get("contributors", len(co.state.updates(job_id, r.round)))),
+                contributors=int(m.get("contributors", len(updates))),
                 metrics_json=json.dumps(m), bytes_up=int(m.get("bytes_up", 0)),
                 bytes_down=int(m.get("bytes_down", co.state.bytes_down(job_id, r.round))),
                 seconds=float(m.get("seconds", 0.0)),
@@ -55,7 +56,7 @@ class AdminServicer(IdentityRpcs, pb_grpc.AdminServiceServicer):
                 # What each client reported with its update (its train loss): `job status --watch`, `job report`.
                 client_updates=[pb.ClientUpdate(client_id=u.client_id, num_examples=u.num_examples,
                                                 metrics_json=json.dumps(u.metrics), bytes=u.size)
-                                for u in co.state.updates(job_id, r.round)],
+                                for u in updates],
                 cohort_client_ids=list(r.cohort),
             ))
         clients = [
