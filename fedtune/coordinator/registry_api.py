@@ -65,8 +65,8 @@ def pull_target(co: Coordinator, request: pb.PullAdapterRequest) -> tuple[int, P
     if request.round:
         raise InvalidInput("pull names either a round or a tag, not both")
     co.state.job(request.job_id)
-    listed = list_adapters(co, pb.ListAdaptersRequest(job_id=request.job_id))
-    adapters = [adapter_from_row(a.job_id, a.round, a.path, a.manifest_json, a.tags) for a in listed.adapters]
+    tags = co.state.tags.by_round(request.job_id)
+    adapters = [adapter_from_row(j, r, p, m, tags.get((j, r), ())) for j, r, p, m in co.state.published(request.job_id)]
     tag = None if request.tag == LATEST else request.tag
     found = pick(adapters, Ref(request.job_id, tag=tag), job_known=True)
     return co.adapter_dir(request.job_id, found.round)
