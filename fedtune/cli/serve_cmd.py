@@ -63,13 +63,14 @@ def serve(
     coordinator's key before it is first used, and a newly published round or a moved tag is served
     without a restart. Prints the URL alone on stdout once it is ready; stops on SIGTERM or Ctrl-C.
     """
+    from fedtune.registry import STATE_DB
     from fedtune.serving.server import ServeOptions
     from fedtune.serving.server import serve as run_server
 
     if (state_dir is None) == (not adapters):
         raise InvalidInput("pass either --state-dir (a coordinator's) or --adapters DIR (pulled adapters)")
-    if state_dir is not None and not (state_dir / "state.db").is_file():
-        raise InvalidInput(f"--state-dir {state_dir} is not a coordinator's state dir (no state.db): pass the "
+    if state_dir is not None and not (state_dir / STATE_DB).is_file():
+        raise InvalidInput(f"--state-dir {state_dir} is not a coordinator's state dir (no {STATE_DB}): pass the "
                            "directory `fedtune coordinator start --state-dir` was given")
     run_server(ServeOptions(
         state_dir=state_dir.resolve() if state_dir is not None else None,
