@@ -16,6 +16,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.client.channel import INSECURE, ClientTls, open_channel
+from fedtune.coordinator.roles import ADMIN_SERVICE
 from fedtune.crypto.keys import read_ed25519_private
 from fedtune.crypto.requests import sign_admin_request
 from fedtune.errors import AuthError, FedtuneError, Unavailable, from_rpc_error
@@ -23,7 +24,6 @@ from fedtune.protos import fedtune_pb2 as pb
 from fedtune.protos import fedtune_pb2_grpc as pb_grpc
 
 ADMIN_KEY = "x-fedtune-admin"
-ADMIN_METHOD = "/fedtune.v1.AdminService/"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # A coordinator listening on every interface is reached over loopback from its own machine.
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -70,7 +70,7 @@ class AdminClient:
 
     def credentials(self, method: str) -> list[tuple[str, str]]:
         """The metadata authenticating one call of ``method`` (its name in AdminService)."""
-        return self.metadata if self.key is None else sign_admin_request(self.key, ADMIN_METHOD + method)
+        return self.metadata if self.key is None else sign_admin_request(self.key, ADMIN_SERVICE + method)
 
     @classmethod
     def from_options(cls, coordinator: str | None, state_dir: Path | None, admin_token: str | None,
