@@ -34,7 +34,7 @@ class ClientProgress:
 
 
 def metrics_of(r: Any) -> dict[str, float]:
-    """A RoundSummary's metrics."""
+    """The metrics of a RoundSummary, ClientUpdate or ClientEval."""
     return json.loads(r.metrics_json or "{}")
 
 
@@ -85,11 +85,11 @@ def client_progress(status: Any) -> list[ClientProgress]:
                     rounds += 1
                     examples += u.num_examples
                     nbytes += u.bytes
-                    loss = _finite(json.loads(u.metrics_json or "{}").get("train_loss"))
+                    loss = _finite(metrics_of(u).get("train_loss"))
                     train = loss if loss is not None else train
             for e in r.client_evals:
                 if e.client_id == c.client_id and e.num_examples:
-                    loss = _finite(json.loads(e.metrics_json or "{}").get("eval_loss"))
+                    loss = _finite(metrics_of(e).get("eval_loss"))
                     held_out = loss if loss is not None else held_out
         if not open_round:
             activity = ""
@@ -120,7 +120,7 @@ def client_train_losses(status: Any) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in status.history:
         for u in r.client_updates:
-            loss = _finite(json.loads(u.metrics_json or "{}").get("train_loss"))
+            loss = _finite(metrics_of(u).get("train_loss"))
             if loss is not None:
                 series.setdefault(names.get(u.client_id, u.client_id), []).append((r.round, loss))
     return series
