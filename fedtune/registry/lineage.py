@@ -54,14 +54,6 @@ class Lineage:
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        """The fields by name (for ``--format json``)."""
-        return {"job": self.job, "round": self.round, "spec_sha256": self.spec_sha256,
-                "parent_round": self.parent_round, "base_model": self.base_model,
-                "base_model_hash": self.base_model_hash, "contributors": self.contributors,
-                "strategy": self.strategy, "method": self.method, "metrics": dict(self.metrics),
-                "epsilon": self.epsilon}
-
 
 def section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
     """A manifest's ``key`` block, or ``{}`` when it is missing or not an object (older manifests)."""
