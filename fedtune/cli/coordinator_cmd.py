@@ -83,26 +83,9 @@ def key(
     Read from the state dir; nothing is started and no key is created. Hand it to consumers over a
     channel you trust: it is what tells a published adapter from a forged one.
     """
-    import base64
+    from fedtune.coordinator.keyring import signing_public_key
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from fedtune.crypto.keys import raw_public_bytes
-    from fedtune.errors import InvalidInput
-
-    # Where fedtune.coordinator.keyring.KeyRing keeps it.
-    path = state_dir / "keys" / "coordinator.ed25519.pem"
-    if not path.is_file():
-        raise InvalidInput(f"no signing key in {state_dir}: not a coordinator's state dir, or no coordinator "
-                           "has been started there yet")
-    try:
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError) as e:
-        raise InvalidInput(f"cannot read the signing key {path}: {e}") from e
-    if not isinstance(private, Ed25519PrivateKey):
-        raise InvalidInput(f"{path} holds a {type(private).__name__}, not an Ed25519 key")
-    typer.echo(base64.b64encode(raw_public_bytes(private)).decode())
+    typer.echo(signing_public_key(state_dir))
 
 
 @app.command("health")

@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Where fedtune.coordinator.keyring.KeyRing keeps the signing key (as `fedtune coordinator key` reads it).
-SIGNING_KEY = Path("keys") / "coordinator.ed25519.pem"
-
-
 @dataclass(frozen=True)
 class ServeOptions:
     """Everything `fedtune serve` was asked for (see fedtune.cli.serve_cmd for each option's meaning)."""
@@ -48,22 +44,9 @@ class ServeOptions:
 
 def coordinator_public_key(state_dir: Path) -> str:
     """The coordinator's signing key (base64 raw Ed25519), read from its state dir."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from fedtune.coordinator.keyring import signing_public_key
 
-    from fedtune.crypto.keys import raw_public_bytes
-
-    path = state_dir / SIGNING_KEY
-    if not path.is_file():
-        raise InvalidInput(f"no signing key in {state_dir}: not a coordinator's state dir, or its coordinator has "
-                           "never started; pass --public-key")
-    try:
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError) as e:
-        raise InvalidInput(f"cannot read the signing key {path}: {e}; pass --public-key") from e
-    if not isinstance(private, Ed25519PrivateKey):
-        raise InvalidInput(f"{path} holds a {type(private).__name__}, not an Ed25519 key")
-    return base64.b64encode(raw_public_bytes(private)).decode()
+    return signing_public_key(state_dir, fix="; pass --public-key")
 
 
 def read_public_key(value: str) -> str:
