@@ -129,10 +129,6 @@ class IdentityStore:
         if len(raw_public_key) != 32:
             raise InvalidInput(f"an Ed25519 public key is 32 bytes, got {len(raw_public_key)}")
         ident = AdminIdentity(name, str(role), "key", time.time(), created_by, public_key=key_id(raw_public_key))
-        with self._lock:
-            twin = next((i for i in self._load().values() if i.public_key == ident.public_key), None)
-        if twin is not None:
-            raise PreconditionFailed(f"this public key already belongs to {twin.name!r}: one key, one identity")
         self._add(ident)
         return ident
 
@@ -153,8 +149,11 @@ class IdentityStore:
         if ident.name == LEGACY_NAME or not _NAME.fullmatch(ident.name):
             raise InvalidInput(f"bad identity name {ident.name!r}: 1-64 letters, digits, '.', '_', '@' or '-', "
                                f"starting with a letter or digit, and not {LEGACY_NAME!r}")
-        with self._lock:
+        with self._lock:  # checked and written under one hold: two concurrent adds cannot both pass
             current = dict(self._load())
+            twin = next((i for i in current.values() if ident.public_key and i.public_key == ident.public_key), None)
+            if twin is not None:
+                raise PreconditionFailed(f"this public key already belongs to {twin.name!r}: one key, one identity")
             if ident.name in current:
                 raise PreconditionFailed(f"identity {ident.name!r} exists: `fedtune admin remove {ident.name}` first")
             current[ident.name] = ident
