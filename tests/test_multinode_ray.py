@@ -264,10 +264,7 @@ def test_a_job_no_single_node_can_hold_is_queued_naming_each_node(
 def test_simulate_on_the_cluster_runs_clients_on_the_second_node_against_a_coordinator_they_reach(
         cluster: Cluster, tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(
-        "name: sim\nbase_model: tiny-llama\npeft: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}\n"
-        "training: {steps: 2, lr: 0.005, batch_size: 8, max_seq_len: 48}\nrounds: 1\nclients_per_round: 2\n"
-        "min_clients: 2\nround_deadline_seconds: 300\ncohort_wait_seconds: 0\n")
+    spec.write_text(make_spec(steps=2, clients=2, deadline=300))
     # A 2-CPU worker: only the second node can hold it, so every virtual client runs there.
     proc = fedtune_cmd("simulate", "--config", str(spec), "--clients", "2", "--client-resources", "cpus=2",
                        "--ray-address", cluster.address, "--out", str(tmp_path / "sim"),
