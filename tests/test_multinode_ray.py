@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,18 +30,12 @@ from fedtune.cli.admin_client import AdminClient
 from fedtune.client.channel import INSECURE
 from fedtune.demo import wait_for_coordinator
 from fedtune.protos import fedtune_pb2 as pb
-from tests.conftest import REPO, fedtune_cmd, make_spec, spawn, wait_until
+from tests.conftest import REPO, fedtune_cmd, free_port, make_spec, spawn, wait_until
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 RAY = Path(sys.executable).parent / "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -62,7 +55,7 @@ def _ray_start(args: list[str], temp: Path, env: dict[str, str]) -> subprocess.P
     """`ray start --block` for one node, in its own session so that stopping it stops only its processes."""
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
              "--runtime-env-agent-port"]
-    own_ports = [f"{flag}={_free_port()}" for flag in ports]
+    own_ports = [f"{flag}={free_port()}" for flag in ports]
     return subprocess.Popen(
         [str(RAY), "start", "--block", *args, "--temp-dir", str(temp), "--object-store-memory=200000000",
          "--disable-usage-stats", *own_ports],
@@ -113,12 +106,12 @@ def cluster() -> Iterator[Cluster]:
     # Ray's socket paths are length-limited: short temp dirs.
     head_temp = Path(tempfile.mkdtemp(prefix="ftmn-h-", dir="/tmp"))
     node2_temp = Path(tempfile.mkdtemp(prefix="ftmn-w-", dir="/tmp"))
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(_ray_start(["--head", f"--port={port}", "--num-cpus=1", '--resources={"head": 1}',
-                                 "--include-dashboard=false", f"--dashboard-port={_free_port()}",
-                                 f"--ray-client-server-port={_free_port()}"], head_temp, env))
+                                 "--include-dashboard=false", f"--dashboard-port={free_port()}",
+                                 f"--ray-client-server-port={free_port()}"], head_temp, env))
 
         def started(temp: Path, proc: subprocess.Popen[bytes]) -> bool:
             log = (temp / "ray-start.log").read_text(errors="replace")
