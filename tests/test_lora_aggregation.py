@@ -317,3 +317,18 @@ def test_real_peft_dora_and_embedding_keys():
         "base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B")
     assert len(emb_pairs) == 3
     assert rank_of_pairs(emb_saved) == dict.fromkeys(emb_pairs, 4)
+
+
+def test_round_product_error_from_factors_equals_the_product_formula():
+    """The round's ``lora_product_error`` is computed from Gram matrices of the factors; it must be
+    ‖mean(B·A) − B'·A'‖ / ‖mean(B·A)‖ as the products give it, at mixed client ranks too."""
+    from fedtune.coordinator.compute import product_error
+
+    states = [client(1, 4), client(2, 2), client(3, 6)]
+    weights = [5, 1, 3]
+    for new in (client(9, 4), client(8, 3)):
+        num = sum(float((manual_mean_product(states, weights, m) - product(new, m)).pow(2).sum()) for m in SHAPES)
+        den = sum(float(manual_mean_product(states, weights, m).pow(2).sum()) for m in SHAPES)
+        assert product_error(states, weights, new) == pytest.approx((num / den) ** 0.5, rel=1e-9)
+    same = [client(4, 3)] * 3
+    assert product_error(same, [1, 1, 1], same[0]) < 1e-7  # the mean is exactly representable
