@@ -186,7 +186,15 @@ class Coordinator:
         """Starts an engine for every job that is still running or queued (after a restart too)."""
         for job in self.state.jobs():
             if job.state not in TERMINAL:
-                self._start_engine(job.job_id)
+                try:
+                    self._start_engine(job.job_id)
+                except NotFound as e:
+                    # A blob the job needs is gone from the state dir (deleted or never copied):
+                    # the job cannot go on, the coordinator and its other jobs can.
+                    message = f"cannot resume: {e} (missing from {self.store.root})"
+                    log.error("job %s %s; marked failed", job.job_id, message)
+                    self.engines.pop(job.job_id, None)
+                    self.state.set_job_state(job.job_id, "failed", message)
 
     def _start_engine(self, job_id: str) -> None:
         engine = RoundEngine(job_id, self.state, self.store, self.presence, self.compute, self.adapters_root,
