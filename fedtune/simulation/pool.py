@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from fedtune.errors import FedtuneError
@@ -72,11 +73,12 @@ class WorkerPool:
         self.queue = CohortQueue(0, batch_clients)
         self._actors: list[Any] = []
         self._warming: dict[Any, int] = {}  # ready() ref -> worker
-        self._calls: dict[Any, int] = {}  # run_group ref -> worker
+        self._calls: dict[Any, tuple[int, float]] = {}  # run_group ref -> (worker, when it was handed out)
         self.replaced = 0
         self.pids: set[int] = set()
         self.runs = 0  # virtual-client runs done
-        self.history: list[dict[str, Any]] = []  # per group run: worker, pid, Ray node, clients, models built so far
+        # Per group run: worker, pid, Ray node, clients, models built so far, when it was handed out and seen done.
+        self.history: list[dict[str, Any]] = []
         for _ in range(max(1, min(warm_at_once, size))):
             self._start_actor(len(self._actors))
 
@@ -96,6 +98,14 @@ class WorkerPool:
         """Clients queued or running."""
         return self.queue.busy()
 
+    def running(self) -> bool:
+        """Whether some worker is running a group now."""
+        return bool(self._calls)
+
+    def pending(self) -> bool:
+        """Whether :meth:`collect` has anything to wait for (a group running, a worker warming up)."""
+        return bool(self._calls or self._warming)
+
     def start(self, address: str, members: dict[str, tuple[str, str]], idle_seconds: float) -> None:
         """Starts the waiting clients on free workers; ``members`` maps a client to (data, state dir).
 
@@ -103,17 +113,24 @@ class WorkerPool:
         """
         for worker, group in self.queue.dispatch():
             ref = self._actors[worker].run_group.remote(address, [members[c] for c in group], idle_seconds)
-            self._calls[ref] = worker
+            self._calls[ref] = (worker, time.time())
         if self.queue.waiting() and not self._warming and len(self._actors) < self.size:
             self._start_actor(len(self._actors))
 
     def collect(self, timeout: float) -> list[tuple[list[str], dict[str, Any] | Exception]]:
-        """Waits up to ``timeout`` for groups to end (or workers to be ready); returns each ended group
-        with its result or error."""
+        """Waits up to ``timeout`` for a group to end (or a worker to be ready); returns each group
+        that has ended by then, with its result or error.
+
+        Returns as soon as the first one ends, with every other one that has ended too, so that a
+        freed worker takes the next waiting client at once.
+        """
         pending = [*self._calls, *self._warming]
         if not pending:
             return []
-        done, _ = self._ray.wait(pending, num_returns=len(pending), timeout=timeout)
+        done, rest = self._ray.wait(pending, num_returns=1, timeout=timeout)
+        if done and rest:
+            more, _ = self._ray.wait(rest, num_returns=len(rest), timeout=0)
+            done += more
         out: list[tuple[list[str], dict[str, Any] | Exception]] = []
         for ref in done:
             if ref in self._warming:
@@ -125,7 +142,7 @@ class WorkerPool:
                     continue
                 self.queue.add_worker(worker)
                 continue
-            worker = self._calls.pop(ref)
+            worker, handed = self._calls.pop(ref)
             try:
                 result = self._ray.get(ref, timeout=RESULT_TIMEOUT_SECONDS)
             except Exception as e:  # noqa: BLE001 - a failed group is its clients' dropout; the worker may be gone
@@ -140,7 +157,8 @@ class WorkerPool:
             self.pids.add(result["pid"])
             self.runs += len(group)
             self.history.append({"worker": worker, "pid": result["pid"], "node_id": result["node_id"],
-                                 "clients": group, "model_builds": result["model_builds"]})
+                                 "clients": group, "model_builds": result["model_builds"],
+                                 "started": handed, "ended": time.time()})
             out.append((group, result))
         return out
 

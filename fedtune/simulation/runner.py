@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,13 @@ __all__ = ["ClientResources", "simulate"]
 
 # A virtual client that has had nothing to do for this long gives its worker back.
 IDLE_SECONDS = 30.0
+# How often the driver marks every virtual client as present (well inside the presence window).
+TOUCH_SECONDS = 1.0
+# Longest the driver waits for a worker while groups run before it looks at the job again: a round
+# that opens wakes the driver only when it is not waiting on the workers.
+RUNNING_WAIT_SECONDS = 0.05
+# Longest wait for the engine with nothing running (a fallback: the engine's changes wake the driver).
+IDLE_WAIT_SECONDS = 0.5
 SIMULATION_TIMEOUT_SECONDS = 3600.0
 # Library loggers whose per-client INFO lines (joins, tasks, accepted updates) the round table replaces.
 _CHATTY = ("fedtune.coordinator", "fedtune.client", "fedtune.cluster", "fedtune.simulation.batched")
@@ -189,11 +197,27 @@ def _drive(running: Any, address: str, job: str, ids: list[str], members: dict[s
     shown, started = 0, time.time()
     passes: list[int] = []
     asynchronous = co.spec(job).aggregation.mode == "async"
+    # The engine says when a round opens, closes or is published; the driver looks at the job then
+    # (and after a group ends, or at the latest every IDLE_WAIT_SECONDS) instead of polling the state.
+    changed = threading.Event()
+    engine = co.engines.get(job)
+    if engine is not None:
+        engine.on_change(changed.set)
+    touched, looked = 0.0, 0.0
     print(HEADER, flush=True)
     while True:
-        # Virtual clients are always available: the engine samples its cohort among all of them.
-        for cid in ids:
-            co.presence.touch(cid)
+        now = time.monotonic()
+        if now - touched >= TOUCH_SECONDS:
+            # Virtual clients are always available: the engine samples its cohort among all of them.
+            for cid in ids:
+                co.presence.touch(cid)
+            touched = now
+        if not (changed.is_set() or now - looked >= IDLE_WAIT_SECONDS):
+            if _run_pool(pool, address, members, passes, changed) and asynchronous:
+                changed.set()  # a client came back: an async round may start another in its place
+            continue
+        changed.clear()
+        looked = now
         state = co.state.job(job)
         for r in co.state.rounds(job):
             if r.state == "published" and r.round > shown:
@@ -223,17 +247,30 @@ def _drive(running: Any, address: str, job: str, ids: list[str], members: dict[s
                 due = due[: max(0, co.spec(job).clients_per_round - len(busy))]
             pool.submit(due)
             launched.update((c, rnd.round, attempt) for c in due)
-        pool.start(address, members, IDLE_SECONDS)
-        for group, result in pool.collect(timeout=0.5):
-            if isinstance(result, Exception):
-                # A failed virtual client is a dropout, as a real one would be.
-                log.warning("virtual client(s) %s failed: %s", ", ".join(group), result)
-            else:
-                passes.extend(result["passes"])
-        if not pool.busy():
-            time.sleep(0.3)
+        if _run_pool(pool, address, members, passes, changed) and asynchronous:
+            changed.set()
         if time.time() - started > SIMULATION_TIMEOUT_SECONDS:
             raise FedtuneError(f"simulation did not finish within {SIMULATION_TIMEOUT_SECONDS:.0f}s")
+
+
+def _run_pool(pool: Any, address: str, members: dict[str, tuple[str, str]], passes: list[int],
+              changed: threading.Event) -> bool:
+    """Hands waiting clients to free workers, then waits briefly for a group to end (or, with none
+    running or warming up, for the engine's next change); True when some group ended."""
+    pool.start(address, members, IDLE_SECONDS)
+    if not pool.pending():
+        changed.wait(IDLE_WAIT_SECONDS)
+        return False
+    # While groups run, wait on them (a freed worker takes the next client at once), briefly enough to
+    # see a round the engine opens meanwhile; clients waiting for warming workers wait on those.
+    ended = pool.collect(timeout=RUNNING_WAIT_SECONDS if pool.running() else IDLE_WAIT_SECONDS)
+    for group, result in ended:
+        if isinstance(result, Exception):
+            # A failed virtual client is a dropout, as a real one would be.
+            log.warning("virtual client(s) %s failed: %s", ", ".join(group), result)
+        else:
+            passes.extend(result["passes"])
+    return bool(ended)
 
 
 def _print_adapter(adapters_root: Path, job: str, kept: bool, root: Path) -> None:
