@@ -114,6 +114,7 @@ class RoundEngine:
                            else RdpAccountant())
         self.asynchronous = self.spec.aggregation.mode == "async"
         self._ready_since: float | None = None
+        self._cohort_cache: tuple[int, frozenset[str]] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,17 +172,24 @@ class RoundEngine:
                 (sec.attempt, sec.phase) if sec else None, published)
 
     def _run(self) -> None:
+        # One fingerprint per step: the one after a step is the one before the next. A change made
+        # by another thread in between (an admin cancelling) then counts as this step's: one more
+        # wake-up for the waiting clients, never one fewer.
+        before: tuple[object, ...] | None = None
         while not self._stop.is_set():
             self._wake.clear()
             progressed = False
             try:
-                before = self.fingerprint()
+                if before is None:
+                    before = self.fingerprint()
                 if not self.tick():
                     self._changed()
                     return
-                if self.fingerprint() != before:
+                after = self.fingerprint()
+                if after != before:
                     progressed = True
                     self._changed()
+                before = after
             except Exception as e:  # a bug or a broken base model: the job fails visibly, the service lives
                 log.exception("job %s failed", self.job_id)
                 self._fail(e)
@@ -219,8 +227,7 @@ class RoundEngine:
         if rnd is None or rnd.state != "open":
             # Between rounds the next task is imminent for the last cohort: it polls faster than the
             # heartbeat (when its heartbeat is not held as a long-poll); everyone else at the heartbeat.
-            prev = self.state.find_round(self.job_id, job.current_round - 1) if job.current_round > 1 else None
-            fast = rnd is not None or (prev is not None and client_id in prev.cohort)
+            fast = rnd is not None or client_id in self._previous_cohort(job.current_round)
             return Decision("wait", message="waiting for the next round", retry_after=0.3 if fast else None)
         if self.asynchronous:
             # FedBuff: whoever asks trains on the newest version; one update per client per buffer.
@@ -239,6 +246,17 @@ class RoundEngine:
         if client_id in self.state.released(self.job_id, rnd.round):
             return Decision("wait", message=f"left round {rnd.round}; waiting for the next")
         return Decision("train", round=rnd.round, task_id=task_id)
+
+    def _previous_cohort(self, current: int) -> frozenset[str]:
+        """Round ``current - 1``'s cohort (closed, so fixed), read once per round rather than once
+        per waiting heartbeat."""
+        cached = self._cohort_cache
+        if cached is not None and cached[0] == current:
+            return cached[1]
+        prev = self.state.find_round(self.job_id, current - 1) if current > 1 else None
+        cohort = frozenset(prev.cohort) if prev is not None else frozenset()
+        self._cohort_cache = (current, cohort)
+        return cohort
 
     def _evaluation_due(self, job: Job, client_id: str) -> int | None:
         """The latest published round this client should evaluate on its held-out data, if any:
