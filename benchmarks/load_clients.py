@@ -12,7 +12,15 @@ told to WAIT and polls at the interval the coordinator gives (``retry_after_seco
 JoinReply's ``heartbeat_seconds``). The population grows step by step (200, 1000, 2000); at each
 step the heartbeat latency (p50/p99), errors, the coordinator's CPU% and RSS are measured over a
 window. ``--long-poll S`` sends ``wait_seconds=S``: a coordinator that honours it holds a call
-while there is nothing to do, and the client polls again as soon as it is answered.
+while there is nothing to do, and the client polls again as soon as it is answered. A held call's
+time is the hold, not an answer's latency: with ``--long-poll``, ``--probes K`` more clients
+plain-poll (``wait_seconds=0``) once a second among the held population, and the latencies
+reported are theirs (the held calls are counted apart: ``held``).
+
+Delivery phase (``--deliver N``): a coordinator of its own, one job whose round needs N + 1
+clients; N clients hold long-polls (or plain-poll, without ``--long-poll``), then one more joins
+and the round opens. Measured: from the round's ``opened`` time (read from the coordinator's
+database) to each of the N clients receiving its TRAIN answer (p50/p99/max).
 
 Upload phase: a second coordinator, one job with a cohort of ``--uploads`` clients and a LoRA
 adapter of about 1.2 MB (tiny-llama, r=59 on all seven projections); every client gets its task,
@@ -20,6 +28,7 @@ then all of them upload at the same instant. Counted: accepted acknowledgements,
 acknowledged updates missing from the coordinator's database afterwards (lost; must be 0).
 
     python benchmarks/load_clients.py --clients 200,1000,2000 --uploads 200 --out benchmarks/out/load_clients
+    python benchmarks/load_clients.py --clients 200,1000,2000 --long-poll 20 --deliver 2000 --uploads 0
 
 Prints markdown tables and writes ``OUT/load_clients.json`` and ``OUT/load_clients.md``.
 """
@@ -76,6 +85,12 @@ min_clients: 1
 round_deadline_seconds: 3600
 cohort_wait_seconds: 0
 """
+
+
+
+def deliver_spec(n: int) -> str:
+    """The idle job, except that its round needs ``n`` clients (the last to join opens it)."""
+    return IDLE_SPEC.replace("clients_per_round: 1\nmin_clients: 1", f"clients_per_round: {n}\nmin_clients: {n}")
 
 # r=59 on all seven projections of tiny-llama: 59 * 5120 fp32 parameters, about 1.2 MB per update.
 UPLOAD_SPEC = """\
@@ -210,8 +225,10 @@ class SimClient:
         self.client_id = reply.client_id
         self.heartbeat_seconds = float(reply.heartbeat_seconds or 1)
 
-    async def heartbeat(self, long_poll: float, stats: Stats | None) -> float:
-        """One heartbeat; returns how long to wait before the next one."""
+    async def heartbeat(self, long_poll: float, stats: Stats | None, held: Stats | None = None) -> float:
+        """One heartbeat; returns how long to wait before the next one. With ``held``, a call the
+        coordinator held (answered after at least 90% of ``long_poll``) is counted there, not in
+        ``stats``."""
         request = pb.HeartbeatRequest(client_id=self.client_id, wait_seconds=long_poll,
                                       training_task_id=self.task.task_id if self.task is not None else "")
         t0 = time.perf_counter()
@@ -222,21 +239,26 @@ class SimClient:
                 stats.error(e)
             return self.heartbeat_seconds
         took = time.perf_counter() - t0
-        if stats is not None:
+        was_held = bool(long_poll) and took >= 0.9 * long_poll
+        if held is not None and was_held:
+            held.latencies.append(took)
+            held.held += 1
+        elif stats is not None:
             stats.latencies.append(took)
-            if long_poll and took >= 0.9 * long_poll:
-                stats.held += 1
+            stats.held += was_held
         if reply.action in (pb.HeartbeatReply.TRAIN, pb.HeartbeatReply.EVALUATE) and self.task is None:
             self.task = reply.task
         interval = reply.retry_after_seconds or self.heartbeat_seconds
         # A held (long-poll) call already waited; a plain poll waits out the interval.
         return max(0.0, interval - took) if long_poll else interval
 
-    async def poll_loop(self, stop: asyncio.Event, long_poll: float, recorder: list[Stats | None]) -> None:
-        """Heartbeats until ``stop``; latencies go to ``recorder[0]`` while it is set."""
+    async def poll_loop(self, stop: asyncio.Event, long_poll: float, recorder: list[Stats | None],
+                        held: list[Stats | None] | None = None) -> None:
+        """Heartbeats until ``stop``; latencies go to ``recorder[0]`` while it is set (held calls
+        to ``held[0]``, when given)."""
         await asyncio.sleep(random.random() * self.heartbeat_seconds)  # spread the population over the interval
         while not stop.is_set():
-            wait = await self.heartbeat(long_poll, recorder[0])
+            wait = await self.heartbeat(long_poll, recorder[0], held[0] if held is not None else None)
             if wait > 0:
                 try:
                     await asyncio.wait_for(stop.wait(), wait)
@@ -277,38 +299,50 @@ def connected_count(coord: CoordinatorProcess, job_id: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------- idle population
 async def idle_steps(coord: CoordinatorProcess, steps: list[int], seconds: float, long_poll: float,
-                     warmup: float = 3.0) -> list[dict[str, Any]]:
-    """Grows the population to each size in ``steps`` and measures a window of heartbeats."""
+                     warmup: float = 3.0, probes: int = 20) -> list[dict[str, Any]]:
+    """Grows the population to each size in ``steps`` and measures a window of heartbeats. With
+    ``long_poll``, ``probes`` more clients plain-poll and their latencies are the ones reported."""
+    probes = probes if long_poll else 0
     job_id = coord.create_job(IDLE_SPEC)
-    token = coord.token(job_id, max(steps))
+    token = coord.token(job_id, max(steps) + probes)
     stop = asyncio.Event()
     recorder: list[Stats | None] = [None]
+    held_recorder: list[Stats | None] = [None]
     clients: list[SimClient] = []
     loops: list[asyncio.Task[None]] = []
     rows = []
     try:
+        if probes:
+            prober = [SimClient(coord.address, f"probe-{i}") for i in range(probes)]
+            await join_all(prober, token)
+            clients += prober
+            loops += [asyncio.create_task(c.poll_loop(stop, 0.0, recorder)) for c in prober]
         for n in steps:
-            fresh = [SimClient(coord.address, f"load-{i}") for i in range(len(clients), n)]
+            fresh = [SimClient(coord.address, f"load-{i}") for i in range(len(clients) - probes, n)]
             join_seconds = await join_all(fresh, token)
             clients += fresh
-            loops += [asyncio.create_task(c.poll_loop(stop, long_poll, recorder)) for c in fresh]
+            loops += [asyncio.create_task(c.poll_loop(stop, long_poll, recorder, held_recorder)) for c in fresh]
             await asyncio.sleep(warmup + 1.0)
-            stats = Stats()
-            recorder[0] = stats
+            stats, held = Stats(), Stats()
+            recorder[0], held_recorder[0] = stats, held
             cpu0, own0, t0 = coord.cpu_seconds(), time.process_time(), time.perf_counter()
             await asyncio.sleep(seconds)
-            recorder[0] = None
+            recorder[0] = held_recorder[0] = None
             wall = time.perf_counter() - t0
             cpu, own = coord.cpu_seconds() - cpu0, time.process_time() - own0
             rss, peak = coord.rss_mib()
             connected, enrolled = await asyncio.to_thread(connected_count, coord, job_id)
+            answers = len(stats.latencies) + len(held.latencies)
             row = {
                 "clients": n, "connected": connected, "enrolled": enrolled, "join_seconds_new": round(join_seconds, 2),
-                "heartbeats": len(stats.latencies), "heartbeats_per_s": round(len(stats.latencies) / wall, 1),
+                "probes": probes, "heartbeats": answers, "heartbeats_per_s": round(answers / wall, 1),
+                "held_answers": len(held.latencies), "held_errors": sum(held.errors.values()),
                 "p50_ms": round(percentile(stats.latencies, 50) * 1e3, 2),
                 "p99_ms": round(percentile(stats.latencies, 99) * 1e3, 2),
                 "max_ms": round(max(stats.latencies, default=float("nan")) * 1e3, 2),
-                "errors": sum(stats.errors.values()), "error_codes": stats.errors, "held": stats.held,
+                "errors": sum(stats.errors.values()) + sum(held.errors.values()),
+                "error_codes": {k: stats.errors.get(k, 0) + held.errors.get(k, 0) for k in {*stats.errors, *held.errors}},
+                "held": stats.held + held.held,
                 "coordinator_cpu_pct": round(100 * cpu / wall, 1), "coordinator_rss_mib": round(rss, 1),
                 "coordinator_peak_rss_mib": round(peak, 1), "generator_cpu_pct": round(100 * own / wall, 1),
                 "long_poll": long_poll, "window_s": round(wall, 1),
@@ -320,6 +354,73 @@ async def idle_steps(coord: CoordinatorProcess, steps: list[int], seconds: float
         await asyncio.gather(*loops, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     return rows
+
+
+# ---------------------------------------------------------------------- task delivery
+async def task_delivery(coord: CoordinatorProcess, n: int, long_poll: float, settle: float = 5.0,
+                        timeout: float = 120.0) -> dict[str, Any]:
+    """``n`` clients wait (held long-polls, or plain polls) until one more joins and the round opens;
+    how long after the round opened each of them got its TRAIN answer."""
+    job_id = coord.create_job(deliver_spec(n + 1))
+    token = coord.token(job_id, n + 1)
+    clients = [SimClient(coord.address, f"wait-{i}") for i in range(n)]
+    got: dict[str, float] = {}
+    stats = Stats()
+    stop = asyncio.Event()
+
+    async def wait_for_task(c: SimClient) -> None:
+        await asyncio.sleep(random.random() * (0.5 if long_poll else c.heartbeat_seconds))
+        while not stop.is_set():
+            request = pb.HeartbeatRequest(client_id=c.client_id, wait_seconds=long_poll)
+            try:
+                reply = await c.stub.Heartbeat(request, metadata=c.md("Heartbeat"), timeout=30 + long_poll)
+            except grpc.aio.AioRpcError as e:
+                stats.error(e)
+                await asyncio.sleep(c.heartbeat_seconds)
+                continue
+            if reply.action == pb.HeartbeatReply.TRAIN:
+                got[c.client_id] = time.time()
+                return
+            if reply.retry_after_seconds > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), reply.retry_after_seconds)
+                except asyncio.TimeoutError:
+                    pass
+
+    loops: list[asyncio.Task[None]] = []
+    last = SimClient(coord.address, "last")
+    try:
+        await join_all(clients, token)
+        loops = [asyncio.create_task(wait_for_task(c)) for c in clients]
+        await asyncio.sleep(settle)  # every long-poll held (or the polls paced) by now
+        cpu0, t0 = coord.cpu_seconds(), time.perf_counter()
+        await last.join(token)
+        end = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        wall = time.perf_counter() - t0
+        cpu = coord.cpu_seconds() - cpu0
+        rss, _peak = coord.rss_mib()
+        db = sqlite3.connect(f"file:{coord.state_dir / 'state.db'}?mode=ro", uri=True)
+        try:
+            (opened,) = db.execute("SELECT opened FROM rounds WHERE job_id=? AND round=1", (job_id,)).fetchone()
+        finally:
+            db.close()
+        delays = [at - opened for at in got.values()]
+        row = {
+            "waiting": n, "long_poll": long_poll, "delivered": len(got), "errors": sum(stats.errors.values()),
+            "error_codes": stats.errors, "p50_ms": round(percentile(delays, 50) * 1e3, 1),
+            "p99_ms": round(percentile(delays, 99) * 1e3, 1), "max_ms": round(max(delays, default=float("nan")) * 1e3, 1),
+            "coordinator_cpu_pct": round(100 * cpu / wall, 1), "coordinator_rss_mib": round(rss, 1),
+        }
+        print(json.dumps(row), flush=True)
+        return row
+    finally:
+        stop.set()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in [*clients, last]), return_exceptions=True)
 
 
 # ---------------------------------------------------------------------- upload burst
@@ -424,14 +525,22 @@ async def upload_burst(coord: CoordinatorProcess, n: int, task_timeout: float = 
 
 
 # ---------------------------------------------------------------------- report
-def markdown(idle: list[dict[str, Any]], burst: dict[str, Any] | None) -> str:
+def markdown(idle: list[dict[str, Any]], burst: dict[str, Any] | None,
+             delivery: dict[str, Any] | None = None) -> str:
     """The results as markdown tables."""
     lines = [("| connected clients | heartbeats/s | p50 ms | p99 ms | max ms | errors | coordinator CPU % | "
-              "coordinator RSS MiB | generator CPU % |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "coordinator RSS MiB | generator CPU % | held answers |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in idle:
-        lines.append(f"| {r['connected']} / {r['clients']} | {r['heartbeats_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-                     f"{r['max_ms']} | {r['errors']} | {r['coordinator_cpu_pct']} | {r['coordinator_rss_mib']} | "
-                     f"{r['generator_cpu_pct']} |")
+        probes = f" + {r['probes']} probes" if r.get("probes") else ""
+        lines.append(f"| {r['connected']} / {r['clients']}{probes} | {r['heartbeats_per_s']} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['max_ms']} | {r['errors']} | {r['coordinator_cpu_pct']} | "
+                     f"{r['coordinator_rss_mib']} | {r['generator_cpu_pct']} | {r.get('held_answers', 0)} |")
+    if delivery is not None:
+        lines += ["", ("| clients waiting | long-poll s | got the task | errors | open -> TRAIN p50 ms | p99 ms | "
+                       "max ms | coordinator CPU % | coordinator RSS MiB |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  (f"| {delivery['waiting']} | {delivery['long_poll']} | {delivery['delivered']} | {delivery['errors']} | "
+                   f"{delivery['p50_ms']} | {delivery['p99_ms']} | {delivery['max_ms']} | "
+                   f"{delivery['coordinator_cpu_pct']} | {delivery['coordinator_rss_mib']} |")]
     if burst is not None:
         lines += ["", ("| simultaneous uploads | update bytes | accepted | errors | lost | seconds | MB/s | "
                        "ack p50 s | ack p99 s | coordinator CPU % | coordinator peak RSS MiB |"),
@@ -442,15 +551,22 @@ def markdown(idle: list[dict[str, Any]], burst: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Both phases, each against its own coordinator process."""
+async def run(args: argparse.Namespace,
+              work: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
+    """Every phase asked for, each against its own coordinator process."""
     idle: list[dict[str, Any]] = []
-    burst = None
+    burst = delivery = None
     steps = [int(s) for s in args.clients.split(",") if s]
     if steps:
         coord = CoordinatorProcess(work / "idle", work / "idle.log")
         try:
-            idle = await idle_steps(coord, steps, args.seconds, args.long_poll)
+            idle = await idle_steps(coord, steps, args.seconds, args.long_poll, probes=args.probes)
+        finally:
+            coord.stop()
+    if args.deliver:
+        coord = CoordinatorProcess(work / "deliver", work / "deliver.log")
+        try:
+            delivery = await task_delivery(coord, args.deliver, args.long_poll)
         finally:
             coord.stop()
     if args.uploads:
@@ -459,7 +575,7 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]
             burst = await upload_burst(coord, args.uploads)
         finally:
             coord.stop()
-    return idle, burst
+    return idle, burst, delivery
 
 
 def main() -> None:
@@ -467,13 +583,17 @@ def main() -> None:
     parser.add_argument("--clients", default="200,1000,2000", help="population sizes, comma-separated ('' skips)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per population size")
     parser.add_argument("--long-poll", type=float, default=0.0, help="wait_seconds sent with each heartbeat")
+    parser.add_argument("--probes", type=int, default=20,
+                        help="with --long-poll: clients that plain-poll among the held ones; their latencies are reported")
+    parser.add_argument("--deliver", type=int, default=0,
+                        help="clients waiting for a round that then opens: time to each one's TRAIN (0 skips)")
     parser.add_argument("--uploads", type=int, default=200, help="clients uploading at once (0 skips)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "load_clients")
     parser.add_argument("--keep", action="store_true", help="keep the coordinators' state dirs and logs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedtune-load-"))
     try:
-        idle, burst = asyncio.run(run(args, work))
+        idle, burst, delivery = asyncio.run(run(args, work))
     finally:
         if args.keep:
             print(f"state dirs and logs kept in {work}")
@@ -481,9 +601,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(), "idle": idle,
-              "uploads": burst, "args": {k: str(v) for k, v in vars(args).items()}}
+              "uploads": burst, "delivery": delivery, "args": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "load_clients.json").write_text(json.dumps(result, indent=2))
-    table = markdown(idle, burst)
+    table = markdown(idle, burst, delivery)
     (args.out / "load_clients.md").write_text(table)
     print(table)
 

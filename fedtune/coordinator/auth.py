@@ -5,18 +5,26 @@ Every AdminService call goes through fedtune.coordinator.admin_access: a credent
 token, an identity's token or key signature), the role its method needs in ADMIN_RPC_ROLES
 (fedtune/coordinator/roles.py: an admin method missing there is refused for everyone), and one
 audit line. Join and the standard health service are open.
+
+The coordinator serves on a ``grpc.aio`` server: the interceptor is an aio one. Its checks read
+SQLite and the identities file, so they run in the server's thread pool, never on the event loop;
+every sync handler it passes on (all but Heartbeat) is wrapped to run in that pool too
+(fedtune.coordinator.aio_bridge).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedtune.coordinator.admin_access import AdminAccess
+from fedtune.coordinator.aio_bridge import bridge
 from fedtune.coordinator.roles import ADMIN_SERVICE
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.crypto.keys import ed25519_public
@@ -70,19 +78,28 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Denies by default; checks the credential each listed method needs."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Denies by default; checks the credential each listed method needs (in ``pool``)."""
 
-    def __init__(self, state: CoordinatorState, access: AdminAccess) -> None:
+    def __init__(self, state: CoordinatorState, access: AdminAccess, pool: concurrent.futures.Executor) -> None:
         self.state = state
         self.access = access
+        self.pool = pool
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        """Passes the call on only when its credential checks out."""
-        handler = continuation(details)
+        """Passes the call on only when its credential checks out; sync handlers run in the pool."""
+        handler = await continuation(details)
+        if METHODS.get(details.method) == OPEN:
+            checked = handler  # nothing to read: no trip through the pool
+        else:
+            checked = await asyncio.get_running_loop().run_in_executor(self.pool, self.check, handler, details)
+        return bridge(checked, self.pool)  # type: ignore[return-value]
+
+    def check(self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        """The handler to run: ``handler`` when the call's credential checks out, else a refusal (blocking)."""
         if details.method.startswith(ADMIN_SERVICE):
             # Credential, role and an audit line, refusals included (deny by default).
             return self.access.gate(handler, details)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 from collections.abc import Iterator
 
 import grpc
 
+from fedtune.coordinator.aio_bridge import async_unary, offloader
 from fedtune.coordinator.auth import metadata_value
 from fedtune.coordinator.chunk_wire import encode_chunk
 from fedtune.coordinator.rpc_errors import streaming, unary
@@ -60,14 +62,21 @@ def _secagg_task(info: TaskInfo, spec: dict) -> pb.SecAggTask | None:  # type: i
                          weight_cap=spec["secure_aggregation"]["weight_cap"])
 
 
+def _task_reply(action: str, info: TaskInfo) -> pb.HeartbeatReply:
+    kind = pb.HeartbeatReply.TRAIN if action == "train" else pb.HeartbeatReply.EVALUATE
+    return pb.HeartbeatReply(action=kind, task=task_message(info))
+
+
 PHASES = {pb.ADVERTISE: "advertise", pb.SHARE: "share", pb.UNMASK: "unmask"}
 
 
 class ClientServicer(pb_grpc.ClientServiceServicer):
-    """The client-facing API."""
+    """The client-facing API. Heartbeat is ``async`` (a held long-poll awaits on the event loop); the
+    other methods block, and run in ``pool`` (fedtune.coordinator.aio_bridge)."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, pool: concurrent.futures.Executor) -> None:
         self.co = coordinator
+        self._offload = offloader(pool)
 
     def _client(self, context: grpc.ServicerContext) -> Client:
         # The interceptor verified the signature; this re-reads the client (and its token's status).
@@ -80,22 +89,19 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
         return pb.JoinReply(client_id=client.client_id, job_id=client.job_id,
                             heartbeat_seconds=int(self.co.presence.heartbeat_seconds))
 
-    @unary
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        client = self._client(context)
-        decision, info = self.co.heartbeat(client, request.wait_seconds, request.training_task_id, context.is_active)
-        retry = self.co.presence.idle_interval()
-        if decision.action == "train" and info is not None:
-            return pb.HeartbeatReply(action=pb.HeartbeatReply.TRAIN, task=task_message(info))
-        if decision.action == "evaluate" and info is not None:
-            return pb.HeartbeatReply(action=pb.HeartbeatReply.EVALUATE, task=task_message(info))
+    @async_unary
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        decision, info = await self.co.heartbeat(lambda: self._client(context), request.wait_seconds,
+                                                 request.training_task_id, self._offload)
+        if decision.action in ("train", "evaluate") and info is not None:
+            # A task's message reads the job's spec: built in the pool, off the event loop.
+            return await self._offload(_task_reply, decision.action, info)  # type: ignore[no-any-return]
         if decision.action == "secagg":
             return pb.HeartbeatReply(action=pb.HeartbeatReply.SECAGG, secagg=pb.SecAggStep.FromString(decision.step))
         if decision.action == "stop":
             return pb.HeartbeatReply(action=pb.HeartbeatReply.STOP, message=decision.message)
-        if decision.retry_after is not None:
-            retry = decision.retry_after
-        return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=retry, message=decision.message)
+        return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=decision.retry_after or 0.0,
+                                 message=decision.message)
 
     @unary
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:

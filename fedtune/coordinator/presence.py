@@ -4,9 +4,12 @@ After a coordinator restart every client counts as away until its next heartbeat
 send every few seconds. When job engines run in other processes (Ray actors), heartbeats are also
 written, at most every half heartbeat per client, to a small SQLite file that those processes read.
 
-Idle clients are paced: the interval they are told grows with how many are connected (at most
-IDLE_POLLS_PER_SECOND heartbeats a second together), and the window in which a client counts as
-connected grows with it, so thousands of clients cost the coordinator a bounded call rate.
+Idle clients that poll are paced: the interval they are told grows with how many of them are
+connected (at most IDLE_POLLS_PER_SECOND heartbeats a second together), and the window in which a
+client counts as connected grows with it, so thousands of polling clients cost the coordinator a
+bounded call rate. Clients holding a long-poll are not counted: a held call costs no thread and no
+calls while it waits, the client asks again only when it ends (at most every 30 s), and its
+presence is refreshed while it is held (:meth:`Presence.touch_many`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from fedtune.coordinator.state import Client
 DEFAULT_HEARTBEAT_SECONDS = 1
 # A client missing this many heartbeats in a row is treated as gone.
 MISSED_HEARTBEATS = 6
-# Idle clients (nothing to do, no held call) are paced so that together they send at most this
-# many heartbeats a second: with thousands connected each polls less often, and the window in
-# which a client counts as connected widens with its interval.
+# Idle clients that poll (nothing to do, no held call) are paced so that together they send at
+# most this many heartbeats a second: with thousands polling each polls less often, and the window
+# in which a client counts as connected widens with its interval. Held long-polls are not counted.
 IDLE_POLLS_PER_SECOND = 250.0
 
 
@@ -62,6 +65,18 @@ class Presence:
                 self._written[client_id] = now
         return returning
 
+    def touch_many(self, client_ids: list[str]) -> None:
+        """Records a heartbeat of each client (its long-poll is held, so it is still there)."""
+        now = time.time()
+        with self._lock:
+            for client_id in client_ids:
+                self._seen[client_id] = now
+            if self._db is not None:
+                due = [c for c in client_ids if now - self._written.get(c, 0.0) >= self.heartbeat_seconds / 2]
+                self._db.executemany("INSERT OR REPLACE INTO presence VALUES (?, ?)", [(c, now) for c in due])
+                for client_id in due:
+                    self._written[client_id] = now
+
     def window(self) -> float:
         """Seconds since its last heartbeat within which a client counts as connected."""
         interval = self.interval
@@ -70,17 +85,19 @@ class Presence:
             interval = max(interval, row[0]) if row is not None else interval
         return max(self.heartbeat_seconds, interval) * MISSED_HEARTBEATS
 
-    def idle_interval(self) -> float:
+    def idle_interval(self, held: int = 0) -> float:
         """How long an idle client should wait before its next heartbeat: the heartbeat interval,
-        or longer when so many clients are connected that they would send more than
-        IDLE_POLLS_PER_SECOND together (recomputed at most once a second)."""
+        or longer when so many clients poll that they would send more than
+        IDLE_POLLS_PER_SECOND together (recomputed at most once a second). ``held``: how many
+        connected clients hold a long-poll now (they are not polling, so not counted)."""
         now = time.time()
         if now - self._paced_at >= 1.0:
             with self._lock:
                 oldest = now - self.window()
                 connected = sum(1 for at in self._seen.values() if at >= oldest)
                 self._paced_at = now
-            interval = max(float(self.heartbeat_seconds), connected / IDLE_POLLS_PER_SECOND)
+            polling = max(0, connected - held)
+            interval = max(float(self.heartbeat_seconds), polling / IDLE_POLLS_PER_SECOND)
             if self._db is not None and abs(interval - self.interval) > 0.05 * self.interval:
                 with self._lock:
                     self._db.execute("INSERT OR REPLACE INTO pacing VALUES ('interval', ?)", (interval,))

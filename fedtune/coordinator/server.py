@@ -1,4 +1,10 @@
-"""Starts the coordinator: gRPC server, health service, engines, and a clean stop on SIGTERM."""
+"""Starts the coordinator: gRPC server, health service, engines, and a clean stop on SIGTERM.
+
+The gRPC server is a ``grpc.aio`` one, on an event loop in a thread of its own
+(fedtune.coordinator.loop_thread): a held heartbeat is a coroutine there, and every other call
+runs in a pool of ``workers`` threads (fedtune.coordinator.aio_bridge), so held calls take no
+thread and their number is not bounded by the pool.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedtune.coordinator.admin_access import AdminAccess
 from fedtune.coordinator.auth import AuthInterceptor
 from fedtune.coordinator.chunk_wire import add_client_service
+from fedtune.coordinator.loop_thread import LoopThread
 from fedtune.coordinator.state import CoordinatorState
 from fedtune.coordinator.tls import ServerTls, is_loopback
 from fedtune.errors import InvalidInput, StateConflict
@@ -47,14 +54,12 @@ SERVER_OPTIONS = [
     # A peer that connects and goes quiet, or opens a stream and never reads it, is bounded: HTTP/2
     # flow control caps what is buffered for it, an idle connection is closed after 5 minutes, and
     # every connection is recycled after 30 (in-flight calls get 5 more minutes; agents reconnect
-    # on their own), which ends a stalled stream and frees its server thread.
+    # on their own), which ends a stalled stream and frees its pool thread.
     ("grpc.max_connection_idle_ms", 5 * 60_000),
     ("grpc.max_connection_age_ms", 30 * 60_000),
     ("grpc.max_connection_age_grace_ms", 5 * 60_000),
 ]
 GRACE_SECONDS = 5.0
-# Server threads never given to held heartbeats (uploads, downloads, admin calls).
-RESERVED_WORKERS = 16
 ADMIN_TOKEN_FILE = "admin.token"
 ADDRESS_FILE = "coordinator.json"
 
@@ -82,13 +87,69 @@ def admin_token(state_dir: Path) -> str:
     return token
 
 
+class AioServer:
+    """The coordinator's ``grpc.aio`` server, its event-loop thread and its thread pool, driven from
+    ordinary threads."""
+
+    def __init__(self, workers: int, interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+                 pool: futures.ThreadPoolExecutor | None = None) -> None:
+        self.pool = pool or futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+        self.loop = LoopThread()
+
+        async def make() -> grpc.aio.Server:
+            # Sync handlers are wrapped by the interceptor; the pool is also grpc's, for any it was not.
+            return grpc.aio.server(migration_thread_pool=self.pool, interceptors=interceptors,
+                                   options=SERVER_OPTIONS)
+
+        self.server = self.loop.run(make())
+        self._stopped = False
+
+    def add_insecure_port(self, address: str) -> int:
+        """Binds ``address`` in plaintext; the port bound (0: not bound)."""
+        return self._bind(lambda: self.server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        """Binds ``address`` with TLS; the port bound (0: not bound)."""
+        return self._bind(lambda: self.server.add_secure_port(address, credentials))
+
+    def _bind(self, add: Any) -> int:
+        async def run() -> int:
+            return int(add())
+
+        return self.loop.run(run())
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """As ``grpc.Server.add_generic_rpc_handlers``."""
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        """As ``grpc.Server.add_registered_method_handlers``."""
+        self.server.add_registered_method_handlers(service, handlers)
+
+    def start(self) -> None:
+        """Starts serving."""
+        self.loop.run(self.server.start())
+
+    def stop(self, grace: float | None) -> None:
+        """Stops accepting calls, lets running ones finish for ``grace`` seconds, aborts the rest,
+        then stops the loop and the pool (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.loop.run(self.server.stop(grace))
+        finally:
+            self.loop.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class RunningCoordinator:
     """A started coordinator: its address and the handles needed to stop it."""
 
     address: str
     port: int
-    server: grpc.Server
+    server: AioServer
     coordinator: Coordinator
     health: health.HealthServicer
     lock: IO[str]
@@ -100,7 +161,7 @@ class RunningCoordinator:
         """Stops accepting calls, lets running ones finish for ``grace`` seconds, then stops engines."""
         self.health.enter_graceful_shutdown()
         self.coordinator.release_waiters()  # held heartbeats answer now rather than at the grace's end
-        self.server.stop(grace).wait()
+        self.server.stop(grace)
         self.coordinator.stop()
         if self.health_server is not None:
             self.health_server.stop(0)
@@ -117,6 +178,7 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
 
     TLS is required unless ``insecure`` is set explicitly. With ``ray`` (a local Ray) or
     ``ray_address`` (an existing cluster), jobs run as Ray actors under the scheduler.
+    ``workers``: the threads that run calls (held heartbeats take none).
 
     Raises:
         InvalidInput: neither TLS files nor ``insecure`` were given.
@@ -138,11 +200,8 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
         raise
     # The state dir's admin token is the built-in admin; identities and the audit log sit beside it.
     access = AdminAccess(state_dir, admin_token(state_dir))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[AuthInterceptor(state, access)],
-        options=SERVER_OPTIONS,
-    )
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+    server = AioServer(workers, [AuthInterceptor(state, access, pool)], pool)
     try:
         if credentials is None:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -151,6 +210,7 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     except RuntimeError:
         bound = 0
     if not bound:
+        server.stop(0)
         state.close()
         lock.close()
         raise StateConflict(f"cannot listen on {host}:{port}: address in use or not available")
@@ -182,9 +242,7 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
         state.close()
         lock.close()
         raise
-    # Held heartbeats (long-polls) each take a server thread: keep some for every other call.
-    coordinator.set_long_poll_slots(workers - RESERVED_WORKERS)
-    add_client_service(ClientServicer(coordinator), server)  # Download's chunks are encoded by hand
+    add_client_service(ClientServicer(coordinator, server.pool), server)  # Download's chunks encoded by hand
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(coordinator, access), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if ray or ray_address:

@@ -25,6 +25,7 @@ from fedtune.coordinator.compute import InProcessCompute, split_controls
 from fedtune.coordinator.engine import TERMINAL, Decision, RoundEngine
 from fedtune.coordinator.evaluator import Evaluator
 from fedtune.coordinator.keyring import KeyRing
+from fedtune.coordinator.long_poll import HeldCalls, JobSignal, Offload
 from fedtune.coordinator.offsite import prepare_emulator
 from fedtune.coordinator.presence import DEFAULT_HEARTBEAT_SECONDS, Presence
 from fedtune.coordinator.secure_round import join_shares
@@ -63,35 +64,9 @@ UPDATE_SLACK_BYTES = 64 * 1024
 # The longest a heartbeat is held (long-poll) whatever the client asks; keepalive pings keep the
 # connection up meanwhile.
 MAX_LONG_POLL_SECONDS = 30.0
-# A held heartbeat refreshes its client's presence this often (and notices a client gone).
+# Held heartbeats refresh their clients' presence this often (a client gone ends its held call at
+# once: gRPC cancels it).
 LONG_POLL_REFRESH_SECONDS = 2.0
-# Long-polls held at once by default: each holds a server thread, so a coordinator keeps some for
-# other calls; beyond it heartbeats are answered at once (plain polling).
-DEFAULT_LONG_POLL_SLOTS = 48
-
-
-class JobSignal:
-    """A job's change counter: held heartbeats wait on it, the engine bumps it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.generation = 0
-
-    def bump(self) -> None:
-        """Something a waiting client may be told changed."""
-        with self._cond:
-            self.generation += 1
-            self._cond.notify_all()
-
-    def poke(self) -> None:
-        """Wakes the waiters without a change (one of them was superseded or the service stops)."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait(self, generation: int, timeout: float, stop: Callable[[], bool]) -> None:
-        """Until the generation moves past ``generation``, ``stop()`` is true, or ``timeout``."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.generation != generation or stop(), timeout)
 
 
 @dataclass(frozen=True)
@@ -151,19 +126,12 @@ class Coordinator:
         self._specs: dict[str, JobSpec] = {}
         self.ray: RayBackend | None = None
         self.signals: dict[str, JobSignal] = {}
-        self._poll_slots = threading.BoundedSemaphore(DEFAULT_LONG_POLL_SLOTS)
-        self._waiters: dict[str, threading.Event] = {}
-        self._waiters_lock = threading.Lock()
+        # Held heartbeats: coroutines on the server's event loop, no thread each (long_poll.py).
+        self.held = HeldCalls()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._long_poll = True
         # Uploads and downloads as the client API sees them (the metrics endpoint reads them).
         self.traffic = TrafficCounts()
-
-    def set_long_poll_slots(self, slots: int) -> None:
-        """How many heartbeats may be held at once (call before serving)."""
-        self._long_poll = slots > 0
-        self._poll_slots = threading.BoundedSemaphore(max(slots, 1))
 
     def use_ray(self, address: str | None) -> None:
         """Runs jobs as Ray actors under the scheduler: on the cluster at ``address``, else a local Ray.
@@ -244,7 +212,7 @@ class Coordinator:
         """Answers every held heartbeat now (the service is stopping)."""
         self._stopping.set()
         for signal in list(self.signals.values()):
-            signal.poke()
+            signal.close()
 
     def queue_place(self, job_id: str) -> tuple[int, str]:
         """(place in line, reason) for a queued job; (0, '') otherwise."""
@@ -392,57 +360,54 @@ class Coordinator:
         self.wake(client.job_id)
         return client
 
-    def heartbeat(self, client: Client, wait_seconds: float = 0.0, training_task_id: str = "",
-                  active: Callable[[], bool] = lambda: True) -> tuple[Decision, TaskInfo | None]:
-        """Records liveness and tells the client what to do.
+    async def heartbeat(self, client_of: Callable[[], Client], wait_seconds: float, training_task_id: str,
+                        offload: Offload) -> tuple[Decision, TaskInfo | None]:
+        """Records liveness and tells the client what to do (on the server's event loop).
+
+        ``client_of``: reads the calling client (blocking: it runs in the pool, like every other
+        blocking step, through ``offload(fn, *args)``).
 
         ``wait_seconds`` > 0: a long-poll; with nothing to do the call is held (up to
         MAX_LONG_POLL_SECONDS) and answered as soon as a task or step is ready, or with a WAIT whose
         ``retry_after`` is 0 (ask again at once). One held call per client: a newer one ends the
-        older. ``training_task_id``: the client is training that task; presence only.
-        ``active``: whether the caller is still connected (a held call ends when it is not).
+        older. A held call costs no thread; while held, its client's presence is refreshed every
+        LONG_POLL_REFRESH_SECONDS; it ends when the client goes away (gRPC cancels it) and when
+        the service stops (:meth:`release_waiters`). ``training_task_id``: the client is training
+        that task; presence only. A plain poll's WAIT carries the paced idle interval.
         """
+        client, generation, decision, info = await offload(self._heartbeat_now, client_of, training_task_id)
+        signal = self.signals.get(client.job_id)
+        if decision.action != "wait" or wait_seconds <= 0 or signal is None or training_task_id \
+                or not self.held.has_room(client.client_id):  # every place taken: a plain poll
+            return decision, info
+
+        async def repoll() -> tuple[Decision, TaskInfo | None] | None:
+            answer = await offload(self._poll, client)
+            return answer if answer[0].action != "wait" else None
+
+        async def touch(ids: list[str]) -> None:
+            await offload(self.presence.touch_many, ids)
+
+        answer = await self.held.hold(client.client_id, signal, generation, min(wait_seconds, MAX_LONG_POLL_SECONDS),
+                                      self._stopping, repoll, touch, LONG_POLL_REFRESH_SECONDS)
+        return answer if answer is not None else (dataclasses.replace(decision, retry_after=0.0), None)
+
+    def _heartbeat_now(self, client_of: Callable[[], Client],
+                       training_task_id: str) -> tuple[Client, int, Decision, TaskInfo | None]:
+        """A heartbeat's blocking part: the client, the job signal's generation before the poll, and
+        what the client should do now."""
+        client = client_of()
         if self.presence.touch(client.client_id):  # a client back (or new): a cohort may now fill
             self.wake(client.job_id)
-        if training_task_id:
-            return Decision("wait", message=f"training {training_task_id}",
-                            retry_after=float(self.presence.heartbeat_seconds)), None
         signal = self.signals.get(client.job_id)
         generation = signal.generation if signal is not None else 0
+        if training_task_id:
+            return client, generation, Decision("wait", message=f"training {training_task_id}",
+                                                retry_after=float(self.presence.heartbeat_seconds)), None
         decision, info = self._poll(client)
-        if decision.action != "wait" or wait_seconds <= 0 or signal is None or not self._long_poll:
-            return decision, info
-        if not self._poll_slots.acquire(blocking=False):
-            return decision, info  # every slot is held: a plain poll
-        token = threading.Event()
-        with self._waiters_lock:
-            older = self._waiters.get(client.client_id)
-            self._waiters[client.client_id] = token
-        if older is not None:
-            older.set()
-            signal.poke()
-        try:
-            end = time.monotonic() + min(wait_seconds, MAX_LONG_POLL_SECONDS)
-            while True:
-                remaining = end - time.monotonic()
-                if remaining <= 0 or token.is_set() or self._stopping.is_set():
-                    break
-                signal.wait(generation, min(remaining, LONG_POLL_REFRESH_SECONDS),
-                            lambda: token.is_set() or self._stopping.is_set())
-                if not active():
-                    break
-                self.presence.touch(client.client_id)
-                if signal.generation != generation:
-                    generation = signal.generation
-                    decision, info = self._poll(client)
-                    if decision.action != "wait":
-                        return decision, info
-            return dataclasses.replace(decision, retry_after=0.0), None
-        finally:
-            with self._waiters_lock:
-                if self._waiters.get(client.client_id) is token:
-                    del self._waiters[client.client_id]
-            self._poll_slots.release()
+        if decision.action == "wait" and decision.retry_after is None:
+            decision = dataclasses.replace(decision, retry_after=self.presence.idle_interval(len(self.held)))
+        return client, generation, decision, info
 
     def _poll(self, client: Client) -> tuple[Decision, TaskInfo | None]:
         engine = self.engines.get(client.job_id)
