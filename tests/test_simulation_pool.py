@@ -56,6 +56,52 @@ def test_the_queue_hands_groups_to_free_workers_in_order() -> None:
     assert later.dispatch() == [(3, ["y"])]
 
 
+def test_a_client_goes_back_to_the_worker_that_ran_it() -> None:
+    q = CohortQueue(workers=3)
+    q.enqueue(["a", "b", "c", "d"])
+    assert q.dispatch() == [(0, ["a"]), (1, ["b"]), (2, ["c"])]
+    q.finished(1)
+    assert q.dispatch() == [(1, ["d"])]
+    for w in (0, 1, 2):
+        q.finished(w)
+    # The next round queues them in another order: each free worker takes what it ran before first
+    # (worker 1 ran b and d), then whoever waited longest.
+    q.enqueue(["d", "c", "b", "a", "e"])
+    assert q.dispatch() == [(0, ["a"]), (1, ["b"]), (2, ["c"])]
+    q.finished(2)
+    assert q.dispatch() == [(2, ["d"])]  # no client of worker 2 waits: the longest waiting
+    q.finished(1)
+    assert q.dispatch() == [(1, ["e"])]  # d ran on worker 2 since
+    batched = CohortQueue(workers=2, batch_clients=2)
+    batched.enqueue(["a", "b", "c", "d"])
+    assert batched.dispatch() == [(0, ["a", "b"]), (1, ["c", "d"])]
+    batched.finished(0), batched.finished(1)
+    batched.enqueue(["c", "a", "x", "d", "b"])
+    assert batched.dispatch() == [(0, ["a", "b"]), (1, ["c", "d"])]  # not the queue order (c, a; x, d)
+    assert batched.waiting() == 1
+
+
+def test_prepared_data_is_kept_per_client_within_a_token_budget() -> None:
+    from types import SimpleNamespace
+
+    from fedtune.simulation.shared_model import PreparedCache
+
+    def prepared(tokens: int, base: str = "h1") -> SimpleNamespace:
+        return SimpleNamespace(base_hash=base, tokenized=[{"input_ids": [1] * tokens, "labels": [1] * tokens}])
+
+    cache = PreparedCache(max_tokens=10)
+    a, b, c = prepared(4), prepared(4), prepared(4)
+    cache.put("/s/a", a)
+    cache.put("/s/b", b)
+    assert cache.get("/s/a", "h1") is a  # a is now the most recently used
+    assert cache.get("/s/a", "h2") is None  # prepared for another base: not this task's
+    cache.put("/s/c", c)  # 12 tokens: the least recently used (b) goes
+    assert cache.get("/s/b", "h1") is None
+    assert cache.get("/s/a", "h1") is a and cache.get("/s/c", "h1") is c
+    cache.put("/s/big", prepared(11))  # more than the whole budget: not kept
+    assert cache.get("/s/big", "h1") is None and len(cache) == 2
+
+
 @pytest.mark.integration
 def test_workers_outlive_rounds_and_the_output_names_the_adapter(tmp_path: Path) -> None:
     # 4 virtual clients, 2 per round, 3 rounds, at the default 0.25 CPUs: a pool of 2 workers runs

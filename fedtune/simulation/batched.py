@@ -27,7 +27,7 @@ from fedtune.client.agent import ClientAgent, Prepared, train_seed
 from fedtune.client.channel import INSECURE
 from fedtune.methods.lora import plain_lora
 from fedtune.protos import fedtune_pb2 as pb
-from fedtune.simulation.shared_model import SHARED
+from fedtune.simulation.shared_model import PREPARED, SHARED
 from fedtune.training import Recipe, TrainResult
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,16 @@ class BatchedAgent(ClientAgent):
         super().__init__(*args, **kwargs)
         self.group = group
 
+    def _prepare(self, stub: Any, task: pb.Task) -> Prepared:
+        # A client back on a worker that ran it before finds its tokenized data there, as an agent
+        # that stayed up would (ClientAgent._prepare reuses what is prepared for the same base).
+        if self._prepared is None:
+            self._prepared = PREPARED.get(str(self.state_dir), task.base_model_hash)
+        prepared = ClientAgent._prepare(self, stub, task)
+        if self._prepared is not None:
+            PREPARED.put(str(self.state_dir), self._prepared)
+        return prepared
+
     def _peft_model(self, prepared: Prepared) -> Any:
         # Everything ClientAgent._peft_model's build reads, except the per-client paths of the same files.
         t = prepared.training
@@ -228,6 +238,9 @@ def run_group(address: str, members: list[tuple[str, str]], idle_seconds: float)
         finally:
             group.leave(names[i])
 
+    if len(members) == 1:  # a lone member runs in the worker's own thread
+        member(0, *members[0])
+        return {"members": out, "passes": list(group.passes)}
     threads = [threading.Thread(target=member, args=(i, d, s), name=f"vclient-{names[i]}", daemon=True)
                for i, (d, s) in enumerate(members)]
     for t in threads:

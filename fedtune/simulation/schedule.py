@@ -71,7 +71,8 @@ class CohortQueue:
     """Virtual clients waiting for a worker, and what each worker is running.
 
     Clients are queued one by one as the coordinator wants them and grouped when a worker is free,
-    so a group takes whoever is waiting then (up to ``batch_clients``).
+    so a group takes whoever is waiting then (up to ``batch_clients``): first those the worker ran
+    last time (it still holds what they prepared), then the longest waiting.
     """
 
     def __init__(self, workers: int = 0, batch_clients: int = 1) -> None:
@@ -82,16 +83,18 @@ class CohortQueue:
         if workers < 0 or batch_clients < 1:
             raise ValueError(f"need workers >= 0 and at least one client per group, got {workers}, {batch_clients}")
         self.batch_clients = batch_clients
-        self._waiting: deque[str] = deque()
+        self._waiting: dict[str, None] = {}  # in queueing order
         self._free: deque[int] = deque(range(workers))
         self._running: dict[int, list[str]] = {}
+        self._last: dict[str, int] = {}  # client -> the worker it last ran on
+        self._ran: dict[int, dict[str, None]] = {}  # worker -> clients it ran (some have run elsewhere since)
 
     def enqueue(self, clients: list[str]) -> None:
         """Queues clients (in order); one already queued or running is not queued twice."""
         busy = self.busy()
         for c in clients:
             if c not in busy:
-                self._waiting.append(c)
+                self._waiting[c] = None
                 busy.add(c)
 
     def busy(self) -> set[str]:
@@ -107,10 +110,31 @@ class CohortQueue:
         out = []
         while self._waiting and self._free:
             worker = self._free.popleft()
-            group = [self._waiting.popleft() for _ in range(min(self.batch_clients, len(self._waiting)))]
+            group = self._take(worker, min(self.batch_clients, len(self._waiting)))
             self._running[worker] = group
+            for c in group:
+                self._last[c] = worker
+                self._ran.setdefault(worker, {})[c] = None
             out.append((worker, group))
         return out
+
+    def _take(self, worker: int, n: int) -> list[str]:
+        """``n`` waiting clients for ``worker``: those it ran last first, then the longest waiting."""
+        group: list[str] = []
+        ran = self._ran.setdefault(worker, {})
+        for c in list(ran):
+            if len(group) == n:
+                break
+            if self._last.get(c) != worker:
+                del ran[c]  # it ran elsewhere since
+            elif c in self._waiting:
+                del self._waiting[c], ran[c]
+                group.append(c)
+        while len(group) < n:
+            c = next(iter(self._waiting))
+            del self._waiting[c]
+            group.append(c)
+        return group
 
     def add_worker(self, worker: int) -> None:
         """A worker is ready for clients."""

@@ -7,13 +7,19 @@ on is exact: every use starts by writing the whole adapter state the client star
 (:func:`fedtune.peft_io.load_adapter_state` refuses a partial one), the base is frozen, and the
 optimizer is made per round. Uses are serialized with :attr:`SharedModel.lock`: two virtual
 clients of one process never train the one model at once.
+
+The process also keeps what each virtual client it ran had prepared (its tokenized data, by
+:class:`PreparedCache`), as a real agent that stays up keeps it from round to round: a client that
+comes back to the same worker skips loading the tokenizer and tokenizing its data again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -48,4 +54,49 @@ class SharedModel:
             return self._model
 
 
+# Tokens of prepared data one worker process keeps (least recently used ones go first): a bound on
+# what it holds for however many virtual clients it runs.
+PREPARED_TOKENS = int(os.environ.get("FEDTUNE_SIM_PREPARED_TOKENS", "1000000"))
+
+
+class PreparedCache:
+    """What virtual clients had prepared for their task, by state dir, within a token budget."""
+
+    def __init__(self, max_tokens: int = PREPARED_TOKENS) -> None:
+        self.max_tokens = max_tokens
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, state_dir: str, base_hash: str) -> Any:
+        """The ``Prepared`` the client of ``state_dir`` left for ``base_hash``, or None."""
+        with self._lock:
+            item = self._items.get(state_dir)
+            if item is None or item[0].base_hash != base_hash:
+                return None
+            self._items.move_to_end(state_dir)
+            self.hits += 1
+            return item[0]
+
+    def put(self, state_dir: str, prepared: Any) -> None:
+        """Keeps ``prepared`` for the client of ``state_dir``; drops the least recently used over budget."""
+        tokens = sum(len(row["input_ids"]) for row in prepared.tokenized)
+        with self._lock:
+            old = self._items.pop(state_dir, None)
+            if old is not None:
+                self._tokens -= old[1]
+            if tokens > self.max_tokens:
+                return
+            self._items[state_dir] = (prepared, tokens)
+            self._tokens += tokens
+            while self._tokens > self.max_tokens:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._tokens -= dropped
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 SHARED = SharedModel()
+PREPARED = PreparedCache()
