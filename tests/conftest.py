@@ -163,20 +163,25 @@ def run_agents(coordinator: RunningCoordinator, admin: Admin, job: str, data: li
                 a.kill()
 
 
-@pytest.fixture(scope="session")
-def base6(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-block Llama with the tiny preset's tokenizer: enough blocks to drop some."""
+def llama_base(root: Path, **config: object) -> Path:
+    """A random Llama with the tiny preset's tokenizer, saved under ``root/model`` (``config``:
+    LlamaConfig fields: sizes, blocks)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedtune.models import load_tokenizer, materialize_preset
 
-    root = tmp_path_factory.mktemp("base6")
     tok = load_tokenizer(materialize_preset("tiny-llama", root / "tiny"))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      **config)
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def base6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-block Llama with the tiny preset's tokenizer: enough blocks to drop some."""
+    return llama_base(tmp_path_factory.mktemp("base6"), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      tie_word_embeddings=False)
