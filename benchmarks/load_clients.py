@@ -369,7 +369,7 @@ async def task_delivery(coord: CoordinatorProcess, n: int, long_poll: float, set
     stop = asyncio.Event()
 
     async def wait_for_task(c: SimClient) -> None:
-        await asyncio.sleep(random.random() * (0.5 if long_poll else c.heartbeat_seconds))
+        await asyncio.sleep(random.random() * (2.0 if long_poll else c.heartbeat_seconds))
         while not stop.is_set():
             request = pb.HeartbeatRequest(client_id=c.client_id, wait_seconds=long_poll)
             try:

@@ -12,6 +12,7 @@ import grpc
 from fedtune.coordinator.aio_bridge import async_unary, offloader
 from fedtune.coordinator.auth import metadata_value
 from fedtune.coordinator.chunk_wire import encode_chunk
+from fedtune.coordinator.engine import Decision
 from fedtune.coordinator.rpc_errors import streaming, unary
 from fedtune.coordinator.service import Coordinator, IncomingUpdate, TaskInfo
 from fedtune.coordinator.state import Client
@@ -62,9 +63,18 @@ def _secagg_task(info: TaskInfo, spec: dict) -> pb.SecAggTask | None:  # type: i
                          weight_cap=spec["secure_aggregation"]["weight_cap"])
 
 
-def _task_reply(action: str, info: TaskInfo) -> pb.HeartbeatReply:
-    kind = pb.HeartbeatReply.TRAIN if action == "train" else pb.HeartbeatReply.EVALUATE
-    return pb.HeartbeatReply(action=kind, task=task_message(info))
+def heartbeat_reply(decision: Decision, info: TaskInfo | None) -> pb.HeartbeatReply:
+    """The wire form of what a heartbeat is told (a task's message reads the job's spec: the
+    coordinator builds it in its pool, never on the event loop)."""
+    if decision.action in ("train", "evaluate") and info is not None:
+        kind = pb.HeartbeatReply.TRAIN if decision.action == "train" else pb.HeartbeatReply.EVALUATE
+        return pb.HeartbeatReply(action=kind, task=task_message(info))
+    if decision.action == "secagg":
+        return pb.HeartbeatReply(action=pb.HeartbeatReply.SECAGG, secagg=pb.SecAggStep.FromString(decision.step))
+    if decision.action == "stop":
+        return pb.HeartbeatReply(action=pb.HeartbeatReply.STOP, message=decision.message)
+    return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=decision.retry_after or 0.0,
+                             message=decision.message)
 
 
 PHASES = {pb.ADVERTISE: "advertise", pb.SHARE: "share", pb.UNMASK: "unmask"}
@@ -91,17 +101,8 @@ class ClientServicer(pb_grpc.ClientServiceServicer):
 
     @async_unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
-        decision, info = await self.co.heartbeat(lambda: self._client(context), request.wait_seconds,
-                                                 request.training_task_id, self._offload)
-        if decision.action in ("train", "evaluate") and info is not None:
-            # A task's message reads the job's spec: built in the pool, off the event loop.
-            return await self._offload(_task_reply, decision.action, info)  # type: ignore[no-any-return]
-        if decision.action == "secagg":
-            return pb.HeartbeatReply(action=pb.HeartbeatReply.SECAGG, secagg=pb.SecAggStep.FromString(decision.step))
-        if decision.action == "stop":
-            return pb.HeartbeatReply(action=pb.HeartbeatReply.STOP, message=decision.message)
-        return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT, retry_after_seconds=decision.retry_after or 0.0,
-                                 message=decision.message)
+        return await self.co.heartbeat(lambda: self._client(context), request.wait_seconds,
+                                       request.training_task_id, self._offload, heartbeat_reply)
 
     @unary
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from fedtune.cluster.jobs import RayBackend
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # Headroom over the fp32 adapter for safetensors' header and metadata and the envelope.
 UPDATE_SLACK_BYTES = 64 * 1024
@@ -361,11 +363,13 @@ class Coordinator:
         return client
 
     async def heartbeat(self, client_of: Callable[[], Client], wait_seconds: float, training_task_id: str,
-                        offload: Offload) -> tuple[Decision, TaskInfo | None]:
-        """Records liveness and tells the client what to do (on the server's event loop).
+                        offload: Offload, answer: Callable[[Decision, TaskInfo | None], R]) -> R:
+        """Records liveness and tells the client what to do (on the server's event loop): returns
+        ``answer(decision, info)``.
 
-        ``client_of``: reads the calling client (blocking: it runs in the pool, like every other
-        blocking step, through ``offload(fn, *args)``).
+        ``client_of``: reads the calling client. It, the polls and ``answer`` for anything but a
+        WAIT (a task's message reads the spec) block: they run in the pool, through
+        ``offload(fn, *args)``, one trip per poll.
 
         ``wait_seconds`` > 0: a long-poll; with nothing to do the call is held (up to
         MAX_LONG_POLL_SECONDS) and answered as soon as a task or step is ready, or with a WAIT whose
@@ -375,27 +379,32 @@ class Coordinator:
         the service stops (:meth:`release_waiters`). ``training_task_id``: the client is training
         that task; presence only. A plain poll's WAIT carries the paced idle interval.
         """
-        client, generation, decision, info = await offload(self._heartbeat_now, client_of, training_task_id)
+        client, generation, decision, done = await offload(self._heartbeat_now, client_of, training_task_id, answer)
+        if done is not None:
+            return done
         signal = self.signals.get(client.job_id)
-        if decision.action != "wait" or wait_seconds <= 0 or signal is None or training_task_id \
+        if wait_seconds <= 0 or signal is None or training_task_id \
                 or not self.held.has_room(client.client_id):  # every place taken: a plain poll
-            return decision, info
+            return answer(decision, None)
 
-        async def repoll() -> tuple[Decision, TaskInfo | None] | None:
-            answer = await offload(self._poll, client)
-            return answer if answer[0].action != "wait" else None
+        def poll() -> R | None:
+            decision, info = self._poll(client)
+            return answer(decision, info) if decision.action != "wait" else None
+
+        async def repoll() -> R | None:
+            return await offload(poll)  # type: ignore[no-any-return]
 
         async def touch(ids: list[str]) -> None:
             await offload(self.presence.touch_many, ids)
 
-        answer = await self.held.hold(client.client_id, signal, generation, min(wait_seconds, MAX_LONG_POLL_SECONDS),
-                                      self._stopping, repoll, touch, LONG_POLL_REFRESH_SECONDS)
-        return answer if answer is not None else (dataclasses.replace(decision, retry_after=0.0), None)
+        held = await self.held.hold(client.client_id, signal, generation, min(wait_seconds, MAX_LONG_POLL_SECONDS),
+                                    self._stopping, repoll, touch, LONG_POLL_REFRESH_SECONDS)
+        return held if held is not None else answer(dataclasses.replace(decision, retry_after=0.0), None)
 
-    def _heartbeat_now(self, client_of: Callable[[], Client],
-                       training_task_id: str) -> tuple[Client, int, Decision, TaskInfo | None]:
-        """A heartbeat's blocking part: the client, the job signal's generation before the poll, and
-        what the client should do now."""
+    def _heartbeat_now(self, client_of: Callable[[], Client], training_task_id: str,
+                       answer: Callable[[Decision, TaskInfo | None], R]) -> tuple[Client, int, Decision, R | None]:
+        """A heartbeat's blocking part: the client, the job signal's generation before the poll, what
+        the client should do now, and its answer unless that is a WAIT."""
         client = client_of()
         if self.presence.touch(client.client_id):  # a client back (or new): a cohort may now fill
             self.wake(client.job_id)
@@ -405,9 +414,11 @@ class Coordinator:
             return client, generation, Decision("wait", message=f"training {training_task_id}",
                                                 retry_after=float(self.presence.heartbeat_seconds)), None
         decision, info = self._poll(client)
-        if decision.action == "wait" and decision.retry_after is None:
+        if decision.action != "wait":
+            return client, generation, decision, answer(decision, info)
+        if decision.retry_after is None:
             decision = dataclasses.replace(decision, retry_after=self.presence.idle_interval(len(self.held)))
-        return client, generation, decision, info
+        return client, generation, decision, None
 
     def _poll(self, client: Client) -> tuple[Decision, TaskInfo | None]:
         engine = self.engines.get(client.job_id)
