@@ -329,6 +329,8 @@ def test_round_product_error_from_factors_equals_the_product_formula():
     for new in (client(9, 4), client(8, 3)):
         num = sum(float((manual_mean_product(states, weights, m) - product(new, m)).pow(2).sum()) for m in SHAPES)
         den = sum(float(manual_mean_product(states, weights, m).pow(2).sum()) for m in SHAPES)
-        assert product_error(states, weights, new) == pytest.approx((num / den) ** 0.5, rel=1e-9)
+        for via in ("auto", "gram", "product"):  # many clients form the product once instead of the Grams
+            assert product_error(states, weights, new, via=via) == pytest.approx((num / den) ** 0.5, rel=1e-9)
     same = [client(4, 3)] * 3
     assert product_error(same, [1, 1, 1], same[0]) < 1e-7  # the mean is exactly representable
+    assert product_error(same, [1, 1, 1], same[0], via="gram") < 1e-7

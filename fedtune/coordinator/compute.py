@@ -112,15 +112,20 @@ def client_states(current: dict[str, torch.Tensor], deltas: list[dict[str, torch
     return states
 
 
-def product_error(states: list[dict[str, torch.Tensor]], weights: list[int], new: dict[str, torch.Tensor]) -> float:
+def product_error(states: list[dict[str, torch.Tensor]], weights: list[int], new: dict[str, torch.Tensor], *,
+                  via: str = "auto") -> float:
     """‖mean(B·A) − B'·A'‖ / ‖mean(B·A)‖ over all LoRA modules of ``new`` (0 for ffa, which is
     exact; what factors and fedsa give up).
 
-    Computed from the factors alone, never forming an (out, in) product: per module the difference
-    is one low-rank product B·A with B = [w_1 B_1 | … | w_n B_n | −B'] and A = [A_1; …; A_n; A'], and
-    ‖B·A‖² = Σ (BᵀB) ⊙ (AAᵀ), two Gram matrices of side Σ ranks. For 4 clients at rank 8 on 768×768
-    modules that is ~40x less arithmetic than the products (and no 4.7 MB temporaries per module),
-    which kept this diagnostic on the round's critical path at ~0.7 s on a 100 M base.
+    Per module the difference is one low-rank product B·A with B = [w_1 B_1 | … | w_n B_n | −B'] and
+    A = [A_1; …; A_n; A']. With few clients it is computed from the factors alone, never forming an
+    (out, in) product: ‖B·A‖² = Σ (BᵀB) ⊙ (AAᵀ), two Gram matrices of side Σ ranks. For 4 clients at
+    rank 8 on 768×768 modules that is ~40x less arithmetic than the products (and no 4.7 MB
+    temporaries per module), which kept this diagnostic on the round's critical path at ~0.7 s on a
+    100 M base. The Grams grow with the square of the clients, though: where Σ ranks · (out + in)
+    exceeds out · in (e.g. 1000 clients at rank 8 on 128×128 modules: seconds a round), the product
+    B·A is formed once instead, in one matrix product. ``via``: "gram" or "product" forces one way
+    (tests).
     """
     from fedtune.methods.lora_aggregation import lora_pairs
 
@@ -137,8 +142,13 @@ def product_error(states: list[dict[str, torch.Tensor]], weights: list[int], new
             as_.append(state[a_key].double())
             bs.append(state[b_key].double() * f)
         b_all, a_all = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
-        terms = (b_all.T @ b_all) * (a_all @ a_all.T)
         clients = sum(int(a.shape[0]) for a in as_[:-1])  # the clients' block: mean(B·A) alone
+        (out_f, side), in_f = b_all.shape, a_all.shape[1]
+        if via == "product" or (via == "auto" and side * (out_f + in_f) > out_f * in_f):
+            num += float((b_all @ a_all).pow(2).sum())  # B' enters with factor -1: the difference
+            den += float((b_all[:, :clients] @ a_all[:clients]).pow(2).sum())
+            continue
+        terms = (b_all.T @ b_all) * (a_all @ a_all.T)
         num += float(terms.sum())
         den += float(terms[:clients, :clients].sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
