@@ -310,7 +310,7 @@ class RoundEngine:
             elif rnd.state == "open" and self.secure is not None:
                 self._secure_step(job, rnd)
             elif rnd.state == "open" and self.asynchronous:
-                if len(self.state.updates(self.job_id, rnd.round)) >= self.spec.buffer:
+                if len(self.state.update_clients(self.job_id, rnd.round)) >= self.spec.buffer:
                     self.state.set_round_state(self.job_id, rnd.round, "closing")
                     self._aggregate_and_publish(job, self.state.round(self.job_id, rnd.round))
             elif rnd.state == "open":
@@ -379,7 +379,7 @@ class RoundEngine:
                     sec.round, sec.attempt, reason)
 
     def _maybe_close(self, job: Job, rnd: Round) -> None:
-        done = {u.client_id for u in self.state.updates(self.job_id, rnd.round)}
+        done = self.state.update_clients(self.job_id, rnd.round)
         now = time.time()
         # Members that left (Leave) are not waited for.
         released = self.state.released(self.job_id, rnd.round)

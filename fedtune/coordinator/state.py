@@ -581,6 +581,13 @@ class CoordinatorState:
             out.append(Update(**d))
         return out
 
+    def update_clients(self, job_id: str, rnd: int) -> set[str]:
+        """The clients whose update a round has accepted (what :meth:`updates` holds, ids only: the
+        engine asks after every accepted update)."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id FROM updates WHERE job_id=? AND round=?", (job_id, rnd)).fetchall()
+        return {r[0] for r in rows}
+
     def has_update(self, job_id: str, rnd: int, client_id: str) -> bool:
         """Whether a client already submitted for a round."""
         with self._lock:
