@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -28,6 +29,10 @@ Offload = Callable[..., Awaitable[Any]]
 # state, a few KiB, so 10,000 of them stay well under 100 MiB; beyond it a heartbeat is answered at
 # once (a plain poll, paced like any other).
 MAX_HELD_CALLS = 10_000
+# A held call with nothing to say ends at a random point in the last fifth of its time: clients
+# that started together (all of them, after a coordinator restart) would otherwise re-ask together
+# for ever, every wait_seconds, in one burst of calls that delays every other answer.
+HOLD_JITTER = 0.2
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -124,7 +129,8 @@ class HeldCalls:
     async def hold(self, client_id: str, signal: JobSignal, generation: int, seconds: float,
                    stopping: threading.Event, repoll: Callable[[], Awaitable[T | None]],
                    touch: Callable[[list[str]], Awaitable[None]], refresh_seconds: float) -> T | None:
-        """Waits up to ``seconds`` for ``signal`` to move past ``generation``; at each move awaits
+        """Waits up to ``seconds`` (less up to HOLD_JITTER of it, at random) for ``signal`` to move
+        past ``generation``; at each move awaits
         ``repoll()``, and returns its answer once it is not None. None: the time is up, a newer call
         of the same client replaced this one, or the service stops (the caller says "ask again").
 
@@ -141,7 +147,7 @@ class HeldCalls:
                 _resolve(older.future)
         if self._refresher is None or self._refresher.done():
             self._refresher = loop.create_task(self._refresh(touch, refresh_seconds), name="long-poll-presence")
-        end = loop.time() + seconds
+        end = loop.time() + seconds * (1.0 - HOLD_JITTER * random.random())
         try:
             while not held.superseded and not stopping.is_set():
                 remaining = end - loop.time()

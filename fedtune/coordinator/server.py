@@ -9,6 +9,7 @@ thread and their number is not bounded by the pool.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -293,6 +294,11 @@ def serve_forever(state_dir: Path, host: str, port: int, tls: ServerTls | None, 
     if metrics is not None:
         metrics.attach(running.coordinator)
         print(f"Prometheus metrics on {metrics.url}", flush=True)
+    # Everything loaded so far (torch, transformers, peft: millions of objects) lives as long as the
+    # process: left out of the cyclic GC, a full collection scans only what serving allocates. It
+    # took 250-400 ms, with every call waiting, every few seconds at 2,000 connected clients.
+    gc.collect()
+    gc.freeze()
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
