@@ -409,7 +409,8 @@ async def task_delivery(coord: CoordinatorProcess, n: int, long_poll: float, set
         delays = [at - opened for at in got.values()]
         row = {
             "waiting": n, "long_poll": long_poll, "delivered": len(got), "errors": sum(stats.errors.values()),
-            "error_codes": stats.errors, "p50_ms": round(percentile(delays, 50) * 1e3, 1),
+            "error_codes": stats.errors, "first_ms": round(min(delays, default=float("nan")) * 1e3, 1),
+            "p10_ms": round(percentile(delays, 10) * 1e3, 1), "p50_ms": round(percentile(delays, 50) * 1e3, 1),
             "p99_ms": round(percentile(delays, 99) * 1e3, 1), "max_ms": round(max(delays, default=float("nan")) * 1e3, 1),
             "coordinator_cpu_pct": round(100 * cpu / wall, 1), "coordinator_rss_mib": round(rss, 1),
         }

@@ -33,6 +33,10 @@ MAX_HELD_CALLS = 10_000
 # that started together (all of them, after a coordinator restart) would otherwise re-ask together
 # for ever, every wait_seconds, in one burst of calls that delays every other answer.
 HOLD_JITTER = 0.2
+# Held calls woken together (a round opens for 2,000 of them) poll again this many at a time: the
+# pool's threads would otherwise all contend for the GIL and the state's lock at once, starving the
+# event loop that sends the answers, so that each client waited for the whole herd's polls.
+REPOLLS_AT_ONCE = 4
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -114,6 +118,7 @@ class HeldCalls:
         self.limit = limit
         self._held: dict[str, _Held] = {}
         self._refresher: asyncio.Task[None] | None = None
+        self._repolls: asyncio.Semaphore | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -138,6 +143,9 @@ class HeldCalls:
         every ``refresh_seconds``. A cancelled call (the client went away) ends the wait.
         """
         loop = asyncio.get_running_loop()
+        if self._repolls is None:
+            self._repolls = asyncio.Semaphore(REPOLLS_AT_ONCE)
+        repolls = self._repolls
         held = _Held()
         older = self._held.get(client_id)
         self._held[client_id] = held
@@ -171,7 +179,8 @@ class HeldCalls:
                             return None
                 if signal.generation != generation:
                     generation = signal.generation
-                    answer = await repoll()
+                    async with repolls:
+                        answer = await repoll()
                     if answer is not None:
                         return answer
             return None
