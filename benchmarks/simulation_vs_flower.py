@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
                              "install torch==2.13.0 && benchmarks/.flower-venv/bin/pip install 'flwr[simulation]' "
                              "transformers peft psutil && benchmarks/.flower-venv/bin/pip install --no-deps -e .")
     rounds_at = {int(k): int(v) for k, v in (x.split("=") for x in filter(None, args.rounds_at.split(",")))}
+    args.out = args.out.resolve()  # the fedtune side runs with another working directory
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()},
                               "runs": []}
