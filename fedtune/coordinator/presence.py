@@ -14,6 +14,7 @@ presence is refreshed while it is held (:meth:`Presence.touch_many`).
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 import time
@@ -103,6 +104,16 @@ class Presence:
                     self._db.execute("INSERT OR REPLACE INTO pacing VALUES ('interval', ?)", (interval,))
             self.interval = interval
         return self.interval
+
+    def idle_retry(self, held: int = 0) -> float:
+        """What one idle polling client is told: :meth:`idle_interval`, and when that is paced
+        (longer than the heartbeat interval) 80-120% of it at random, so that clients that started
+        together (after a coordinator restart) spread out instead of polling in one burst each
+        interval; the mean, and so the budget, stays the same."""
+        interval = self.idle_interval(held)
+        if interval <= self.heartbeat_seconds:
+            return interval
+        return interval * random.uniform(0.8, 1.2)
 
     def forget(self, client_id: str) -> None:
         """The client said it is leaving: it counts as away until its next heartbeat."""

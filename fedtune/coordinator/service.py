@@ -417,7 +417,7 @@ class Coordinator:
         if decision.action != "wait":
             return client, generation, decision, answer(decision, info)
         if decision.retry_after is None:
-            decision = dataclasses.replace(decision, retry_after=self.presence.idle_interval(len(self.held)))
+            decision = dataclasses.replace(decision, retry_after=self.presence.idle_retry(len(self.held)))
         return client, generation, decision, None
 
     def _poll(self, client: Client) -> tuple[Decision, TaskInfo | None]:
