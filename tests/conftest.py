@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import pytest
@@ -83,6 +85,16 @@ def admin(coordinator: RunningCoordinator) -> Iterator[Admin]:
     a = Admin(coordinator)
     yield a
     a.channel.close()
+
+
+def load_generator() -> ModuleType:
+    """benchmarks/load_clients.py as a module: many signed clients of the real protocol."""
+    spec = importlib.util.spec_from_file_location("load_clients", REPO / "benchmarks" / "load_clients.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

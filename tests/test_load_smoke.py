@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("load_clients", REPO / "benchmarks" / "load_clients.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_generator
 
 
 @pytest.mark.integration
 def test_200_signed_clients_heartbeat_for_10_seconds_without_an_error(tmp_path: Path) -> None:
-    load = _load_generator()
+    load = load_generator()
     coord = load.CoordinatorProcess(tmp_path / "coord", tmp_path / "coordinator.log")
     try:
         rows = asyncio.run(load.idle_steps(coord, [200], seconds=10.0, long_poll=0.0, warmup=1.0))

@@ -6,8 +6,6 @@ clients, each on its own connection), real SQLite."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,20 +17,10 @@ import pytest
 
 from fedtune.coordinator.server import RunningCoordinator, start
 from fedtune.protos import fedtune_pb2 as pb
-from tests.conftest import Admin, make_spec
+from tests.conftest import Admin, load_generator, make_spec
 
-REPO = Path(__file__).resolve().parents[1]
 HELD = 300  # far beyond the old 48 held calls and 64 server threads
 POOL = 8  # the coordinator's threads for everything else
-
-
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("load_clients", REPO / "benchmarks" / "load_clients.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _threads() -> int:
@@ -88,7 +76,7 @@ class Held:
 
 def test_300_held_long_polls_on_8_threads_all_get_their_task_when_the_round_opens(small_pool: Any) -> None:
     running, admin = small_pool
-    load = _load_generator()
+    load = load_generator()
     # One more client than are held: the last to join fills the cohort and opens the round.
     job = admin.create_job(make_spec(clients=HELD + 1, deadline=600))
     token = admin.token(job, uses=HELD + 1)
@@ -141,7 +129,7 @@ def test_a_stop_releases_every_held_call_within_its_grace(tmp_path: Path) -> Non
     admin = Admin(running)
     stopped = False
     try:
-        load = _load_generator()
+        load = load_generator()
         job = admin.create_job(make_spec(clients=HELD + 1, deadline=600))
         token = admin.token(job, uses=HELD)
 

@@ -142,7 +142,9 @@ def live_job(tmp_path_factory: pytest.TempPathFactory, fed_data) -> Iterator[Liv
         address = wait_for_coordinator(state_dir, coord, INSECURE, timeout=120)
         live = LiveJob(state_dir, root, address, "", f"http://127.0.0.1:{metrics_port}/metrics")
         live.before_job = scrape(live.metrics_url)
-        live.job = live.create_job(make_spec(eval_file, rounds=2, clients=2, steps=2)
+        # 24 local steps: a round lasts long enough (~0.5 s or more) for the 0.2 s scrapes to see it
+        # mid-way; with 2 steps a round took ~0.1 s once the next opens as soon as the aggregate exists.
+        live.job = live.create_job(make_spec(eval_file, rounds=2, clients=2, steps=24)
                                    + "privacy: {clip_norm: 1.0, noise_multiplier: 0.8}\n")
         watch_log = root / "watch.log"
         watch = subprocess.Popen(

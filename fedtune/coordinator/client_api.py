@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -27,10 +28,23 @@ from fedtune.spec import JobSpec
 MAX_CHUNK_BYTES = CHUNK_SIZE
 
 
+@functools.lru_cache(maxsize=256)
+def _spec_parts(spec_json: str) -> tuple[str, str, str, int | None]:
+    """What every task of a job carries from its (immutable) spec: training, privacy and evaluation
+    JSON and the SecAgg weight cap, worked out once per job rather than once per task message."""
+    spec = json.loads(spec_json)
+    strategy = JobSpec.stored(spec_json).aggregation.build().client_options()
+    training = json.dumps({**spec["training"], "codec": spec["codec"], "rounds": spec["rounds"],
+                           "data": spec.get("data") or {}, "client_quantization": spec.get("client_quantization"),
+                           **({"strategy": strategy} if strategy else {})})
+    secure = spec.get("secure_aggregation")
+    return (training, json.dumps(spec["privacy"]) if spec.get("privacy") else "",
+            json.dumps(spec.get("evaluation") or {}), secure["weight_cap"] if secure else None)
+
+
 def task_message(info: TaskInfo) -> pb.Task:
     """The wire form of a task."""
-    spec = json.loads(info.job.spec_json)
-    strategy = JobSpec.stored(info.job.spec_json).aggregation.build().client_options()
+    training_json, privacy_json, evaluation_json, weight_cap = _spec_parts(info.job.spec_json)
     state = info.strategy_state
     return pb.Task(
         job_id=info.job.job_id,
@@ -41,26 +55,23 @@ def task_message(info: TaskInfo) -> pb.Task:
         global_adapter=pb.FileRef(path=info.global_adapter.path, sha256=info.global_adapter.sha256,
                                   size=info.global_adapter.size),
         peft_config_json=info.job.peft_config_json,
-        training_json=json.dumps({**spec["training"], "codec": spec["codec"], "rounds": spec["rounds"],
-                                  "data": spec.get("data") or {},
-                                  "client_quantization": spec.get("client_quantization"),
-                                  **({"strategy": strategy} if strategy else {})}),
+        training_json=training_json,
         deadline_unix=info.deadline,
         max_update_bytes=info.max_update_bytes,
         job_public_key=info.job_public_key,
-        secagg=_secagg_task(info, spec),
-        privacy_json=json.dumps(spec["privacy"]) if spec.get("privacy") else "",
+        secagg=_secagg_task(info, weight_cap),
+        privacy_json=privacy_json,
         strategy_state=pb.FileRef(path=state.path, sha256=state.sha256, size=state.size) if state else None,
-        evaluation_json=json.dumps(spec.get("evaluation") or {}),
+        evaluation_json=evaluation_json,
     )
 
 
-def _secagg_task(info: TaskInfo, spec: dict) -> pb.SecAggTask | None:  # type: ignore[type-arg]
+def _secagg_task(info: TaskInfo, weight_cap: int | None) -> pb.SecAggTask | None:
     sec = info.secagg
     if sec is None or sec.phase != "advertise":
         return None
     return pb.SecAggTask(params=sec.params, index=sec.members.index(info.client_id), attempt=sec.attempt,
-                         weight_cap=spec["secure_aggregation"]["weight_cap"])
+                         weight_cap=weight_cap)
 
 
 def heartbeat_reply(decision: Decision, info: TaskInfo | None) -> pb.HeartbeatReply:
