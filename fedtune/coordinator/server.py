@@ -92,9 +92,8 @@ class AioServer:
     """The coordinator's ``grpc.aio`` server, its event-loop thread and its thread pool, driven from
     ordinary threads."""
 
-    def __init__(self, workers: int, interceptors: list[grpc.aio.ServerInterceptor] | None = None,
-                 pool: futures.ThreadPoolExecutor | None = None) -> None:
-        self.pool = pool or futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+    def __init__(self, pool: futures.ThreadPoolExecutor, interceptors: list[grpc.aio.ServerInterceptor]) -> None:
+        self.pool = pool  # the interceptor runs its checks in it too: the caller makes it, once
         self.loop = LoopThread()
 
         async def make() -> grpc.aio.Server:
@@ -202,7 +201,7 @@ def start(state_dir: Path, host: str = "127.0.0.1", port: int = 50051, *, tls: S
     # The state dir's admin token is the built-in admin; identities and the audit log sit beside it.
     access = AdminAccess(state_dir, admin_token(state_dir))
     pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
-    server = AioServer(workers, [AuthInterceptor(state, access, pool)], pool)
+    server = AioServer(pool, [AuthInterceptor(state, access, pool)])
     try:
         if credentials is None:
             bound = server.add_insecure_port(f"{host}:{port}")
